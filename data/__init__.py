@@ -1,0 +1,1 @@
+"""Datasets and splits, the feature cache and features-file format, label corruption."""

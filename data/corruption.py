@@ -1,0 +1,111 @@
+"""Label corruption: transition matrices, superclasses from features, and sampling noisy labels.
+
+Every sample of class i is relabelled by a draw from row i of a K x K transition matrix P
+(P[i, j] = probability that a true i is labelled j), seeded by the run seed.
+"""
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+
+CORRUPTION_TYPES = ("sym", "asym", "cc")
+
+# The original cuts the superclass dendrogram at this fraction of its largest merge height.
+SUPERCLASS_CUT = 0.8
+
+
+def symmetric_matrix(num_classes: int, eta: float) -> np.ndarray:
+    """Keep with 1-eta, else move uniformly to one of the K-1 other classes."""
+    k = num_classes
+    p = np.full((k, k), eta / (k - 1))
+    np.fill_diagonal(p, 1.0 - eta)
+    return p
+
+
+def asymmetric_matrix(num_classes: int, eta: float) -> np.ndarray:
+    """Keep with 1-eta; eta/K to every other class and an extra eta/K to class (i+1) mod K."""
+    k = num_classes
+    p = np.full((k, k), eta / k)
+    np.fill_diagonal(p, 1.0 - eta)
+    p[np.arange(k), (np.arange(k) + 1) % k] += eta / k
+    return p
+
+
+def superclass_matrix(superclass_of: np.ndarray, eta: float) -> np.ndarray:
+    """Keep with 1-eta, else move uniformly inside the class's superclass.
+
+    A class alone in its superclass has nowhere to move: its labels stay (row = e_i). The original
+    produced a row summing to 1-eta there and its sampler failed; we document this choice."""
+    superclass_of = np.asarray(superclass_of)
+    k = len(superclass_of)
+    p = np.zeros((k, k))
+    for i in range(k):
+        mates = np.flatnonzero((superclass_of == superclass_of[i]) & (np.arange(k) != i))
+        if len(mates) == 0:
+            p[i, i] = 1.0
+        else:
+            p[i, i] = 1.0 - eta
+            p[i, mates] = eta / len(mates)
+    return p
+
+
+def class_correlation_map(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Mean cosine similarity between the centred features of every pair of classes.
+
+    Equals averaging all N^2 pairwise cosines per class pair (self-pairs left out on the diagonal),
+    but costs O(N d): with unit rows u, sum over a in i, b in j of <u_a, u_b> = <s_i, s_j>, where
+    s_i is the sum of the unit rows of class i, and the n_i self-pairs contribute exactly n_i."""
+    x = features.double()
+    x = x - x.mean(dim=0, keepdim=True)
+    u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sums = torch.zeros(num_classes, u.shape[1], dtype=u.dtype).index_add_(0, labels.long(), u)
+    counts = torch.bincount(labels.long(), minlength=num_classes).double()
+    pair_sums = sums @ sums.T
+    pair_counts = counts[:, None] * counts[None, :]
+    diag_counts = counts * (counts - 1)
+    pair_sums.diagonal().sub_(counts)
+    pair_counts.diagonal().copy_(diag_counts)
+    return (pair_sums / pair_counts.clamp_min(1)).numpy()
+
+
+def superclasses_from_correlation(correlation: np.ndarray, cut: float = SUPERCLASS_CUT) -> np.ndarray:
+    """Superclass id (0-based) of every class: complete-linkage clustering cut at `cut` x the
+    largest merge height.
+
+    Faithful quirk: like the original we hand the square matrix 1 - M to scipy's `linkage`, which
+    treats its K rows as observation vectors (Euclidean distances between rows), not as a
+    precomputed distance matrix."""
+    distance_rows = 1.0 - np.asarray(correlation, dtype=np.float64)
+    tree = linkage(distance_rows, method="complete")
+    ids = fcluster(tree, t=cut * tree[:, 2].max(), criterion="distance")
+    return ids - 1
+
+
+def transition_matrix(ctype: str, eta: float, num_classes: int, superclass_of=None) -> np.ndarray:
+    if ctype == "sym":
+        return symmetric_matrix(num_classes, eta)
+    if ctype == "asym":
+        return asymmetric_matrix(num_classes, eta)
+    if ctype == "cc":
+        assert superclass_of is not None, "cc corruption needs the superclass of every class"
+        return superclass_matrix(superclass_of, eta)
+    raise ValueError(f"unknown corruption type {ctype!r}; choose from {CORRUPTION_TYPES}")
+
+
+def corrupt_labels(labels: torch.Tensor, transition: np.ndarray, seed: int) -> torch.Tensor:
+    """Relabel each sample of class i by a draw from transition[i]; deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    true = labels.cpu().numpy()
+    noisy = true.copy()
+    for cls in range(transition.shape[0]):
+        where = np.flatnonzero(true == cls)
+        if len(where):
+            noisy[where] = rng.choice(transition.shape[0], size=len(where), p=transition[cls])
+    return torch.from_numpy(noisy).to(labels.dtype)
+
+
+def corruption_matrix_for(ctype, eta, features, labels, num_classes):
+    """The transition matrix a run uses; `cc` derives superclasses from the train features."""
+    superclass_of = None
+    if ctype == "cc":
+        superclass_of = superclasses_from_correlation(class_correlation_map(features, labels, num_classes))
+    return transition_matrix(ctype, eta, num_classes, superclass_of)

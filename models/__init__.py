@@ -1,0 +1,1 @@
+"""Backbones by name, feature extraction, and the linear head's initialisation."""

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Linear probing with label noise: teacher, multi-round self-distillation students, PLL student.
+
+Flags follow the option table of the paper's code (see README); new flags are marked [new].
+One step:       python train_linear.py -d cifar100 --ctype cc --corruption 0.5 --dist 0
+A whole chain:  python train_linear.py -d digits --rounds 4          (teacher, rounds 1..4, PLL)
+A grid:         python train_linear.py --config recipes/fig2.yaml    (batched, resumable, reports)
+"""
+import sys
+
+import torch
+
+from data.corruption import CORRUPTION_TYPES
+from data.datasets import DATASETS
+from models.backbones import BACKBONES
+from utils.cli import ArgumentParser, UserError, add_bool_flag, run_main
+from utils.engine import ChainRunner, EngineOptions, FeatureSource
+from utils.runs import SELECTIONS, RunConfig, step_label
+
+DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50"}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="train_linear.py", description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("-d", "--dataset", default=None, help=f"dataset: {', '.join(DATASETS)} (or a name for --features)")
+    a("-j", "--workers", type=int, default=4, help="data loading workers for feature extraction")
+    a("--epochs", type=int, default=200)
+    a("--train-batch", type=int, default=128)
+    a("--test-batch", type=int, default=100, help="batch size of feature extraction")
+    a("--lr", "--learning-rate", dest="lr", type=float, default=5e-4)
+    a("--gamma", type=float, default=0.98, help="lr is multiplied by gamma after every epoch")
+    a("--momentum", type=float, default=0.9)
+    a("--weight-decay", "--wd", dest="wd", type=float, default=1e-4)
+    a("-c", "--checkpoint", default="checkpoint", help="root directory of checkpoints")
+    a("--depth", type=int, default=34, help="ResNet depth: 18, 34 or 50")
+    a("--manualSeed", type=int, default=0, help="seed of corruption, initialisation and shuffling")
+    a("--gpu-id", default="0", help="CUDA device index; 'cpu' (or no GPU present) trains on the CPU")
+    a("--dist", type=int, default=0, help="distillation round (0: teacher)")
+    a("--last", type=int, default=0, choices=(0, 1), help="teacher checkpoint: 0 best, 1 last")
+    a("--ctype", default="cc", help=f"corruption type: {', '.join(CORRUPTION_TYPES)}")
+    a("--corruption", type=float, default=0.5, help="label corruption ratio eta in [0, 1]")
+    add_bool_flag(p, "--partial", help="train the PLL student (bare flag or True/False)")
+    new = p.add_argument_group("[new] options not in the original")
+    n = new.add_argument
+    n("--arch", default=None, help=f"backbone: {', '.join(BACKBONES)} (default: resnet<depth>)")
+    add_bool_flag(new, "--pretrained", default=True, help="ImageNet weights (False: random init, for tests)")
+    n("--features", default=None, metavar="PATH", help="probe features from a .pt/.npz file (see README)")
+    n("--data-root", default="data_root", help="where torchvision datasets are downloaded/read")
+    n("--cache-dir", default="cache", help="feature cache directory")
+    n("--results", default="results", help="results store directory")
+    n("--rounds", type=int, default=None, help="run the whole chain: teacher, rounds 1..R, PLL")
+    n("--config", default=None, metavar="YAML", help="run a grid from a recipe file (see recipe.MD)")
+    n("--shard", default=None, metavar="I/N", help="with --config: run only shard I of N (0-based)")
+    add_bool_flag(new, "--report-only", help="with --config: only write tables and figures")
+    n("--label-smoothing", type=float, default=0.0, help="teacher label smoothing alpha in [0, 1)")
+    n("--temperature", type=float, default=1.0, help="distillation temperature T > 0 (students)")
+    n("--selection", default=None, choices=SELECTIONS,
+      help="checkpoint that is the result and the next teacher: test (paper), val, last")
+    n("--val-split", type=float, default=0.0, help="fraction of train held out for validation, in (0, 0.5]")
+    add_bool_flag(new, "--val-clean", help="oracle study: validation labels are NOT corrupted")
+    add_bool_flag(new, "--overwrite", help="retrain runs that already have a result record")
+    n("--save-every", type=int, default=25, help="epochs between resumable checkpoints (0: end only)")
+    n("--max-batch-runs", type=int, default=64, help="most runs trained together in one batch")
+    return p
+
+
+def resolve_device(gpu_id: str) -> torch.device:
+    """First id of --gpu-id when CUDA is there; never touches CUDA_VISIBLE_DEVICES."""
+    first = str(gpu_id).split(",")[0].strip().lower()
+    if first in ("", "cpu", "-1") or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not first.isdigit() or int(first) >= torch.cuda.device_count():
+        raise UserError(f"--gpu-id {gpu_id}: no such CUDA device (found {torch.cuda.device_count()}); "
+                        "pass an index below that, or 'cpu'")
+    return torch.device(f"cuda:{first}")
+
+
+def check_settings(cfg: RunConfig) -> None:
+    """One-line errors for values the maths cannot take."""
+    if cfg.ctype not in CORRUPTION_TYPES:
+        raise UserError(f"unknown --ctype {cfg.ctype!r}; choose from {', '.join(CORRUPTION_TYPES)}")
+    if not 0.0 <= cfg.eta <= 1.0:
+        raise UserError(f"--corruption {cfg.eta} is outside [0, 1]")
+    for name, flag in (("lr", "--lr"), ("epochs", "--epochs"), ("train_batch", "--train-batch")):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"{flag} must be positive, got {getattr(cfg, name)}")
+    if cfg.wd < 0:
+        raise UserError(f"--wd must be >= 0, got {cfg.wd}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise UserError(f"--momentum must lie in [0, 1), got {cfg.momentum}")
+    if not 0.0 < cfg.gamma <= 1.0:
+        raise UserError(f"--gamma must lie in (0, 1], got {cfg.gamma}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+    if not cfg.temperature > 0:
+        raise UserError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.val_split != 0 and not 0.0 < cfg.val_split <= 0.5:
+        raise UserError(f"--val-split must lie in (0, 0.5] (or 0 for none), got {cfg.val_split}")
+    if cfg.selection not in SELECTIONS:
+        raise UserError(f"unknown selection {cfg.selection!r}; choose from {', '.join(SELECTIONS)}")
+    if cfg.selection == "val" and cfg.val_split == 0:
+        raise UserError("--selection val needs a validation split: add --val-split 0.1 (for example)")
+    if cfg.val_clean and cfg.val_split == 0:
+        raise UserError("--val-clean needs a validation split: add --val-split 0.1 (for example)")
+
+
+def source_from_args(args) -> FeatureSource:
+    if args.features:
+        return FeatureSource(args.dataset or "", features_path=args.features)
+    if args.dataset is None:
+        raise UserError("choose a dataset with -d (one of: " + ", ".join(DATASETS) + ") or pass --features PATH")
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)} or pass --features PATH")
+    arch = args.arch
+    if arch is None:
+        if args.depth not in DEPTHS:
+            raise UserError(f"--depth {args.depth} is not available; choose 18, 34 or 50 (or --arch vit_b_16)")
+        arch = DEPTHS[args.depth]
+    if arch not in BACKBONES:
+        raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(BACKBONES)}")
+    return FeatureSource(args.dataset, arch, args.pretrained)
+
+
+def selection_from_args(args) -> str:
+    if args.last == 1 and args.selection not in (None, "last"):
+        raise UserError(f"--last 1 means --selection last, but --selection {args.selection} was given; drop one")
+    return args.selection or ("last" if args.last == 1 else "test")
+
+
+def config_from_args(args) -> RunConfig:
+    cfg = RunConfig(dataset=args.dataset or "", backbone="", ctype=args.ctype, eta=args.corruption,
+                    seed=args.manualSeed, lr=args.lr, wd=args.wd, momentum=args.momentum, gamma=args.gamma,
+                    epochs=args.epochs, train_batch=args.train_batch, label_smoothing=args.label_smoothing,
+                    temperature=args.temperature, selection=selection_from_args(args), val_split=args.val_split,
+                    val_clean=args.val_clean)
+    check_settings(cfg)
+    return cfg
+
+
+def steps_from_args(args) -> list:
+    if args.rounds is not None:
+        if args.rounds < 0:
+            raise UserError(f"--rounds must be >= 0, got {args.rounds}")
+        return [str(t) for t in range(args.rounds + 1)] + ["p"]
+    if args.partial:
+        return ["p"]
+    if args.dist < 0:
+        raise UserError(f"--dist must be >= 0, got {args.dist}")
+    return [str(args.dist)]
+
+
+def engine_options(args, argv) -> EngineOptions:
+    if args.test_batch <= 0:
+        raise UserError(f"--test-batch must be positive, got {args.test_batch}")
+    if args.max_batch_runs <= 0:
+        raise UserError(f"--max-batch-runs must be positive, got {args.max_batch_runs}")
+
+    def hint(step: str) -> str:
+        kept = [a for a in argv if a not in ("--partial",)]
+        flag = "--dist 0" if step == "0" else f"--dist {step}"
+        return "python train_linear.py " + " ".join(kept + [flag])
+
+    return EngineOptions(checkpoint_root=args.checkpoint, results_root=args.results, data_root=args.data_root,
+                         cache_root=args.cache_dir, device=resolve_device(args.gpu_id), workers=args.workers,
+                         test_batch=args.test_batch, max_batch_runs=args.max_batch_runs,
+                         save_every=max(args.save_every, 0), overwrite=args.overwrite, command_hint=hint)
+
+
+def summary_table(records) -> str:
+    """Step x test accuracy under each selection rule, as the demo prints it."""
+    has_val = any(r.get("test_acc_byval") is not None for r in records)
+    head = f"{'step':<12} {'best-by-test':>12} {'last epoch':>11}" + (f" {'best-by-val':>12}" if has_val else "")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        line = f"{step_label(r['step']):<12} {r['test_acc_bytest']:>12.2f} {r['test_acc_last']:>11.2f}"
+        if has_val:
+            line += f" {r['test_acc_byval']:>12.2f}"
+        lines.append(line)
+    cover = [r for r in records if r["step"] == "p"]
+    if cover:
+        lines.append(f"PLL candidate sets (teacher top-2) contain the true class for "
+                     f"{cover[0]['teacher_top2_coverage']:.1f}% of training samples")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.config:
+        from utils.grid import run_grid_command
+        return run_grid_command(args, engine_options(args, argv))
+    source = source_from_args(args)
+    cfg = config_from_args(args)
+    steps = steps_from_args(args)
+    opts = engine_options(args, argv)
+    records = ChainRunner(opts).run([(source, cfg)], steps)
+    by_step = {r["step"]: r for r in records}
+    ordered = [by_step[s] for s in steps]
+    print(f"{ordered[0]['dataset']} / {ordered[0]['backbone']}: ctype={cfg.ctype} eta={cfg.eta:g} seed={cfg.seed} "
+          f"lr={cfg.lr:g} wd={cfg.wd:g} on {opts.device}; realised corruption "
+          f"{ordered[0]['realised_corruption']:.2f}%")
+    print(summary_table(ordered))
+    print(f"records: {opts.results_root}/records/   checkpoints: {opts.checkpoint_root}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,1 @@
+"""Shared helpers: losses and targets, the training loop, I/O, theory maths, reports."""

@@ -1,0 +1,204 @@
+"""The one training loop: R linear heads trained at once on one in-memory feature matrix.
+
+A single run is R = 1. Runs in a batch share the features, the epoch count and the batch size;
+everything else is per run: training rows, targets, learning rate, weight decay, momentum, lr
+decay and the shuffling order (drawn from the run's own seed, so a run gives the same numbers
+alone or in any batch). SGD with momentum and L2 weight decay, as torch.optim.SGD:
+buf = m * buf + (grad + wd * W);  W -= lr * buf;  lr = lr0 * gamma^epoch.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from utils.losses import (cross_entropy_per_run, generalized_cross_entropy, label_smoothed_targets,
+                          soft_cross_entropy)
+
+
+@dataclass
+class TrainData:
+    """Tensors on the training device. Rows index into `features`."""
+    features: torch.Tensor        # (N, d) float32
+    train_rows: torch.Tensor      # (R, N_train) long: the rows each run trains on
+    noisy_labels: torch.Tensor    # (R, N_train) the (corrupted) labels of those rows
+    true_labels: torch.Tensor     # (R, N_train) their clean labels (metrics only)
+    test_features: torch.Tensor   # (N_test, d)
+    test_labels: torch.Tensor     # (N_test,)
+    val_rows: Optional[torch.Tensor] = None    # (R, N_val) held-out rows, or None
+    val_labels: Optional[torch.Tensor] = None  # (R, N_val) labels used to select on val
+    num_classes: int = 0
+
+
+@dataclass
+class Targets:
+    """What the runs fit. kind 'hard': values (R, N_train) labels, smoothed by `smoothing` (R,);
+    'soft': values (R, N_train, K) probabilities, `temperature` (R,) applied to the student;
+    'partial': values (R, N_train, 2) candidate classes, fitted with generalised CE."""
+    kind: str
+    values: torch.Tensor
+    smoothing: Optional[torch.Tensor] = None
+    temperature: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Hyper:
+    """Per-run optimiser settings, each (R,) float32 on the device."""
+    lr: torch.Tensor
+    weight_decay: torch.Tensor
+    momentum: torch.Tensor
+    gamma: torch.Tensor
+
+
+@dataclass
+class Snapshot:
+    """The heads at each run's best epoch by some accuracy (percent), first maximum wins."""
+    acc: torch.Tensor       # (R,)
+    epoch: torch.Tensor     # (R,) long, 1-based; 0 = none yet
+    weight: torch.Tensor    # (R, K, d)
+    momentum: torch.Tensor  # (R, K, d)
+
+    @staticmethod
+    def empty(weight):
+        r = weight.shape[0]
+        return Snapshot(torch.full((r,), -1.0, device=weight.device), torch.zeros(r, dtype=torch.long, device=weight.device),
+                        weight.clone(), torch.zeros_like(weight))
+
+    def update(self, acc, epoch, weight, momentum):
+        better = acc > self.acc
+        self.acc = torch.where(better, acc, self.acc)
+        self.epoch = torch.where(better, torch.full_like(self.epoch, epoch), self.epoch)
+        mask = better.view(-1, 1, 1)
+        self.weight = torch.where(mask, weight, self.weight)
+        self.momentum = torch.where(mask, momentum, self.momentum)
+
+
+@dataclass
+class TrainState:
+    """Everything needed to report a batch of runs or to resume it after `epoch` epochs."""
+    epoch: int
+    weight: torch.Tensor
+    momentum: torch.Tensor
+    best_test: Snapshot
+    best_val: Optional[Snapshot]
+    history: list = field(default_factory=list)  # per run: list of per-epoch metric dicts
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch: int, run: int):
+        super().__init__(f"epoch {epoch}, run {run}")
+        self.epoch, self.run = epoch, run
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 63-bit seed for one run's shuffling order in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def shuffled_positions(num_rows: int, seeds, epoch: int) -> torch.Tensor:
+    """(R, num_rows) permutations, each from its run's own seed (independent of the batch)."""
+    gen = torch.Generator()
+    return torch.stack([torch.randperm(num_rows, generator=gen.manual_seed(epoch_seed(s, epoch))) for s in seeds])
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor):
+    """(top-1 hits, top-2 hits) per run, summed over samples. logits (R, B, K), labels (R, B)."""
+    top2 = logits.topk(2, dim=-1).indices
+    hit = top2 == labels.unsqueeze(-1)
+    return hit[..., 0].sum(-1), hit.any(-1).sum(-1)
+
+
+def _batch_loss(targets: Targets, logits, positions, arange_r, num_classes):
+    if targets.kind == "hard":
+        q = label_smoothed_targets(targets.values.gather(1, positions), num_classes, targets.smoothing)
+        return soft_cross_entropy(logits, q, torch.ones_like(targets.smoothing))
+    if targets.kind == "soft":
+        return soft_cross_entropy(logits, targets.values[arange_r, positions], targets.temperature)
+    if targets.kind == "partial":
+        return generalized_cross_entropy(logits, targets.values[arange_r, positions])
+    raise ValueError(f"unknown target kind {targets.kind!r}")
+
+
+@torch.no_grad()
+def head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(R, N, K) logits of shared features (N, d) under R heads, as one matmul."""
+    r, k, d = weight.shape
+    return (features @ weight.reshape(r * k, d).T).view(-1, r, k).transpose(0, 1)
+
+
+@torch.no_grad()
+def evaluate(data: TrainData, weight: torch.Tensor) -> dict:
+    """Per run: test loss, top-1/top-2 accuracy (percent), confidence and entropy; val accuracy when a
+    val split exists."""
+    logits = head_logits(data.test_features, weight)
+    labels = data.test_labels.expand(logits.shape[:2])
+    top1, top2 = topk_hits(logits, labels)
+    n = labels.shape[1]
+    probs = torch.softmax(logits, dim=-1)
+    out = {"test_loss": cross_entropy_per_run(logits, data.test_labels),
+           "test_acc": top1 * (100.0 / n), "test_top2": top2 * (100.0 / n),
+           # calibration view of the "diffusion" effect: mean max-probability (%) and entropy (nats)
+           "test_confidence": probs.amax(-1).mean(-1) * 100,
+           "test_entropy": -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(-1)}
+    if data.val_rows is not None:
+        val_logits = torch.bmm(data.features[data.val_rows], weight.transpose(1, 2))
+        top1, _ = topk_hits(val_logits, data.val_labels)
+        out["val_acc"] = top1 * (100.0 / data.val_rows.shape[1])
+    return out
+
+
+@torch.no_grad()
+def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hyper: Hyper, epochs: int,
+                batch_size: int, shuffle_seeds, resume: Optional[TrainState] = None,
+                on_epoch: Optional[Callable[[TrainState], None]] = None) -> TrainState:
+    """Train R heads for `epochs` epochs (from `resume.epoch` if given) and return the final state.
+
+    `on_epoch(state)` runs after every epoch (progress bars, periodic checkpoints)."""
+    device = data.features.device
+    num_runs, num_train = data.train_rows.shape
+    arange_r = torch.arange(num_runs, device=device)[:, None]
+    view = lambda v: v.view(-1, 1, 1)  # noqa: E731 - (R,) -> broadcast over (R, K, d)
+    wd, mom = view(hyper.weight_decay), view(hyper.momentum)
+    if resume is None:
+        weight = init_weight.to(device=device, dtype=torch.float32).clone()
+        state = TrainState(0, weight, torch.zeros_like(weight), Snapshot.empty(weight),
+                           Snapshot.empty(weight) if data.val_rows is not None else None,
+                           [[] for _ in range(num_runs)])
+    else:
+        state = resume
+    weight, momentum = state.weight, state.momentum
+    for epoch in range(state.epoch, epochs):
+        lr = view(hyper.lr * hyper.gamma ** epoch)
+        positions_all = shuffled_positions(num_train, shuffle_seeds, epoch).to(device)
+        rows_all = data.train_rows.gather(1, positions_all)
+        loss_sum = torch.zeros(num_runs, device=device, dtype=torch.float64)
+        hits = torch.zeros(4, num_runs, device=device, dtype=torch.long)
+        for start in range(0, num_train, batch_size):
+            positions = positions_all[:, start:start + batch_size]
+            xb = data.features[rows_all[:, start:start + batch_size]]            # (R, B, d)
+            logits = torch.bmm(xb, weight.transpose(1, 2))                         # (R, B, K)
+            loss, grad_logits = _batch_loss(targets, logits, positions, arange_r, data.num_classes)
+            momentum.mul_(mom).add_(torch.baddbmm(weight * wd, grad_logits.transpose(1, 2), xb))
+            weight.sub_(lr * momentum)
+            loss_sum += loss.double() * positions.shape[1]
+            hits[0], hits[1] = hits[0] + torch.stack(topk_hits(logits, data.noisy_labels.gather(1, positions)))
+            hits[2], hits[3] = hits[2] + torch.stack(topk_hits(logits, data.true_labels.gather(1, positions)))
+        train_loss = loss_sum / num_train
+        bad = ~torch.isfinite(train_loss)
+        if bad.any():
+            raise NonFiniteLoss(epoch + 1, int(bad.nonzero()[0]))
+        metrics = evaluate(data, weight)
+        state.best_test.update(metrics["test_acc"], epoch + 1, weight, momentum)
+        if state.best_val is not None:
+            state.best_val.update(metrics["val_acc"], epoch + 1, weight, momentum)
+        train_pct = hits.double() * (100.0 / num_train)
+        table = {"train_loss": train_loss, "train_acc": train_pct[0], "train_top2": train_pct[1],
+                 "train_acc_true": train_pct[2], "train_top2_true": train_pct[3],
+                 "lr": lr.view(-1), **metrics}
+        cpu = {k: v.double().cpu().tolist() for k, v in table.items()}
+        for r in range(num_runs):
+            state.history[r].append({"epoch": epoch + 1, **{k: cpu[k][r] for k in cpu}})
+        state.epoch = epoch + 1
+        if on_epoch is not None:
+            on_epoch(state)
+    return state
