@@ -107,7 +107,8 @@ def check_settings(cfg: RunConfig) -> None:
 
 def source_from_args(args) -> FeatureSource:
     if args.features:
-        return FeatureSource(args.dataset or "", features_path=args.features)
+        from pathlib import Path
+        return FeatureSource(args.dataset or Path(args.features).stem, features_path=args.features)
     if args.dataset is None:
         raise UserError("choose a dataset with -d (one of: " + ", ".join(DATASETS) + ") or pass --features PATH")
     if args.dataset not in DATASETS:

@@ -28,7 +28,7 @@ from utils.io import atomic_torch_save, atomic_write_text, load_torch_file
 from utils.losses import distillation_targets, pll_candidates
 from utils.runs import (CHECKPOINT_OF_SELECTION, SCHEMA, ResultsStore, RunConfig, code_version, run_dir,
                         run_key, step_settings, teacher_step)
-from utils.train import Hyper, NonFiniteLoss, Snapshot, TrainData, Targets, TrainState, train_heads
+from utils.train import Hyper, NonFiniteLoss, Snapshot, TrainData, Targets, TrainState, head_logits, train_heads
 
 STEP_CODE_PLL = 1000
 
@@ -87,7 +87,7 @@ def set_cpu_threads(device: torch.device, macs_per_step: int) -> None:
 
 def load_source(source: FeatureSource, opts: EngineOptions, log) -> FeatureSet:
     if source.features_path:
-        return load_features_file(source.features_path, name=source.dataset or None)
+        return load_features_file(source.features_path, name=source.dataset)
     return load_or_extract_features(source.dataset, source.arch, source.pretrained, opts.data_root,
                                     opts.cache_root, opts.device, opts.test_batch, opts.workers, log)
 
@@ -241,7 +241,9 @@ class ChainRunner:
             loaded = [self._teacher_weights(c, step, fid) for c in cfgs]
             teacher_keys = [key for _, key in loaded]
             teacher_w = stack([w for w, _ in loaded]).float()
-            teacher_logits = torch.bmm(feats_dev[data.train_rows], teacher_w.transpose(1, 2))
+            # all rows in one matmul, then each run's rows: no (R, N, d) copy of the features
+            teacher_logits = head_logits(feats_dev, teacher_w)
+            teacher_logits = teacher_logits.gather(1, data.train_rows.unsqueeze(-1).expand(-1, -1, k))
             top2 = pll_candidates(teacher_logits)
             coverage = ((top2 == data.true_labels.unsqueeze(-1)).any(-1).double().mean(-1) * 100).tolist()
             if step == "p":

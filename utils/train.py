@@ -127,7 +127,7 @@ def head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(data: TrainData, weight: torch.Tensor) -> dict:
+def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch.Tensor] = None) -> dict:
     """Per run: test loss, top-1/top-2 accuracy (percent), confidence and entropy; val accuracy when a
     val split exists."""
     logits = head_logits(data.test_features, weight)
@@ -141,7 +141,9 @@ def evaluate(data: TrainData, weight: torch.Tensor) -> dict:
            "test_confidence": probs.amax(-1).mean(-1) * 100,
            "test_entropy": -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(-1)}
     if data.val_rows is not None:
-        val_logits = torch.bmm(data.features[data.val_rows], weight.transpose(1, 2))
+        if val_features is None:
+            val_features = data.features[data.val_rows]
+        val_logits = torch.bmm(val_features, weight.transpose(1, 2))
         top1, _ = topk_hits(val_logits, data.val_labels)
         out["val_acc"] = top1 * (100.0 / data.val_rows.shape[1])
     return out
@@ -167,6 +169,7 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
     else:
         state = resume
     weight, momentum = state.weight, state.momentum
+    val_features = data.features[data.val_rows] if data.val_rows is not None else None  # gathered once
     for epoch in range(state.epoch, epochs):
         lr = view(hyper.lr * hyper.gamma ** epoch)
         positions_all = shuffled_positions(num_train, shuffle_seeds, epoch).to(device)
@@ -187,7 +190,7 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
         bad = ~torch.isfinite(train_loss)
         if bad.any():
             raise NonFiniteLoss(epoch + 1, int(bad.nonzero()[0]))
-        metrics = evaluate(data, weight)
+        metrics = evaluate(data, weight, val_features)
         state.best_test.update(metrics["test_acc"], epoch + 1, weight, momentum)
         if state.best_val is not None:
             state.best_val.update(metrics["val_acc"], epoch + 1, weight, momentum)

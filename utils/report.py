@@ -1,0 +1,375 @@
+"""Tables and figures of a recipe grid, from its result records only (no features, no checkpoints).
+
+`write_reports(records, out_dir, grid)` dispatches on `grid['report']['kind']`:
+- `distillation` (the paper's): per group of settings, an appendix-style table (rows "1 (Teacher)",
+  2, ..., PLL; columns = corruption rates; mean +- std over seeds; best per column in bold) as
+  Markdown and LaTeX, the grid's records as CSV, and the distillation-gain bar figure.
+- `ls_temperature` (companion study): per group and corruption rate, the teacher and the student
+  of every temperature under each label-smoothing alpha, top-1 / top-2, confidence and entropy.
+
+Std is the population std over seeds (numpy's default, ddof=0), so one seed gives 0; every caption
+states n. A cell without any finished run shows "-".
+"""
+import csv
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from utils.io import atomic_write_bytes, atomic_write_text
+from utils.runs import SUFFIX_OF_SELECTION, step_fields, step_label
+
+MISSING = "-"
+DEFAULT_GAIN_ETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# What each metric choice reads, and the words that say so in every caption.
+METRIC_DESCRIPTION = {
+    "test": "test accuracy at the best-by-test epoch (the paper's protocol: the epoch of highest test accuracy)",
+    "last": "test accuracy at the last epoch",
+    "val": "test accuracy at the best-by-validation epoch (highest accuracy on the held-out split of the noisy training set)",
+}
+# Settings that never split a table into groups: they are its rows, columns or repetitions.
+NOT_GROUPING = ("seed", "eta")
+# CSV columns shown first; the rest follow alphabetically.
+CSV_FIRST = ("key", "dataset", "backbone", "ctype", "eta", "seed", "step", "lr", "wd", "epochs",
+             "label_smoothing", "temperature", "selection", "val_split", "test_acc_bytest", "test_acc_last",
+             "test_acc_byval")
+
+
+def metric_field(metric: str, quantity: str = "test_acc") -> str:
+    """Record field of `quantity` under a metric choice: ('test', 'test_acc') -> 'test_acc_bytest'."""
+    return f"{quantity}_{SUFFIX_OF_SELECTION[metric]}"
+
+
+def _report_options(grid: dict) -> dict:
+    report = dict(grid.get("report") or {})
+    report.setdefault("kind", "distillation")
+    report.setdefault("metric", "test")
+    report["title"] = report.get("title") or grid.get("title") or grid.get("name", "report")
+    return report
+
+
+def _value(record: dict, field: str):
+    v = record.get(field)
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return None
+    return float(v)
+
+
+def _stats(values: list):
+    """(mean, std, n) of the non-missing values; None when there are none."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    arr = np.asarray(vals, dtype=np.float64)
+    return float(arr.mean()), float(arr.std()), len(vals)
+
+
+def _fmt_eta(eta) -> str:
+    text = f"{float(eta):g}"
+    return text if ("." in text or "e" in text) else text + ".0"
+
+
+def _fmt_setting(name: str, value) -> str:
+    return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+
+
+def _step_order(step: str):
+    return (1, 0) if step == "p" else (0, int(step))
+
+
+# ---- grouping ------------------------------------------------------------------------------
+def _grouping_fields(records: list, exclude=()) -> list:
+    """Settings (of any step) that take more than one value among the records."""
+    names = [n for n in step_fields("1") if n not in NOT_GROUPING and n not in exclude]
+    return [n for n in names if len({repr(r[n]) for r in records if n in r}) > 1]
+
+
+def group_records(records: list, exclude=()) -> list:
+    """[(group settings dict, records)] split on every varying setting except seed, eta (and
+    `exclude`). A record that lacks a setting (teachers have no temperature) joins every group that
+    agrees with it on the settings it has. Groups are ordered by first appearance."""
+    fields = _grouping_fields(records, exclude)
+    keys = []
+    for r in records:
+        if all(f in r for f in fields):
+            key = tuple((f, r[f]) for f in fields)
+            if key not in keys:
+                keys.append(key)
+    if not keys:  # e.g. only teachers: group on what they have
+        for r in records:
+            key = tuple((f, r[f]) for f in fields if f in r)
+            if key not in keys:
+                keys.append(key)
+    out = []
+    for key in keys:
+        members = [r for r in records if all(r.get(f, v) == v for f, v in key)]
+        out.append((dict(key), members))
+    return out
+
+
+def _group_title(settings: dict, members: list) -> str:
+    """Dataset first, then the settings that say what the table is (constant ones included)."""
+    first = members[0]
+    parts = [str(settings.get("dataset", first.get("dataset", "?")))]
+    shown = ["backbone", "ctype", "lr", "wd"] + [f for f in settings if f not in ("dataset", "backbone", "ctype", "lr", "wd")]
+    for name in shown:
+        value = settings.get(name, first.get(name))
+        if value is not None:
+            parts.append(_fmt_setting(name, value))
+    return parts[0] + " (" + ", ".join(parts[1:]) + ")"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+# ---- the distillation table ----------------------------------------------------------------
+def distillation_table(members: list, metric: str) -> dict:
+    """Cells of one appendix table: {'etas', 'steps', 'cells': {(step, eta): (mean, std, n) | None},
+    'best': {eta: best displayed mean}, 'n': most seeds in a cell}."""
+    field = metric_field(metric)
+    etas = sorted({float(r["eta"]) for r in members})
+    steps = sorted({r["step"] for r in members}, key=_step_order)
+    values = defaultdict(list)
+    for r in members:
+        values[r["step"], float(r["eta"])].append(_value(r, field))
+    cells = {(s, e): _stats(values.get((s, e), [])) for s in steps for e in etas}
+    best = {}
+    for e in etas:
+        means = [round(c[0], 2) for s in steps if (c := cells[s, e]) is not None]
+        best[e] = max(means) if means else None
+    n = max((c[2] for c in cells.values() if c is not None), default=0)
+    return {"etas": etas, "steps": steps, "cells": cells, "best": best, "n": n}
+
+
+def _cell_text(cell, best, n_max: int, bold, pm: str) -> str:
+    if cell is None:
+        return MISSING
+    mean, std, n = cell
+    text = f"{mean:.2f} {pm} {std:.2f}"
+    if round(mean, 2) == best:
+        text = bold(text)
+    if n < n_max:
+        text += f" (n={n})"
+    return text
+
+
+def _caption(title: str, metric: str, n: int, what: str) -> str:
+    if n == 0:
+        why = " (best-by-validation needs val_split > 0)" if metric == "val" else ""
+        return f"{title}: {what}. No run has the {METRIC_DESCRIPTION[metric]}{why}; '-' = no value."
+    return (f"{title}: {what}. Cells: mean ± std over n = {n} seed{'s' if n != 1 else ''} (population std, "
+            f"ddof=0) of the {METRIC_DESCRIPTION[metric]}; best per column in bold; '-' = no finished run, "
+            f"(n=k) = only k seeds finished.")
+
+
+def _table_markdown(table: dict, caption: str) -> str:
+    head = "| step | " + " | ".join(f"eta = {_fmt_eta(e)}" for e in table["etas"]) + " |"
+    lines = [f"*{caption}*", "", head, "|" + " --- |" * (len(table["etas"]) + 1)]
+    for s in table["steps"]:
+        cells = [_cell_text(table["cells"][s, e], table["best"][e], table["n"], lambda t: f"**{t}**", "±")
+                 for e in table["etas"]]
+        lines.append(f"| {step_label(s)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def _table_latex(table: dict, caption: str, label: str) -> str:
+    cols = "l" + "c" * len(table["etas"])
+    lines = [r"\begin{table}[ht]", r"\centering", r"\small",
+             r"\caption{" + _latex_escape(caption) + "}",
+             r"\label{tab:" + label + "}", r"\begin{tabular}{" + cols + "}", r"\toprule",
+             "Step & " + " & ".join(rf"$\eta={_fmt_eta(e)}$" for e in table["etas"]) + r" \\", r"\midrule"]
+    for s in table["steps"]:
+        cells = [_cell_text(table["cells"][s, e], table["best"][e], table["n"], lambda t: r"\textbf{" + t + "}",
+                            r"$\pm$") for e in table["etas"]]
+        lines.append(_latex_escape(step_label(s)) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---- records.csv -----------------------------------------------------------------------------
+def records_csv(records: list) -> str:
+    names = set().union(*(r.keys() for r in records)) if records else set()
+    columns = [c for c in CSV_FIRST if c in names] + sorted(names - set(CSV_FIRST))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    order = sorted(records, key=lambda r: (str(r.get("dataset")), str(r.get("ctype")), float(r.get("eta", 0)),
+                                           int(r.get("seed", 0)), _step_order(r["step"]), r["key"]))
+    for r in order:
+        writer.writerow(["" if r.get(c) is None else r[c] for c in columns])
+    return buf.getvalue()
+
+
+# ---- the gain figure -------------------------------------------------------------------------
+def distillation_gains(members: list, metric: str, etas) -> dict:
+    """{(step, eta): (mean, std, n)} of student metric minus the same seed's teacher metric, for
+    every student step and each eta in `etas`; pairs without a teacher are left out."""
+    field = metric_field(metric)
+    teacher = {(float(r["eta"]), r["seed"]): _value(r, field) for r in members if r["step"] == "0"}
+    gains = defaultdict(list)
+    for r in members:
+        if r["step"] == "0" or float(r["eta"]) not in etas:
+            continue
+        base, own = teacher.get((float(r["eta"]), r["seed"])), _value(r, field)
+        if base is not None and own is not None:
+            gains[r["step"], float(r["eta"])].append(own - base)
+    return {k: _stats(v) for k, v in gains.items()}
+
+
+def _figure_bytes(fig, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path) -> list:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = max(len(groups), 1)
+    ncols = min(3, count)
+    nrows = math.ceil(count / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    steps = sorted({r["step"] for _, m in groups for r in m if r["step"] != "0"}, key=_step_order)
+    colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(steps), 1)))
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    for ax, (settings, members) in zip(axes.flat, groups):
+        present = sorted({float(r["eta"]) for r in members})
+        etas = [e for e in present if any(math.isclose(e, g) for g in gain_etas)]
+        gains = distillation_gains(members, metric, etas)
+        width = 0.8 / max(len(steps), 1)
+        for i, step in enumerate(steps):
+            xs = [j + (i - (len(steps) - 1) / 2) * width for j, e in enumerate(etas)]
+            stats = [gains.get((step, e)) for e in etas]
+            ax.bar(xs, [s[0] if s else np.nan for s in stats], width, yerr=[s[1] if s else 0 for s in stats],
+                   capsize=2, color=colours[i], label="PLL" if step == "p" else f"t = {step}")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(etas)), [_fmt_eta(e) for e in etas])
+        ax.set_xlabel("corruption rate eta")
+        ax.set_ylabel("gain over teacher (pp)")
+        ax.set_title(_group_title(settings, members), fontsize=8)
+        if not etas:
+            ax.text(0.5, 0.5, "no runs at the gain etas", ha="center", va="center", transform=ax.transAxes)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 1.0), frameon=False)
+    seeds = len({r["seed"] for _, m in groups for r in m})
+    fig.suptitle(f"{title}\nDistillation gain = student minus same-seed teacher, {METRIC_DESCRIPTION[metric]}; "
+                 f"mean and std over {seeds} seed{'s' if seeds != 1 else ''}", fontsize=9, y=1.06)
+    fig.tight_layout()
+    written = [atomic_write_bytes(out_dir / f"gain.{fmt}", _figure_bytes(fig, fmt)) for fmt in ("png", "pdf")]
+    plt.close(fig)
+    return written
+
+
+# ---- kinds -----------------------------------------------------------------------------------
+def distillation_report(records: list, out_dir: Path, grid: dict) -> list:
+    opts = _report_options(grid)
+    metric, title = opts["metric"], opts["title"]
+    groups = group_records(records)
+    md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}.", ""]
+    tex = [f"% {title}: tables written by utils/report.py; needs \\usepackage{{booktabs}}", ""]
+    for settings, members in groups:
+        table = distillation_table(members, metric)
+        name = _group_title(settings, members)
+        caption = _caption(title, metric, table["n"], name)
+        md += [f"## {name}", "", _table_markdown(table, caption)]
+        tex.append(_table_latex(table, caption, _slug(f"{grid.get('name', 'grid')}-{name}")))
+    written = [atomic_write_text(out_dir / "tables.md", "\n".join(md)),
+               atomic_write_text(out_dir / "tables.tex", "\n".join(tex)),
+               atomic_write_text(out_dir / "records.csv", records_csv(records))]
+    gain_etas = opts.get("gain_etas") or DEFAULT_GAIN_ETAS
+    written += gain_figure(groups, metric, title, [float(e) for e in gain_etas], out_dir)
+    return written
+
+
+def ls_temperature_table(members: list, metric: str, eta: float) -> dict:
+    """One companion-study table at one eta: {'alphas', 'rows': [(label, {alpha: cell})]} where a
+    cell holds (mean, std, n) of top-1, top-2, confidence and entropy, or None."""
+    at_eta = [r for r in members if math.isclose(float(r["eta"]), eta)]
+    alphas = sorted({float(r["label_smoothing"]) for r in at_eta})
+    quantities = ("test_acc", "test_top2", "test_confidence", "test_entropy")
+
+    def cell(rs):
+        if not rs:
+            return None
+        return {q: _stats([_value(r, metric_field(metric, q)) for r in rs]) for q in quantities}
+
+    rows = [("Teacher", {a: cell([r for r in at_eta if r["step"] == "0" and float(r["label_smoothing"]) == a])
+                         for a in alphas})]
+    student_steps = sorted({r["step"] for r in at_eta if r["step"] not in ("0", "p")}, key=_step_order)
+    temps = sorted({float(r["temperature"]) for r in at_eta if "temperature" in r and r["step"] != "0"})
+    for step in student_steps:
+        for t in temps:
+            label = f"Student T = {t:g}" + (f" (round {step})" if len(student_steps) > 1 else "")
+            rows.append((label, {a: cell([r for r in at_eta if r["step"] == step and float(r.get("temperature", -1)) == t
+                                          and float(r["label_smoothing"]) == a]) for a in alphas}))
+    pll = [r for r in at_eta if r["step"] == "p"]
+    if pll:
+        rows.append(("PLL", {a: cell([r for r in pll if float(r["label_smoothing"]) == a]) for a in alphas}))
+    return {"alphas": alphas, "rows": rows}
+
+
+def _pair(cell, a: str, b: str, digits=2) -> str:
+    if cell is None or cell[a] is None:
+        return MISSING
+    second = MISSING if cell[b] is None else f"{cell[b][0]:.{digits}f}"
+    return f"{cell[a][0]:.2f} / {second}"
+
+
+def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
+    opts = _report_options(grid)
+    metric, title = opts["metric"], opts["title"]
+    md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}, mean over seeds; the teacher's "
+          "columns are its label-smoothing alpha, each student learns from the teacher of its column.", ""]
+    tex = [f"% {title}: tables written by utils/report.py; needs \\usepackage{{booktabs}}", ""]
+    for settings, members in group_records(records, exclude=("label_smoothing", "temperature")):
+        name = _group_title(settings, members)
+        for eta in sorted({float(r["eta"]) for r in members}):
+            table = ls_temperature_table(members, metric, eta)
+            n = max((c["test_acc"][2] for _, cells in table["rows"] for c in cells.values()
+                     if c is not None and c["test_acc"] is not None), default=0)
+            caption = (f"{title}: {name}, eta = {_fmt_eta(eta)}. Top-1 / top-2 (%) and mean confidence (%) / "
+                       f"entropy (nats), mean over {n} seed{'s' if n != 1 else ''}, of the {METRIC_DESCRIPTION[metric]}.")
+            head = "| | " + " | ".join(f"alpha = {a:g}: top-1 / top-2 | alpha = {a:g}: conf. / entropy"
+                                         for a in table["alphas"]) + " |"
+            md += [f"## {name}, eta = {_fmt_eta(eta)}", "", f"*{caption}*", "", head,
+                   "|" + " --- |" * (2 * len(table["alphas"]) + 1)]
+            tex += [r"\begin{table}[ht]", r"\centering", r"\small", r"\caption{" + _latex_escape(caption) + "}",
+                    r"\begin{tabular}{l" + "cc" * len(table["alphas"]) + "}", r"\toprule",
+                    " & " + " & ".join(rf"$\alpha={a:g}$: top-1 / top-2 & $\alpha={a:g}$: conf. / entropy"
+                                       for a in table["alphas"]) + r" \\", r"\midrule"]
+            for label, cells in table["rows"]:
+                parts = []
+                for a in table["alphas"]:
+                    parts += [_pair(cells[a], "test_acc", "test_top2"), _pair(cells[a], "test_confidence", "test_entropy", 3)]
+                md.append(f"| {label} | " + " | ".join(parts) + " |")
+                tex.append(_latex_escape(label) + " & " + " & ".join(parts) + r" \\")
+            md.append("")
+            tex += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return [atomic_write_text(out_dir / "tables.md", "\n".join(md)),
+            atomic_write_text(out_dir / "tables.tex", "\n".join(tex)),
+            atomic_write_text(out_dir / "records.csv", records_csv(records))]
+
+
+REPORTS = {"distillation": distillation_report, "ls_temperature": ls_temperature_report}
+
+
+def write_reports(records: list, out_dir, grid: dict) -> list:
+    """Write the report files of `grid['report']['kind']` under out_dir; return their paths."""
+    kind = _report_options(grid)["kind"]
+    assert kind in REPORTS, f"report kind {kind!r} has no writer (load_grid validates kinds)"
+    return REPORTS[kind](list(records), Path(out_dir), grid)
