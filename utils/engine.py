@@ -189,6 +189,8 @@ class ChainRunner:
                 resume = self._resume_point(cfg, step, fid)
                 by_resume[resume[0] if resume else 0].append((cfg, resume))
             for _, items in sorted(by_resume.items()):
+                # runs of one seed share their shuffling order: contiguous, they train as one matmul
+                items.sort(key=lambda item: item[0].seed)
                 for start in range(0, len(items), self.opts.max_batch_runs):
                     chunk = items[start:start + self.opts.max_batch_runs]
                     records += self._train_chunk(features, fid, feats_dev, test_dev, chunk, step, setup_of, bar)

@@ -101,6 +101,25 @@ def shuffled_positions(num_rows: int, seeds, epoch: int) -> torch.Tensor:
     return torch.stack([torch.randperm(num_rows, generator=gen.manual_seed(epoch_seed(s, epoch))) for s in seeds])
 
 
+def shared_order_group_size(shuffle_seeds, train_rows: torch.Tensor) -> int:
+    """G when the runs form contiguous blocks of G runs with one shuffle seed and the same training
+    rows (e.g. the corruption rates of one seed in a grid), else 1.
+
+    Runs of a block see the same mini-batches, so their G heads multiply the batch as ONE wider
+    matmul (B x d times d x G*K): far better use of the matmul units than G thin ones."""
+    r = len(shuffle_seeds)
+    for g in range(r, 1, -1):
+        if r % g:
+            continue
+        blocks = [shuffle_seeds[i:i + g] for i in range(0, r, g)]
+        if all(len(set(b)) == 1 for b in blocks) and len({b[0] for b in blocks}) == len(blocks):
+            rows = train_rows.view(r // g, g, -1)
+            if bool((rows == rows[:, :1]).all()):
+                return g
+            return 1
+    return 1
+
+
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor):
     """(top-1 hits, top-2 hits) per run, summed over samples. logits (R, B, K), labels (R, B)."""
     top2 = logits.topk(2, dim=-1).indices
@@ -170,20 +189,29 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
         state = resume
     weight, momentum = state.weight, state.momentum
     val_features = data.features[data.val_rows] if data.val_rows is not None else None  # gathered once
+    group = shared_order_group_size(list(shuffle_seeds), data.train_rows)
+    num_orders = num_runs // group
+    group_rows = data.train_rows[::group]                                          # (U, N_train)
     for epoch in range(state.epoch, epochs):
         lr = view(hyper.lr * hyper.gamma ** epoch)
-        positions_all = shuffled_positions(num_train, shuffle_seeds, epoch).to(device)
-        rows_all = data.train_rows.gather(1, positions_all)
+        positions_all = shuffled_positions(num_train, list(shuffle_seeds)[::group], epoch).to(device)
+        rows_all = group_rows.gather(1, positions_all)
         loss_sum = torch.zeros(num_runs, device=device, dtype=torch.float64)
         hits = torch.zeros(4, num_runs, device=device, dtype=torch.long)
         for start in range(0, num_train, batch_size):
-            positions = positions_all[:, start:start + batch_size]
-            xb = data.features[rows_all[:, start:start + batch_size]]            # (R, B, d)
-            logits = torch.bmm(xb, weight.transpose(1, 2))                         # (R, B, K)
+            xb = data.features[rows_all[:, start:start + batch_size]]            # (U, B, d)
+            b = xb.shape[1]
+            positions = positions_all[:, start:start + batch_size].repeat_interleave(group, 0)  # (R, B)
+            # U = R / G matmuls of (B x d) @ (d x G*K); with G = 1 this is one per run
+            logits = torch.bmm(xb, weight.view(num_orders, group * data.num_classes, -1).transpose(1, 2))
+            logits = logits.view(num_orders, b, group, -1).transpose(1, 2).reshape(num_runs, b, -1)
             loss, grad_logits = _batch_loss(targets, logits, positions, arange_r, data.num_classes)
-            momentum.mul_(mom).add_(torch.baddbmm(weight * wd, grad_logits.transpose(1, 2), xb))
+            grad_logits = grad_logits.view(num_orders, group, b, -1).transpose(1, 2).reshape(num_orders, b, -1)
+            grad = torch.baddbmm((weight * wd).view(num_orders, group * data.num_classes, -1),
+                                 grad_logits.transpose(1, 2), xb)
+            momentum.mul_(mom).add_(grad.view_as(weight))
             weight.sub_(lr * momentum)
-            loss_sum += loss.double() * positions.shape[1]
+            loss_sum += loss.double() * b
             hits[0], hits[1] = hits[0] + torch.stack(topk_hits(logits, data.noisy_labels.gather(1, positions)))
             hits[2], hits[3] = hits[2] + torch.stack(topk_hits(logits, data.true_labels.gather(1, positions)))
         train_loss = loss_sum / num_train
