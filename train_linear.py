@@ -6,6 +6,7 @@ One step:       python train_linear.py -d cifar100 --ctype cc --corruption 0.5 -
 A whole chain:  python train_linear.py -d digits --rounds 4          (teacher, rounds 1..4, PLL)
 A grid:         python train_linear.py --config recipes/fig2.yaml    (batched, resumable, reports)
 """
+import argparse
 import sys
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from data.corruption import CORRUPTION_TYPES
 from data.datasets import DATASETS
 from models.backbones import BACKBONES
-from utils.cli import ArgumentParser, UserError, add_bool_flag, run_main
+from utils.cli import ArgumentParser, UserError, add_bool_flag, run_main, str2bool
 from utils.engine import ChainRunner, EngineOptions, FeatureSource
 from utils.runs import SELECTIONS, RunConfig, step_label
 
@@ -151,6 +152,30 @@ def steps_from_args(args) -> list:
     return [str(args.dist)]
 
 
+def argv_without_step_flags(argv) -> list:
+    """The command line minus the flags that choose which steps run (--dist, --rounds, --partial)."""
+    kept, i = [], 0
+    while i < len(argv):
+        word = str(argv[i])
+        name = word.split("=", 1)[0]
+        if name in ("--dist", "--rounds", "--partial") and "=" not in word:
+            takes_value = name != "--partial" or (i + 1 < len(argv) and _is_bool_word(argv[i + 1]))
+            i += 2 if takes_value else 1
+            continue
+        if name not in ("--dist", "--rounds", "--partial"):
+            kept.append(word)
+        i += 1
+    return kept
+
+
+def _is_bool_word(word) -> bool:
+    try:
+        str2bool(word)
+        return True
+    except argparse.ArgumentTypeError:
+        return False
+
+
 def engine_options(args, argv) -> EngineOptions:
     if args.test_batch <= 0:
         raise UserError(f"--test-batch must be positive, got {args.test_batch}")
@@ -158,9 +183,7 @@ def engine_options(args, argv) -> EngineOptions:
         raise UserError(f"--max-batch-runs must be positive, got {args.max_batch_runs}")
 
     def hint(step: str) -> str:
-        kept = [a for a in argv if a not in ("--partial",)]
-        flag = "--dist 0" if step == "0" else f"--dist {step}"
-        return "python train_linear.py " + " ".join(kept + [flag])
+        return "python train_linear.py " + " ".join(argv_without_step_flags(argv) + ["--dist", step])
 
     return EngineOptions(checkpoint_root=args.checkpoint, results_root=args.results, data_root=args.data_root,
                          cache_root=args.cache_dir, device=resolve_device(args.gpu_id), workers=args.workers,

@@ -3,9 +3,11 @@
 Every sample of class i is relabelled by a draw from row i of a K x K transition matrix P
 (P[i, j] = probability that a true i is labelled j), seeded by the run seed.
 """
+import warnings
+
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
 
 CORRUPTION_TYPES = ("sym", "asym", "cc")
 
@@ -75,7 +77,9 @@ def superclasses_from_correlation(correlation: np.ndarray, cut: float = SUPERCLA
     treats its K rows as observation vectors (Euclidean distances between rows), not as a
     precomputed distance matrix."""
     distance_rows = 1.0 - np.asarray(correlation, dtype=np.float64)
-    tree = linkage(distance_rows, method="complete")
+    with warnings.catch_warnings():  # scipy warns that the matrix looks like distances: here it is on purpose
+        warnings.simplefilter("ignore", ClusterWarning)
+        tree = linkage(distance_rows, method="complete")
     ids = fcluster(tree, t=cut * tree[:, 2].max(), criterion="distance")
     return ids - 1
 

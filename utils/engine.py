@@ -259,7 +259,7 @@ class ChainRunner:
         hyper = Hyper(*(self._vec(cfgs, name) for name in ("lr", "wd", "momentum", "gamma")))
         seeds = [_seed_for(c.seed, step, 1) for c in cfgs]
         keys = [run_key(c, step, fid) for c in cfgs]
-        resume = self._stack_resume([ck for _, ck in chunk], device) if chunk[0][1] else None
+        resume = self._stack_resume([ck for _, (_, ck) in chunk], device) if chunk[0][1] else None
         epochs = cfgs[0].epochs
         set_cpu_threads(device, len(cfgs) * cfgs[0].train_batch * features.dim * k)
         desc = f"step {step}: {len(cfgs)} run{'s' if len(cfgs) > 1 else ''} of {features.name}"

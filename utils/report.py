@@ -13,6 +13,7 @@ states n. A cell without any finished run shows "-".
 import csv
 import io
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -241,7 +242,8 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
     count = max(len(groups), 1)
     ncols = min(3, count)
     nrows = math.ceil(count / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    fig_width = max(4.6 * ncols, 7.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, 3.4 * nrows), squeeze=False)
     steps = sorted({r["step"] for _, m in groups for r in m if r["step"] != "0"}, key=_step_order)
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(steps), 1)))
     for ax in axes.flat[len(groups):]:
@@ -250,11 +252,11 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
         present = sorted({float(r["eta"]) for r in members})
         etas = [e for e in present if any(math.isclose(e, g) for g in gain_etas)]
         gains = distillation_gains(members, metric, etas)
-        width = 0.8 / max(len(steps), 1)
+        bar = 0.8 / max(len(steps), 1)
         for i, step in enumerate(steps):
-            xs = [j + (i - (len(steps) - 1) / 2) * width for j, e in enumerate(etas)]
+            xs = [j + (i - (len(steps) - 1) / 2) * bar for j in range(len(etas))]
             stats = [gains.get((step, e)) for e in etas]
-            ax.bar(xs, [s[0] if s else np.nan for s in stats], width, yerr=[s[1] if s else 0 for s in stats],
+            ax.bar(xs, [s[0] if s else np.nan for s in stats], bar, yerr=[s[1] if s else 0 for s in stats],
                    capsize=2, color=colours[i], label="PLL" if step == "p" else f"t = {step}")
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(etas)), [_fmt_eta(e) for e in etas])
@@ -263,13 +265,18 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
         ax.set_title(_group_title(settings, members), fontsize=8)
         if not etas:
             ax.text(0.5, 0.5, "no runs at the gain etas", ha="center", va="center", transform=ax.transAxes)
+    seeds = len({r["seed"] for _, m in groups for r in m})
+    lines = [title, f"Distillation gain (pp) = student minus the same seed's teacher; mean and std over {seeds} "
+                    f"seed{'s' if seeds != 1 else ''}", f"Number: {METRIC_DESCRIPTION[metric]}"]
+    text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in lines)
+    # Reserve room (in inches) above the panels for the caption and below them for the legend.
+    height = fig.get_figheight()
+    top = 1 - (0.17 * (text.count("\n") + 1) + 0.15) / height
+    fig.suptitle(text, fontsize=9, y=0.995, va="top")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 1.0), frameon=False)
-    seeds = len({r["seed"] for _, m in groups for r in m})
-    fig.suptitle(f"{title}\nDistillation gain = student minus same-seed teacher, {METRIC_DESCRIPTION[metric]}; "
-                 f"mean and std over {seeds} seed{'s' if seeds != 1 else ''}", fontsize=9, y=1.06)
-    fig.tight_layout()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.35 / height, 1, top))
     written = [atomic_write_bytes(out_dir / f"gain.{fmt}", _figure_bytes(fig, fmt)) for fmt in ("png", "pdf")]
     plt.close(fig)
     return written
@@ -282,12 +289,12 @@ def distillation_report(records: list, out_dir: Path, grid: dict) -> list:
     groups = group_records(records)
     md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}.", ""]
     tex = [f"% {title}: tables written by utils/report.py; needs \\usepackage{{booktabs}}", ""]
-    for settings, members in groups:
+    for index, (settings, members) in enumerate(groups):
         table = distillation_table(members, metric)
         name = _group_title(settings, members)
         caption = _caption(title, metric, table["n"], name)
         md += [f"## {name}", "", _table_markdown(table, caption)]
-        tex.append(_table_latex(table, caption, _slug(f"{grid.get('name', 'grid')}-{name}")))
+        tex.append(_table_latex(table, caption, _slug(f"{grid.get('name', 'grid')}-{index}-{members[0].get('dataset', '')}")))
     written = [atomic_write_text(out_dir / "tables.md", "\n".join(md)),
                atomic_write_text(out_dir / "tables.tex", "\n".join(tex)),
                atomic_write_text(out_dir / "records.csv", records_csv(records))]

@@ -212,8 +212,8 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
             momentum.mul_(mom).add_(grad.view_as(weight))
             weight.sub_(lr * momentum)
             loss_sum += loss.double() * b
-            hits[0], hits[1] = hits[0] + torch.stack(topk_hits(logits, data.noisy_labels.gather(1, positions)))
-            hits[2], hits[3] = hits[2] + torch.stack(topk_hits(logits, data.true_labels.gather(1, positions)))
+            hits += torch.stack([*topk_hits(logits, data.noisy_labels.gather(1, positions)),
+                                 *topk_hits(logits, data.true_labels.gather(1, positions))])
         train_loss = loss_sum / num_train
         bad = ~torch.isfinite(train_loss)
         if bad.any():

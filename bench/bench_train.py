@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Benchmark of the linear-probe trainer against the original's per-sample DataLoader loop.
+
+Prints numbers (it is not a test), all measured in the same process on the same random
+CIFAR-100-shaped features (default 50,000 x 512, 100 classes, 10,000 test rows):
+  (a) plain float32 matmul GFLOP/s of this machine (a probe-shaped and a square matmul; best kept),
+  (b) the baseline: one epoch of the original-style loop (TensorDataset + DataLoader, shuffle,
+      batch 128, nn.Linear + CrossEntropyLoss + SGD momentum/wd, test eval with batch 100),
+  (c) `utils.train.train_heads` with R runs at once: s/epoch, samples/s, achieved GFLOP/s, fraction
+      of the plain matmul, and per-run speed-up over the baseline.
+Each timing is the minimum over repeats (another process may share the CPU).
+
+    python bench/bench_train.py                       # defaults: runs 1,8,24,48, 2 epochs each
+    python bench/bench_train.py --n 10000 --runs 1,8  # quicker
+    python bench/bench_train.py --workers4            # also the baseline with 4 workers (slow)
+    python bench/bench_train.py --profile 8           # torch.profiler table of one epoch at R = 8
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.train import Hyper, TrainData, Targets, train_heads  # noqa: E402
+
+BATCH, TEST_BATCH = 128, 100
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=50_000, help="training rows")
+    p.add_argument("--n-test", type=int, default=10_000, help="test rows")
+    p.add_argument("--dim", type=int, default=512, help="feature dimension d")
+    p.add_argument("--classes", type=int, default=100, help="number of classes K")
+    p.add_argument("--epochs", type=int, default=2, help="trainer epochs per R (min epoch time is reported)")
+    p.add_argument("--baseline-epochs", type=int, default=2, help="baseline epochs (min is reported)")
+    p.add_argument("--runs", default="1,8,24,48", help="comma-separated R values")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--workers4", action="store_true", help="also time the baseline with 4 DataLoader workers")
+    p.add_argument("--profile", type=int, default=0, metavar="R", help="profile one trainer epoch at R runs")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of each matmul timing")
+    return p
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, repeats, device) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_gflops(n, d, k, repeats, device) -> dict:
+    """Best GFLOP/s of an (n x d) @ (d x k) matmul and of a square one."""
+    out = {}
+    a, b = torch.randn(n, d, device=device), torch.randn(d, k, device=device)
+    out[f"({n}x{d})@({d}x{k})"] = 2 * n * d * k / best_time(lambda: a @ b, repeats, device) / 1e9
+    s = 2048
+    x, y = torch.randn(s, s, device=device), torch.randn(s, s, device=device)
+    out[f"({s}x{s})@({s}x{s})"] = 2 * s ** 3 / best_time(lambda: x @ y, repeats, device) / 1e9
+    return out
+
+
+def baseline_epoch(train_x, train_y, test_x, test_y, k, workers, epochs, device) -> float:
+    """Min seconds of one epoch (train + test eval) of the original-style per-sample loop."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(train_x.shape[1], k, bias=False).to(device)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=BATCH, shuffle=True, num_workers=workers)
+    test_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=TEST_BATCH, shuffle=False, num_workers=workers)
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in test_loader:
+                x, y = x.to(device), y.to(device)
+                correct += (model(x).argmax(1) == y).sum().item()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def make_data(features, labels, test_x, test_y, k, runs, device) -> TrainData:
+    n = features.shape[0]
+    rows = torch.arange(n, device=device).expand(runs, n).contiguous()
+    lab = labels.to(device).expand(runs, n).contiguous()
+    return TrainData(features.to(device), rows, lab, lab, test_x.to(device), test_y.to(device), num_classes=k)
+
+
+def trainer_epoch(data: TrainData, runs, epochs, device) -> float:
+    """Min seconds of one epoch (train + test eval) of train_heads with `runs` runs at once."""
+    k, d = data.num_classes, data.features.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    init = (torch.randn(runs, k, d, generator=gen) * 0.01).to(device)
+    vec = lambda v: torch.full((runs,), v, dtype=torch.float32, device=device)  # noqa: E731
+    hyper = Hyper(vec(0.05), vec(5e-4), vec(0.9), vec(0.98))
+    targets = Targets("hard", data.noisy_labels, smoothing=vec(0.0))
+    stamps = []
+
+    def on_epoch(state):
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    sync(device)
+    stamps.append(time.perf_counter())
+    train_heads(data, targets, init, hyper, epochs, BATCH, list(range(runs)), on_epoch=on_epoch)
+    return min(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def profile_epoch(data, runs, device):
+    from torch.profiler import ProfilerActivity, profile
+
+    k, d = data.num_classes, data.features.shape[1]
+    vec = lambda v: torch.full((runs,), v, dtype=torch.float32, device=device)  # noqa: E731
+    init = torch.zeros(runs, k, d, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_heads(data, Targets("hard", data.noisy_labels, smoothing=vec(0.0)), init,
+                    Hyper(vec(0.05), vec(5e-4), vec(0.9), vec(0.98)), 1, BATCH, list(range(runs)))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    n, d, k, nt = args.n, args.dim, args.classes, args.n_test
+    run_counts = [int(r) for r in args.runs.split(",") if r.strip()]
+    default_threads = torch.get_num_threads()
+    thread_options = sorted({1, default_threads}) if device.type == "cpu" else [default_threads]
+    gen = torch.Generator().manual_seed(0)
+    train_x, train_y = torch.randn(n, d, generator=gen), torch.randint(0, k, (n,), generator=gen)
+    test_x, test_y = torch.randn(nt, d, generator=gen), torch.randint(0, k, (nt,), generator=gen)
+    gflop_per_run_epoch = (2 * n * d * k * 2 + 2 * nt * d * k) / 1e9
+    print(f"torch {torch.__version__} on {device}; default threads {default_threads}; "
+          f"N={n} d={d} K={k} N_test={nt}; {gflop_per_run_epoch:.2f} GFLOP per run-epoch "
+          "(2NdK forward + 2NdK weight gradient + 2 N_test dK test eval)")
+
+    print("\n(a) plain float32 matmul")
+    peak = {}
+    for threads in thread_options:
+        torch.set_num_threads(threads)
+        rates = matmul_gflops(n, d, k, args.repeats, device)
+        peak[threads] = max(rates.values())
+        print(f"  threads={threads}: " + ", ".join(f"{name} {g:.1f} GFLOP/s" for name, g in rates.items())
+              + f"  -> best {peak[threads]:.1f}")
+    torch.set_num_threads(default_threads)
+
+    print("\n(b) baseline: per-sample DataLoader loop, one epoch incl. test eval")
+    base = baseline_epoch(train_x, train_y, test_x, test_y, k, 0, args.baseline_epochs, device)
+    print(f"  num_workers=0: {base:.3f} s/epoch ({n / base:,.0f} samples/s); 200 epochs = {200 * base:.0f} s")
+    if args.workers4:
+        base4 = baseline_epoch(train_x, train_y, test_x, test_y, k, 4, args.baseline_epochs, device)
+        print(f"  num_workers=4: {base4:.3f} s/epoch; 200 epochs = {200 * base4:.0f} s")
+
+    print(f"\n(c) utils.train.train_heads, R runs at once (min over {args.epochs} epochs)")
+    print(f"  {'R':>3} {'thr':>3} {'s/epoch':>8} {'samples/s':>11} {'GFLOP/s':>8} {'of matmul':>9} "
+          f"{'s/run-epoch':>11} {'speed-up':>8}")
+    for runs in run_counts:
+        data = make_data(train_x, train_y, test_x, test_y, k, runs, device)
+        for threads in (thread_options if runs == 1 else [default_threads]):
+            torch.set_num_threads(threads)
+            sec = trainer_epoch(data, runs, args.epochs, device)
+            rate = runs * gflop_per_run_epoch / sec
+            print(f"  {runs:>3} {threads:>3} {sec:>8.3f} {runs * n / sec:>11,.0f} {rate:>8.1f} "
+                  f"{rate / peak[threads]:>8.0%} {sec / runs:>11.4f} {base / (sec / runs):>7.1f}x")
+        torch.set_num_threads(default_threads)
+        del data
+    print("\n  targets: >= 50% of plain-matmul GFLOP/s at R >= 8; speed-up >= 30x per run-epoch")
+    if args.profile:
+        print(f"\nprofile of one epoch at R = {args.profile}")
+        profile_epoch(make_data(train_x, train_y, test_x, test_y, k, args.profile, device), args.profile, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The batched trainer against plain torch references: nn.Linear + torch.optim.SGD, runs done alone."""
+import copy
+
+import pytest
+import torch
+
+from utils.losses import distillation_targets, pll_candidates
+from utils.train import (Hyper, NonFiniteLoss, Targets, TrainData, evaluate, shuffled_positions, topk_hits,
+                         train_heads)
+
+N, D, K, N_TRAIN, N_TEST = 120, 6, 4, 90, 50
+
+
+def _features(seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(K, D, generator=g) * 2
+    y = torch.arange(N) % K
+    x = (centres[y] + torch.randn(N, D, generator=g)) * scale
+    ty = torch.arange(N_TEST) % K
+    tx = (centres[ty] + torch.randn(N_TEST, D, generator=g)) * scale
+    return x, y, tx, ty
+
+
+def make_data(num_runs, seed=0, scale=1.0, val=False):
+    """Each run trains on its own subset of rows with its own noisy labels."""
+    x, y, tx, ty = _features(seed, scale)
+    g = torch.Generator().manual_seed(seed + 100)
+    rows = torch.stack([torch.randperm(N, generator=g)[:N_TRAIN] for _ in range(num_runs)])
+    true = y[rows]
+    flip = torch.rand(rows.shape, generator=g) < 0.3
+    noisy = torch.where(flip, torch.randint(0, K, rows.shape, generator=g), true)
+    val_rows = val_labels = None
+    if val:
+        val_rows = torch.stack([torch.tensor([r for r in range(N) if r not in set(rr.tolist())])
+                                for rr in rows])
+        val_labels = y[val_rows]
+    return TrainData(x, rows, noisy, true, tx, ty, val_rows, val_labels, K)
+
+
+def select(data: TrainData, r: int) -> TrainData:
+    pick = lambda t: None if t is None else t[r:r + 1].clone()  # noqa: E731
+    return TrainData(data.features, pick(data.train_rows), pick(data.noisy_labels), pick(data.true_labels),
+                     data.test_features, data.test_labels, pick(data.val_rows), pick(data.val_labels),
+                     data.num_classes)
+
+
+def select_targets(t: Targets, r: int) -> Targets:
+    pick = lambda v: None if v is None else v[r:r + 1].clone()  # noqa: E731
+    return Targets(t.kind, pick(t.values), pick(t.smoothing), pick(t.temperature))
+
+
+def hyper(lr, wd, mom, gamma):
+    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    return Hyper(f(lr), f(wd), f(mom), f(gamma))
+
+
+def init_weights(num_runs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(num_runs, K, D, generator=g) * 2 - 1) / D ** 0.5
+
+
+def make_targets(kind, data, num_runs):
+    if kind == "hard":
+        return Targets("hard", data.noisy_labels, smoothing=torch.tensor([0.0, 0.2, 0.05][:num_runs]))
+    teacher = torch.randn(num_runs, K, D, generator=torch.Generator().manual_seed(9))
+    logits = torch.bmm(data.features[data.train_rows], teacher.transpose(1, 2))
+    if kind == "soft":
+        temp = torch.tensor([1.0, 2.0, 0.5][:num_runs])
+        return Targets("soft", distillation_targets(logits, temp), temperature=temp)
+    return Targets("partial", pll_candidates(logits))
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft", "partial"])
+def test_batched_runs_equal_runs_done_alone(kind):
+    data = make_data(3, val=True)
+    targets = make_targets(kind, data, 3)
+    hp = ([0.1, 0.03, 0.2], [1e-3, 0.0, 5e-2], [0.9, 0.5, 0.0], [0.98, 0.9, 1.0])
+    seeds = [11, 22, 33]
+    init = init_weights(3)
+    together = train_heads(data, targets, init, hyper(*hp), 4, 16, seeds)
+    for r in range(3):
+        alone = train_heads(select(data, r), select_targets(targets, r), init[r:r + 1],
+                            hyper(*[[v[r]] for v in hp]), 4, 16, [seeds[r]])
+        torch.testing.assert_close(together.weight[r], alone.weight[0], atol=1e-6, rtol=1e-5)
+        for name in ("test_acc", "test_top2", "train_acc", "train_acc_true", "val_acc"):
+            assert [h[name] for h in together.history[r]] == [h[name] for h in alone.history[0]], name
+        for name in ("train_loss", "test_loss"):
+            got = [h[name] for h in together.history[r]]
+            assert got == pytest.approx([h[name] for h in alone.history[0]], rel=1e-5, abs=1e-6)
+        assert int(together.best_test.epoch[r]) == int(alone.best_test.epoch[0])
+        assert int(together.best_val.epoch[r]) == int(alone.best_val.epoch[0])
+
+
+def _reference_sgd(data, init, lr, wd, mom, gamma, epochs, batch, seed):
+    """nn.Linear(bias=False) + torch.optim.SGD + CrossEntropyLoss on the same batches, with the
+    per-batch metrics a person would compute by hand."""
+    lin = torch.nn.Linear(D, K, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(init)
+    opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=mom, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    history = []
+    rows, noisy, true = data.train_rows[0], data.noisy_labels[0], data.true_labels[0]
+    for epoch in range(epochs):
+        perm = shuffled_positions(N_TRAIN, [seed], epoch)[0]
+        loss_sum, hits = 0.0, torch.zeros(4)
+        for start in range(0, N_TRAIN, batch):
+            pos = perm[start:start + batch]
+            out = lin(data.features[rows[pos]])
+            loss = loss_fn(out, noisy[pos])
+            top2 = out.detach().topk(2, -1).indices
+            for i, lab in enumerate((noisy[pos], true[pos])):
+                hit = top2 == lab[:, None]
+                hits[2 * i] += hit[:, 0].sum()
+                hits[2 * i + 1] += hit.any(-1).sum()
+            loss_sum += loss.item() * len(pos)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        with torch.no_grad():
+            test_pred = lin(data.test_features).topk(2, -1).indices
+        history.append({"train_loss": loss_sum / N_TRAIN, "train_acc": float(hits[0]) * 100 / N_TRAIN,
+                        "train_top2": float(hits[1]) * 100 / N_TRAIN, "train_acc_true": float(hits[2]) * 100 / N_TRAIN,
+                        "train_top2_true": float(hits[3]) * 100 / N_TRAIN,
+                        "test_acc": float((test_pred[:, 0] == data.test_labels).double().mean() * 100),
+                        "test_top2": float((test_pred == data.test_labels[:, None]).any(-1).double().mean() * 100)})
+    return lin.weight.detach(), history
+
+
+def test_one_sgd_step_equals_torch_sgd():
+    data = make_data(1)
+    init = init_weights(1)
+    state = train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init,
+                        hyper([0.3], [0.01], [0.9], [0.98]), 1, N_TRAIN, [5])
+    ref_w, ref_hist = _reference_sgd(data, init[0], 0.3, 0.01, 0.9, 0.98, 1, N_TRAIN, 5)
+    torch.testing.assert_close(state.weight[0], ref_w, atol=1e-6, rtol=0)
+    assert state.history[0][0]["train_loss"] == pytest.approx(ref_hist[0]["train_loss"], abs=1e-6)
+    assert state.history[0][0]["lr"] == pytest.approx(0.3)
+
+
+def test_several_epochs_of_minibatch_sgd_equal_torch_sgd_and_metrics():
+    """Momentum carried across batches and epochs, weight decay, lr * gamma^epoch, a last partial
+    batch, and every per-epoch train metric (top-1 and top-2 against noisy and true labels)."""
+    data = make_data(1, seed=3)
+    init = init_weights(1, seed=3)
+    epochs, batch = 3, 25  # 90 rows: batches of 25, 25, 25, 15
+    state = train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init,
+                        hyper([0.2], [5e-3], [0.9], [0.8]), epochs, batch, [17])
+    ref_w, ref_hist = _reference_sgd(data, init[0], 0.2, 5e-3, 0.9, 0.8, epochs, batch, 17)
+    torch.testing.assert_close(state.weight[0], ref_w, atol=1e-5, rtol=0)
+    for got, ref in zip(state.history[0], ref_hist):
+        assert got["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
+        for name in ("train_acc", "train_acc_true", "train_top2", "train_top2_true", "test_acc", "test_top2"):
+            assert got[name] == pytest.approx(ref[name], abs=1e-9), (got["epoch"], name, got[name], ref[name])
+    assert [h["lr"] for h in state.history[0]] == pytest.approx([0.2, 0.2 * 0.8, 0.2 * 0.64])
+    assert [h["epoch"] for h in state.history[0]] == [1, 2, 3]
+
+
+def test_same_seeds_give_bit_identical_runs():
+    def once():
+        data = make_data(2, seed=1)
+        return train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(2)), init_weights(2),
+                           hyper([0.1, 0.05], [1e-3, 1e-3], [0.9, 0.9], [0.98, 0.98]), 3, 16, [4, 5])
+    a, b = once(), once()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.momentum, b.momentum)
+    assert a.history == b.history
+
+
+def test_shuffling_depends_on_the_run_seed_only():
+    a = shuffled_positions(50, [1, 2, 1], 0)
+    assert torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
+    assert torch.equal(a[1], shuffled_positions(50, [2], 0)[0])
+    assert not torch.equal(a[0], shuffled_positions(50, [1], 1)[0])  # a new order every epoch
+    assert torch.equal(a[0].sort().values, torch.arange(50))
+
+
+def test_best_snapshot_is_the_first_maximum_of_test_accuracy():
+    data = make_data(1, seed=2)
+    seen = []
+    state = train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init_weights(1),
+                        hyper([0.5], [0.0], [0.9], [1.0]), 6, 8, [3],
+                        on_epoch=lambda s: seen.append(s.weight.clone()))
+    accs = [h["test_acc"] for h in state.history[0]]
+    best = accs.index(max(accs)) + 1
+    assert int(state.best_test.epoch[0]) == best
+    assert float(state.best_test.acc[0]) == pytest.approx(max(accs))
+    assert torch.equal(state.best_test.weight[0], seen[best - 1][0])
+    m = evaluate(data, state.best_test.weight)
+    assert float(m["test_acc"][0]) == pytest.approx(max(accs))
+
+
+def test_nan_loss_raises_with_epoch_and_run():
+    data = make_data(3, scale=1e4)
+    with pytest.raises(NonFiniteLoss) as err:
+        train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(3)), init_weights(3),
+                    hyper([0.01, 1e30, 0.01], [0.0, 0.1, 0.0], [0.9, 0.9, 0.9], [1.0, 1.0, 1.0]), 3, 16, [1, 2, 3])
+    assert err.value.epoch == 1 and err.value.run == 1
+
+
+def test_resume_equals_training_straight_through():
+    data = make_data(2, seed=5, val=True)
+    targets = Targets("hard", data.noisy_labels, smoothing=torch.zeros(2))
+    hp = hyper([0.1, 0.3], [1e-3, 1e-2], [0.9, 0.8], [0.9, 0.95])
+    straight = train_heads(data, targets, init_weights(2), hp, 4, 16, [7, 8])
+    half = train_heads(data, targets, init_weights(2), hp, 2, 16, [7, 8])
+    assert half.epoch == 2
+    resumed = train_heads(data, targets, None, hp, 4, 16, [7, 8], resume=copy.deepcopy(half))
+    assert torch.equal(resumed.weight, straight.weight)
+    assert torch.equal(resumed.momentum, straight.momentum)
+    assert resumed.history == straight.history
+    assert torch.equal(resumed.best_test.epoch, straight.best_test.epoch)
+    assert torch.equal(resumed.best_val.weight, straight.best_val.weight)
+
+
+def test_topk_hits_counts():
+    logits = torch.tensor([[[3.0, 2.0, 1.0], [0.0, 1.0, 2.0], [5.0, 0.0, 4.0]]])
+    top1, top2 = topk_hits(logits, torch.tensor([[1, 2, 1]]))
+    assert top1.tolist() == [1] and top2.tolist() == [2]
