@@ -7,6 +7,7 @@ A whole chain:  python train_linear.py -d digits --rounds 4          (teacher, r
 A grid:         python train_linear.py --config recipes/fig2.yaml    (batched, resumable, reports)
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -84,10 +85,10 @@ def check_settings(cfg: RunConfig) -> None:
     if not 0.0 <= cfg.eta <= 1.0:
         raise UserError(f"--corruption {cfg.eta} is outside [0, 1]")
     for name, flag in (("lr", "--lr"), ("epochs", "--epochs"), ("train_batch", "--train-batch")):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"{flag} must be positive, got {getattr(cfg, name)}")
-    if cfg.wd < 0:
-        raise UserError(f"--wd must be >= 0, got {cfg.wd}")
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise UserError(f"{flag} must be positive and finite, got {getattr(cfg, name)}")
+    if not 0 <= cfg.wd < math.inf:  # also catches NaN, which would surface as a NaN loss
+        raise UserError(f"--wd must be >= 0 and finite, got {cfg.wd}")
     if not 0.0 <= cfg.momentum < 1.0:
         raise UserError(f"--momentum must lie in [0, 1), got {cfg.momentum}")
     if not 0.0 < cfg.gamma <= 1.0:

@@ -33,6 +33,11 @@ def digits_features() -> FeatureSet:
     return FeatureSet("digits", "pixels", x[train], y[train], x[test], y[test], 10)
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception's message squeezed onto one line (the error must stay one stderr line)."""
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:120]
+
+
 def _subset(dataset, indices):
     from torch.utils.data import Subset
     return Subset(dataset, [int(i) for i in indices])
@@ -44,12 +49,27 @@ def _image_folder_splits(root: Path, transform):
     if not root.is_dir():
         raise UserError(f"image folder {root} not found; pass --data-root DIR with class folders, or "
                         "DIR/train and DIR/test each with class folders")
+
+    def folder(path):
+        try:
+            found = ImageFolder(path, transform)
+        except (FileNotFoundError, OSError) as exc:  # no class folders, or a class folder without images
+            raise UserError(f"image folder {path}: {_one_line(exc)}; put each class's images (.png, .jpg, ...) "
+                            "in its own sub-folder") from None
+        if len(found.classes) < 2:
+            raise UserError(f"image folder {path} has {len(found.classes)} class folder(s); a classifier needs "
+                            "at least 2 (one sub-folder of images per class)")
+        return found
+
     if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = ImageFolder(root / "train", transform), ImageFolder(root / "test", transform)
+        train, test = folder(root / "train"), folder(root / "test")
         if train.classes != test.classes:
             raise UserError(f"{root}/train and {root}/test have different class folders; make them match")
         return train, test, len(train.classes)
-    full = ImageFolder(root, transform)
+    full = folder(root)
+    if len(full) < 5:
+        raise UserError(f"image folder {root} has {len(full)} images, too few for its 80/20 train/test split; "
+                        "add images, or give DIR/train and DIR/test")
     tr, te = fixed_train_test_split(len(full))
     return _subset(full, tr), _subset(full, te), len(full.classes)
 
@@ -91,7 +111,7 @@ def image_splits(name: str, root, transform, download: bool = True):
     except UserError:
         raise
     except Exception as exc:  # no network, corrupt archive, moved URL...
-        raise UserError(f"could not load {name} under {root} ({type(exc).__name__}: {str(exc)[:120]}); with no "
+        raise UserError(f"could not load {name} under {root} ({type(exc).__name__}: {_one_line(exc)}); with no "
                         f"internet, place the torchvision-format files of {name} under {root} (or pass "
                         "--data-root) and rerun") from None
     tr, te = fixed_train_test_split(len(keep))

@@ -47,19 +47,51 @@ class FeatureSet:
                 "num_classes": self.num_classes, "backbone": self.backbone, "name": self.name}
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception's message squeezed onto one line (the error must stay one stderr line)."""
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:120]
+
+
+def _numeric_tensor(value, key: str, source: str) -> torch.Tensor:
+    """A stored array as a CPU tensor without autograd; bfloat16 and grad-carrying tensors are fine."""
+    try:
+        t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"features file {source}: {key} is not a numeric array ({_one_line(exc)}); store "
+                        "float features and integer labels") from None
+    if t.is_complex():
+        raise UserError(f"features file {source}: {key} is complex; store real-valued features and integer labels")
+    return t
+
+
+def _num_classes(value, source: str) -> int:
+    try:
+        v = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        k = v.item() if v.size == 1 else None
+        ok = k is not None and not isinstance(k, (str, bytes)) and float(k) == int(k)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise UserError(f"features file {source}: num_classes must be one integer, got {str(value)[:40]!r}")
+    return int(k)
+
+
 def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str) -> FeatureSet:
     """Check shapes and label ranges of a features dict and build a FeatureSet (one-line errors)."""
     missing = [k for k in REQUIRED_KEYS if k not in arrays]
     if missing:
         raise UserError(f"features file {source} lacks {missing}; it must hold {list(REQUIRED_KEYS)} "
                         "(see README, 'Features-file format')")
-    tx, ty, vx, vy = (torch.as_tensor(np.asarray(arrays[k])) for k in REQUIRED_KEYS)
+    tx, ty, vx, vy = (_numeric_tensor(arrays[k], k, source) for k in REQUIRED_KEYS)
     if tx.ndim != 2 or vx.ndim != 2:
         raise UserError(f"features file {source}: features must be 2-D (N, d), got train {tuple(tx.shape)}, "
                         f"test {tuple(vx.shape)}")
     if tx.shape[1] != vx.shape[1]:
         raise UserError(f"features file {source}: train features have d={tx.shape[1]} but test features "
                         f"d={vx.shape[1]}; both splits must come from the same backbone")
+    if tx.shape[0] == 0 or vx.shape[0] == 0 or tx.shape[1] == 0:
+        raise UserError(f"features file {source} is empty (train {tuple(tx.shape)}, test {tuple(vx.shape)}); "
+                        "both splits need at least one row and one feature")
     if ty.shape != (tx.shape[0],) or vy.shape != (vx.shape[0],):
         raise UserError(f"features file {source}: labels must be 1-D with one entry per row, got train "
                         f"{tuple(ty.shape)} for {tx.shape[0]} rows, test {tuple(vy.shape)} for {vx.shape[0]} rows")
@@ -67,15 +99,16 @@ def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str)
         if not (torch.equal(ty, ty.round()) and torch.equal(vy, vy.round())):
             raise UserError(f"features file {source}: labels must be integer class ids")
     ty, vy = ty.long(), vy.long()
-    k = int(arrays["num_classes"]) if "num_classes" in arrays else int(max(ty.max(), vy.max())) + 1
+    k = _num_classes(arrays["num_classes"], source) if "num_classes" in arrays else int(max(ty.max(), vy.max())) + 1
     if ty.min() < 0 or vy.min() < 0 or ty.max() >= k or vy.max() >= k:
         raise UserError(f"features file {source}: labels must lie in [0, {k}); found "
                         f"[{int(min(ty.min(), vy.min()))}, {int(max(ty.max(), vy.max()))}]")
     if k < 2:
         raise UserError(f"features file {source}: need at least 2 classes, found {k}")
+    tx, vx = tx.float(), vx.float()
     if not (torch.isfinite(tx).all() and torch.isfinite(vx).all()):
         raise UserError(f"features file {source} contains NaN or inf features; recompute them")
-    return FeatureSet(name, backbone, tx.float().contiguous(), ty, vx.float().contiguous(), vy, k)
+    return FeatureSet(name, backbone, tx.contiguous(), ty, vx.contiguous(), vy, k)
 
 
 def load_features_file(path, name=None) -> FeatureSet:
@@ -88,7 +121,7 @@ def load_features_file(path, name=None) -> FeatureSet:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as exc:
-            raise UserError(f"features file {path} is unreadable ({str(exc)[:100]}). {fix}") from None
+            raise UserError(f"features file {path} is unreadable ({_one_line(exc)}). {fix}") from None
     else:
         arrays = load_torch_file(path, "features file", fix)
         if not isinstance(arrays, dict):

@@ -1,6 +1,5 @@
 """Index splits: the original's 80/20 split for datasets without one, and the validation split."""
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 # The original splits Caltech-101/256 80/20 with this seed (scikit-learn's train_test_split).
 FIXED_SPLIT_SEED = 42
@@ -8,6 +7,7 @@ FIXED_SPLIT_SEED = 42
 
 def fixed_train_test_split(num_samples: int, test_size: float = 0.2, seed: int = FIXED_SPLIT_SEED):
     """(train indices, test indices), as `train_test_split(..., test_size=0.2, random_state=42)`."""
+    from sklearn.model_selection import train_test_split  # imported here: it adds ~2 s to every start
     train, test = train_test_split(np.arange(num_samples), test_size=test_size, random_state=seed)
     return np.sort(train), np.sort(test)
 
@@ -17,6 +17,8 @@ def stratified_val_split(labels: np.ndarray, fraction: float, seed: int):
 
     Made from the TRUE labels before corruption, so it depends only on (dataset, seed, fraction)
     and is identical across rounds, corruption rates and selection modes."""
+    from sklearn.model_selection import train_test_split
+
     labels = np.asarray(labels)
     train, val = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed,
                                   stratify=labels)

@@ -6,6 +6,7 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_BACKBONE_SEED = 0   # initialisation of `--pretrained False` backbones
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,18 @@ def build_backbone(arch: str, pretrained: bool = True) -> nn.Module:
     spec = BACKBONES[arch]
     weights = getattr(tvm, spec.weights_enum).DEFAULT if pretrained else None
     try:
-        model = getattr(tvm, spec.builder)(weights=weights)
-    except Exception as exc:  # offline: urllib error while fetching the weights
+        # A random backbone is drawn from a fixed seed, without touching the global RNG: the same
+        # command gives the same features (and records) on every run, as a pretrained one does.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_BACKBONE_SEED)
+            model = getattr(tvm, spec.builder)(weights=weights)
+    except Exception as exc:  # offline: urllib error while fetching the weights; or a partial file
+        if weights is None:
+            raise
         name = weights.url.rsplit("/", 1)[-1]
         raise UserError(f"could not get ImageNet weights for {arch} ({type(exc).__name__}); with no internet, "
-                        f"copy {name} into {torch.hub.get_dir()}/checkpoints/ and rerun") from None
+                        f"copy {name} into {torch.hub.get_dir()}/checkpoints/ (replacing any partial file of "
+                        "that name) and rerun") from None
     if arch.startswith("resnet"):
         model.fc = nn.Identity()
     else:

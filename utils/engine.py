@@ -141,17 +141,20 @@ class ChainRunner:
         for source, cfg in jobs:
             groups[(source, cfg.epochs, cfg.train_batch, cfg.val_split)].append(cfg)
         records = []
-        bar = tqdm(total=len(jobs) * len(steps), desc="runs", unit="run", disable=not self.opts.show_progress,
-                   dynamic_ncols=True)
+        bar = None
         try:
             for (source, *_), configs in groups.items():
-                records += self._run_group(source, configs, steps, bar)
+                features = load_source(source, self.opts, self.log)
+                if bar is None:  # after the first load, so a bad features file prints only its error
+                    bar = tqdm(total=len(jobs) * len(steps), desc="runs", unit="run",
+                               disable=not self.opts.show_progress, dynamic_ncols=True)
+                records += self._run_group(features, configs, steps, bar)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         return records
 
-    def _run_group(self, source, configs, steps, bar):
-        features = load_source(source, self.opts, self.log)
+    def _run_group(self, features, configs, steps, bar):
         fid = features.fingerprint()
         configs = [replace(c, backbone=features.backbone, dataset=features.name) for c in configs]
         for cfg in configs:
@@ -218,9 +221,11 @@ class ChainRunner:
         kind = CHECKPOINT_OF_SELECTION[cfg.selection]
         path = run_dir(self.opts.checkpoint_root, cfg, t_step, fid) / f"{kind}.pt"
         what = "the teacher (round 0)" if t_step == "0" else f"round {t_step}"
-        fix = f"Train {what} of this configuration and seed first: {self.opts.command_hint(t_step)}"
         if not path.is_file():
+            fix = f"Train {what} of this configuration and seed first: {self.opts.command_hint(t_step)}"
             raise UserError(f"no {kind} checkpoint of {what} at {path}. {fix}")
+        # its record exists, so only --overwrite makes the same command train it again
+        fix = f"Retrain {what}: {self.opts.command_hint(t_step)} --overwrite"
         return load_checkpoint(path, run_key(cfg, t_step, fid), fix)["model"]["weight"], run_key(cfg, t_step, fid)
 
     def _train_chunk(self, features, fid, feats_dev, test_dev, chunk, step, setup_of, bar):

@@ -11,94 +11,165 @@ Format (see recipe.MD and recipes/*.yaml):
     per_dataset:                # optional overrides for one dataset (lists sweep too)
       cifar100: {lr: 0.05, wd: 5.0e-5}
     report: {kind: distillation, metric: test, gain_etas: [0.5, 0.9]}
+
+Values are read as the command line reads them (`corruption: 0` is the float of `--corruption 0`,
+`wd: 5e-5` the float of `--wd 5e-5`), so a grid run and the same run started by hand share one
+record. Options that choose runs may not also be given beside --config. `--shard I/N` trains chains
+I, I+N, ...; every shard then reports the whole grid from the store (what is finished so far).
 """
 import itertools
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from utils.cli import UserError
-from utils.runs import RunConfig, step_fields, step_settings
+from utils.report import METRIC_DESCRIPTION
+from utils.runs import step_fields, step_settings
 
-# grid key -> RunConfig field (or FeatureSource field, marked by a leading '@')
+# grid key -> the train_linear.py option it sets (its argparse dest); a key is the option's long
+# name without the dashes, with '-' or '_' alike: `weight-decay`, `weight_decay` and `wd` are one.
 GRID_KEYS = {
-    "dataset": "@dataset", "arch": "@arch", "depth": "@depth", "pretrained": "@pretrained",
-    "features": "@features_path", "ctype": "ctype", "corruption": "eta", "manualSeed": "seed",
-    "lr": "lr", "wd": "wd", "weight_decay": "wd", "momentum": "momentum", "gamma": "gamma", "epochs": "epochs",
+    "dataset": "dataset", "arch": "arch", "depth": "depth", "pretrained": "pretrained", "features": "features",
+    "ctype": "ctype", "corruption": "corruption", "manualSeed": "manualSeed", "lr": "lr", "learning_rate": "lr",
+    "wd": "wd", "weight_decay": "wd", "momentum": "momentum", "gamma": "gamma", "epochs": "epochs",
     "train_batch": "train_batch", "label_smoothing": "label_smoothing", "temperature": "temperature",
     "selection": "selection", "val_split": "val_split", "val_clean": "val_clean",
 }
+# Options that choose runs or steps: with --config the recipe says them, so the command line must not.
+RUN_OPTIONS = sorted(set(GRID_KEYS.values()) | {"dist", "last", "rounds", "partial"})
 TOP_KEYS = {"name", "title", "rounds", "partial", "grid", "per_dataset", "report"}
 REPORT_KEYS = {"kind", "metric", "gain_etas", "title"}
 REPORT_KINDS = ("distillation", "ls_temperature")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # reports go to <results>/reports/<name>/
 
 
 def _fail(path, message):
     raise UserError(f"recipe {path}: {message}")
 
 
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _parser():
+    import train_linear
+    return train_linear.build_parser()
+
+
+def _flag_value(parser, key: str, value):
+    """`value` exactly as train_linear.py parses `--key=value`: YAML's integer 0 and its text '5e-3'
+    (no dot) become the floats the command line gives, so a grid run and the same run started by
+    hand have one key."""
+    if isinstance(value, (list, dict)) or value is None:
+        raise UserError(f"{value!r} is not a single value")
+    try:
+        return getattr(parser.parse_args([f"{_option(key)}={value}"]), GRID_KEYS[key])
+    except UserError as exc:
+        text = str(exc).removeprefix(f"{parser.prog}: ").removesuffix(" (see --help)")
+        raise UserError(f"{value!r} is not a valid value ({text})") from None
+
+
+def _section(path, parser, name: str, body) -> dict:
+    """A grid-like mapping -> {option dest: [values of that option's type]}."""
+    if not isinstance(body, dict):
+        _fail(path, f"'{name}' must be a mapping of train_linear.py options to a value or a list of values")
+    out = {}
+    for key, value in body.items():
+        canon = str(key).replace("-", "_")
+        if canon not in GRID_KEYS:
+            _fail(path, f"unknown key {key!r} in '{name}'; allowed: {', '.join(sorted(GRID_KEYS))}")
+        dest = GRID_KEYS[canon]
+        if dest in out:
+            _fail(path, f"'{name}' sets {_option(dest)} twice (as {key!r} and another name); keep one")
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            _fail(path, f"'{name}.{key}' is an empty list; give at least one value")
+        try:
+            out[dest] = [_flag_value(parser, canon, v) for v in values]
+        except UserError as exc:
+            _fail(path, f"'{name}.{key}': {exc}")
+        if len(set(out[dest])) < len(out[dest]):
+            _fail(path, f"'{name}.{key}' lists a value twice: {values}")
+    return out
+
+
 def load_grid(path) -> dict:
+    """Read and check a recipe; grid values come back as lists of the CLI's types (keys = option dests)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}; see recipes/ for examples")
     try:
-        grid = yaml.safe_load(path.read_text())
+        grid = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        _fail(path, f"is not valid YAML{where} ({getattr(exc, 'problem', exc)}); fix the syntax")
+        _fail(path, f"is not valid YAML{where} ({_one_line(getattr(exc, 'problem', None) or exc)}); fix the syntax")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(path, f"cannot be read as UTF-8 text ({_one_line(exc)})")
     if not isinstance(grid, dict):
         _fail(path, "must be a mapping with at least a 'grid:' section")
     unknown = set(grid) - TOP_KEYS
     if unknown:
-        _fail(path, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
-    if not isinstance(grid.get("grid"), dict):
-        _fail(path, "needs a 'grid:' mapping of train_linear flags")
-    for section, body in [("grid", grid["grid"])] + [(f"per_dataset.{k}", v) for k, v in (grid.get("per_dataset") or {}).items()]:
-        if not isinstance(body, dict):
-            _fail(path, f"'{section}' must be a mapping")
-        bad = {k for k in body if str(k).replace("-", "_") not in GRID_KEYS}
-        if bad:
-            _fail(path, f"unknown key(s) {sorted(bad)} in '{section}'; allowed: {sorted(GRID_KEYS)}")
+        _fail(path, f"unknown key(s) {sorted(map(str, unknown))}; allowed: {sorted(TOP_KEYS)}")
+    if "grid" not in grid:
+        _fail(path, "needs a 'grid:' mapping of train_linear.py options")
+    parser = _parser()
+    grid["grid"] = _section(path, parser, "grid", grid["grid"])
+    if "dataset" not in grid["grid"] and "features" not in grid["grid"]:
+        _fail(path, "'grid' needs a 'dataset:' (or 'features:' with a features file)")
+    per_dataset = grid.get("per_dataset") or {}
+    if not isinstance(per_dataset, dict):
+        _fail(path, "'per_dataset' must map dataset names to mappings of options")
+    datasets = grid["grid"].get("dataset", [])
+    for name, body in per_dataset.items():
+        if name not in datasets:
+            _fail(path, f"'per_dataset' names {name!r}, which is not in grid.dataset {datasets}")
+        per_dataset[name] = _section(path, parser, f"per_dataset.{name}", body)
+        if "dataset" in per_dataset[name]:
+            _fail(path, f"'per_dataset.{name}' cannot set the dataset")
+    grid["per_dataset"] = per_dataset
     report = grid.get("report") or {}
     if not isinstance(report, dict) or set(report) - REPORT_KEYS:
         _fail(path, f"'report' must be a mapping with keys from {sorted(REPORT_KEYS)}")
     if report.get("kind", "distillation") not in REPORT_KINDS:
         _fail(path, f"report kind must be one of {REPORT_KINDS}")
-    if report.get("metric", "test") not in ("test", "val", "last"):
-        _fail(path, "report metric must be test, val or last")
+    if report.get("metric", "test") not in METRIC_DESCRIPTION:
+        _fail(path, f"report metric must be one of {', '.join(METRIC_DESCRIPTION)}")
+    etas = report.get("gain_etas", [])
+    etas = etas if isinstance(etas, list) else [etas]
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in etas):
+        _fail(path, f"report gain_etas must be a list of numbers, got {report['gain_etas']!r}")
     rounds = grid.get("rounds", 4)
-    if not isinstance(rounds, int) or rounds < 0:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         _fail(path, f"'rounds' must be an integer >= 0, got {rounds!r}")
+    if not isinstance(grid.get("partial", True), bool):
+        _fail(path, f"'partial' must be true or false, got {grid['partial']!r}")
+    if not isinstance(grid.get("title", ""), str) or not isinstance(report.get("title", ""), str):
+        _fail(path, "'title' must be text (quote it)")
     grid.setdefault("name", path.stem)
+    if not isinstance(grid["name"], str) or not NAME_PATTERN.fullmatch(grid["name"]):
+        _fail(path, f"'name' {grid['name']!r} must be a plain file name (letters, digits, '_', '-', '.')")
     return grid
 
 
-def _axes(body: dict) -> list:
-    """[(canonical key, [values])] with scalars as one-value lists."""
-    out = []
-    for key, value in body.items():
-        values = value if isinstance(value, list) else [value]
-        if not values:
-            raise UserError(f"recipe key {key!r} has an empty list")
-        out.append((str(key).replace("-", "_"), values))
-    return out
-
-
 def expand_grid(grid: dict, make_job) -> list:
-    """All (FeatureSource, RunConfig) of a recipe, in a stable order, without duplicates.
+    """All jobs of a checked recipe (see load_grid), in a stable order, without duplicates.
 
-    `make_job(settings: dict) -> (source, cfg)` turns flag-name settings into a job (validated)."""
+    `make_job(settings: dict) -> (source, cfg)` turns {option dest: value} into a job (validated)."""
     jobs, seen = [], set()
-    base = _axes(grid["grid"])
+    base = list(grid["grid"].items())
     per_dataset = grid.get("per_dataset") or {}
     for combo in itertools.product(*[v for _, v in base]):
         settings = dict(zip([k for k, _ in base], combo))
-        extra = _axes(per_dataset.get(settings.get("dataset"), {}))
+        extra = list(per_dataset.get(settings.get("dataset"), {}).items())
         for more in itertools.product(*[v for _, v in extra]):
-            full = {**settings, **dict(zip([k for k, _ in extra], more))}
-            job = make_job(full)
+            job = make_job({**settings, **dict(zip([k for k, _ in extra], more))})
             if job not in seen:
                 seen.add(job)
                 jobs.append(job)
@@ -110,30 +181,43 @@ def grid_steps(grid: dict) -> list:
     return [str(t) for t in range(rounds + 1)] + (["p"] if grid.get("partial", True) else [])
 
 
+def parse_shard(shard: str):
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        index = count = -1
+    if not 0 <= index < count:
+        raise UserError(f"--shard {shard!r} must look like I/N with 0 <= I < N, e.g. 0/4")
+    return index, count
+
+
 def shard_jobs(jobs: list, shard: str) -> list:
     """Deterministic shard I of N (0-based): whole chains, so a shard never waits on another."""
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-        assert 0 <= index < count
-    except (ValueError, AssertionError):
-        raise UserError(f"--shard {shard!r} must look like I/N with 0 <= I < N, e.g. 0/4") from None
+    index, count = parse_shard(shard)
     return jobs[index::count]
 
 
+def _ident(settings: dict, step: str, with_backbone: bool) -> tuple:
+    return tuple((name, settings.get(name)) for name in step_fields(step)
+                 if with_backbone or name != "backbone") + (("step", step),)
+
+
 def matching_records(records: list, jobs: list, steps: list) -> list:
-    """The store's records that belong to a grid, matched on every setting of each step except
-    the features fingerprint (so reports need no features loaded); newest wins on a tie."""
+    """The store's records that belong to a grid, matched on every setting of each step except the
+    features fingerprint (so reports need no features loaded); newest wins on a tie. The backbone
+    is matched too, except for features files (their backbone is known only inside the file)."""
     index = {}
     for rec in records:
-        ident = tuple((name, rec.get(name)) for name in step_fields(rec["step"]) if name != "backbone") + (("step", rec["step"]),)
-        if ident not in index or rec.get("created", "") > index[ident].get("created", ""):
-            index[ident] = rec
+        if not isinstance(rec, dict) or not {"key", "step"} <= set(rec):
+            continue  # not a record of this tool
+        for ident in (_ident(rec, rec["step"], True), _ident(rec, rec["step"], False)):
+            if ident not in index or rec.get("created", "") > index[ident].get("created", ""):
+                index[ident] = rec
     out, seen = [], set()
     for source, cfg in jobs:
         for step in steps:
-            settings = step_settings(cfg, step, "")
-            ident = tuple((name, settings[name]) for name in step_fields(step) if name != "backbone") + (("step", step),)
-            rec = index.get(ident)
+            rec = index.get(_ident(step_settings(cfg, step, ""), step, not source.features_path))
             if rec is not None and rec["key"] not in seen:
                 seen.add(rec["key"])
                 out.append(rec)
@@ -147,30 +231,44 @@ def run_grid_command(args, opts) -> int:
     from utils.report import write_reports
     from utils.runs import ResultsStore
 
+    parser = cli.build_parser()
+    defaults = parser.parse_args([])
+    given = [_option(d) for d in RUN_OPTIONS if getattr(args, d) != getattr(defaults, d)]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be combined with --config: the recipe chooses the runs "
+                        "(set them in its grid:, rounds: or partial:)")
+    if args.shard is not None:
+        parse_shard(args.shard)
     grid = load_grid(args.config)
 
     def make_job(settings):
-        ns = cli.build_parser().parse_args([])  # the CLI defaults, then the recipe's values
-        for key, value in settings.items():
-            target = GRID_KEYS[key].lstrip("@")
-            setattr(ns, {"dataset": "dataset", "arch": "arch", "depth": "depth", "pretrained": "pretrained",
-                         "features_path": "features", "eta": "corruption", "seed": "manualSeed"}.get(target, target),
-                    value)
-        source = cli.source_from_args(ns)
-        return source, replace(cli.config_from_args(ns), dataset=source.dataset, backbone=source.tag())
+        ns = parser.parse_args([])  # the CLI defaults, then the recipe's values
+        for dest, value in settings.items():
+            setattr(ns, dest, value)
+        try:
+            source = cli.source_from_args(ns)
+            return source, replace(cli.config_from_args(ns), dataset=source.dataset, backbone=source.tag())
+        except UserError as exc:
+            run = ", ".join(f"{k}={v}" for k, v in settings.items())
+            _fail(args.config, f"run ({run}): {exc}")
 
-    jobs = expand_grid(grid, make_job)
+    all_jobs = expand_grid(grid, make_job)
     steps = grid_steps(grid)
-    if args.shard:
-        jobs = shard_jobs(jobs, args.shard)
+    jobs = shard_jobs(all_jobs, args.shard) if args.shard is not None else all_jobs
     if not args.report_only:
-        print(f"recipe {grid['name']}: {len(jobs)} configurations x {len(steps)} steps "
+        part = f"shard {args.shard}: {len(jobs)} of {len(all_jobs)}" if args.shard is not None else str(len(jobs))
+        print(f"recipe {grid['name']}: {part} configurations x {len(steps)} steps "
               f"({len(jobs) * len(steps)} runs) on {opts.device}")
-        ChainRunner(opts).run(jobs, steps)
-    records = matching_records(ResultsStore(opts.results_root).records(), jobs, steps)
+        if jobs:
+            ChainRunner(opts).run(jobs, steps)
+    # the whole grid's records, not only this shard's: the last shard to finish reports everything
+    records = matching_records(ResultsStore(opts.results_root).records(), all_jobs, steps)
     if not records:
+        if not args.report_only:
+            print("no records of this recipe yet: no report written")
+            return 0
         raise UserError(f"no results yet for recipe {grid['name']} in {opts.results_root}; run it without --report-only")
     out_dir = Path(opts.results_root) / "reports" / grid["name"]
     written = write_reports(records, out_dir, grid)
-    print(f"{len(records)} records -> " + ", ".join(str(p) for p in written))
+    print(f"{len(records)} of {len(all_jobs) * len(steps)} records -> " + ", ".join(str(p) for p in written))
     return 0

@@ -29,6 +29,7 @@ METRIC_DESCRIPTION = {
     "test": "test accuracy at the best-by-test epoch (the paper's protocol: the epoch of highest test accuracy)",
     "last": "test accuracy at the last epoch",
     "val": "test accuracy at the best-by-validation epoch (highest accuracy on the held-out split of the noisy training set)",
+    "selected": "test accuracy of the checkpoint that each run's own --selection chose (and handed on as teacher)",
 }
 # Settings that never split a table into groups: they are its rows, columns or repetitions.
 NOT_GROUPING = ("seed", "eta")
@@ -41,6 +42,12 @@ CSV_FIRST = ("key", "dataset", "backbone", "ctype", "eta", "seed", "step", "lr",
 def metric_field(metric: str, quantity: str = "test_acc") -> str:
     """Record field of `quantity` under a metric choice: ('test', 'test_acc') -> 'test_acc_bytest'."""
     return f"{quantity}_{SUFFIX_OF_SELECTION[metric]}"
+
+
+def record_value(record: dict, metric: str, quantity: str = "test_acc"):
+    """`quantity` of a record under a metric choice; 'selected' follows the record's own selection."""
+    chosen = record.get("selection", "test") if metric == "selected" else metric
+    return _value(record, metric_field(chosen, quantity))
 
 
 def _report_options(grid: dict) -> dict:
@@ -89,8 +96,9 @@ def _grouping_fields(records: list, exclude=()) -> list:
 
 def group_records(records: list, exclude=()) -> list:
     """[(group settings dict, records)] split on every varying setting except seed, eta (and
-    `exclude`). A record that lacks a setting (teachers have no temperature) joins every group that
-    agrees with it on the settings it has. Groups are ordered by first appearance."""
+    `exclude`). A record that lacks a setting (teachers have no temperature) joins, as a copy
+    holding the group's value of that setting, every group that agrees with it on the settings it
+    has. Groups are ordered by first appearance."""
     fields = _grouping_fields(records, exclude)
     keys = []
     for r in records:
@@ -105,7 +113,10 @@ def group_records(records: list, exclude=()) -> list:
                 keys.append(key)
     out = []
     for key in keys:
-        members = [r for r in records if all(r.get(f, v) == v for f, v in key)]
+        # A shared record gets the group's value of what it lacks: a teacher (no `selection`, it
+        # trains the same under every rule) is then read under the rule of the group it serves.
+        members = [r if all(f in r for f, _ in key) else {**dict(key), **r}
+                   for r in records if all(r.get(f, v) == v for f, v in key)]
         out.append((dict(key), members))
     return out
 
@@ -130,12 +141,11 @@ def _slug(text: str) -> str:
 def distillation_table(members: list, metric: str) -> dict:
     """Cells of one appendix table: {'etas', 'steps', 'cells': {(step, eta): (mean, std, n) | None},
     'best': {eta: best displayed mean}, 'n': most seeds in a cell}."""
-    field = metric_field(metric)
     etas = sorted({float(r["eta"]) for r in members})
     steps = sorted({r["step"] for r in members}, key=_step_order)
     values = defaultdict(list)
     for r in members:
-        values[r["step"], float(r["eta"])].append(_value(r, field))
+        values[r["step"], float(r["eta"])].append(record_value(r, metric))
     cells = {(s, e): _stats(values.get((s, e), [])) for s in steps for e in etas}
     best = {}
     for e in etas:
@@ -216,13 +226,12 @@ def records_csv(records: list) -> str:
 def distillation_gains(members: list, metric: str, etas) -> dict:
     """{(step, eta): (mean, std, n)} of student metric minus the same seed's teacher metric, for
     every student step and each eta in `etas`; pairs without a teacher are left out."""
-    field = metric_field(metric)
-    teacher = {(float(r["eta"]), r["seed"]): _value(r, field) for r in members if r["step"] == "0"}
+    teacher = {(float(r["eta"]), r["seed"]): record_value(r, metric) for r in members if r["step"] == "0"}
     gains = defaultdict(list)
     for r in members:
         if r["step"] == "0" or float(r["eta"]) not in etas:
             continue
-        base, own = teacher.get((float(r["eta"]), r["seed"])), _value(r, field)
+        base, own = teacher.get((float(r["eta"]), r["seed"])), record_value(r, metric)
         if base is not None and own is not None:
             gains[r["step"], float(r["eta"])].append(own - base)
     return {k: _stats(v) for k, v in gains.items()}
@@ -243,7 +252,17 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
     ncols = min(3, count)
     nrows = math.ceil(count / ncols)
     fig_width = max(4.6 * ncols, 7.0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, 3.4 * nrows), squeeze=False)
+    seeds = len({r["seed"] for _, m in groups for r in m})
+    lines = [title, f"Distillation gain (pp) = student minus the same seed's teacher; mean and std over {seeds} "
+                    f"seed{'s' if seeds != 1 else ''}", f"Number: {METRIC_DESCRIPTION[metric]}"]
+    text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in lines)
+    # Fixed room in inches: caption above, panels of 2.6 in plus their titles and axis labels, legend below.
+    caption_in, legend_in, panel_in, gap_in = 0.17 * (text.count("\n") + 1) + 0.2, 0.4, 2.6, 0.9
+    height = caption_in + legend_in + nrows * panel_in + nrows * gap_in
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False)
+    fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=0.3,
+                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + 0.6) / height,
+                        hspace=gap_in / panel_in)
     steps = sorted({r["step"] for _, m in groups for r in m if r["step"] != "0"}, key=_step_order)
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(steps), 1)))
     for ax in axes.flat[len(groups):]:
@@ -265,18 +284,10 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
         ax.set_title(_group_title(settings, members), fontsize=8)
         if not etas:
             ax.text(0.5, 0.5, "no runs at the gain etas", ha="center", va="center", transform=ax.transAxes)
-    seeds = len({r["seed"] for _, m in groups for r in m})
-    lines = [title, f"Distillation gain (pp) = student minus the same seed's teacher; mean and std over {seeds} "
-                    f"seed{'s' if seeds != 1 else ''}", f"Number: {METRIC_DESCRIPTION[metric]}"]
-    text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in lines)
-    # Reserve room (in inches) above the panels for the caption and below them for the legend.
-    height = fig.get_figheight()
-    top = 1 - (0.17 * (text.count("\n") + 1) + 0.15) / height
-    fig.suptitle(text, fontsize=9, y=0.995, va="top")
+    fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
-    fig.tight_layout(rect=(0, 0.35 / height, 1, top))
     written = [atomic_write_bytes(out_dir / f"gain.{fmt}", _figure_bytes(fig, fmt)) for fmt in ("png", "pdf")]
     plt.close(fig)
     return written
@@ -313,7 +324,7 @@ def ls_temperature_table(members: list, metric: str, eta: float) -> dict:
     def cell(rs):
         if not rs:
             return None
-        return {q: _stats([_value(r, metric_field(metric, q)) for r in rs]) for q in quantities}
+        return {q: _stats([record_value(r, metric, q) for r in rs]) for q in quantities}
 
     rows = [("Teacher", {a: cell([r for r in at_eta if r["step"] == "0" and float(r["label_smoothing"]) == a])
                          for a in alphas})]

@@ -121,7 +121,8 @@ def shared_order_group_size(shuffle_seeds, train_rows: torch.Tensor) -> int:
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor):
-    """(top-1 hits, top-2 hits) per run, summed over samples. logits (R, B, K), labels (R, B)."""
+    """(top-1 hits, top-2 hits) per run, summed over samples. logits (R, B, K), labels (R, B), or
+    (S, R, B) for S label sets scored against one top-2 (results then (S, R))."""
     top2 = logits.topk(2, dim=-1).indices
     hit = top2 == labels.unsqueeze(-1)
     return hit[..., 0].sum(-1), hit.any(-1).sum(-1)
@@ -192,6 +193,7 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
     group = shared_order_group_size(list(shuffle_seeds), data.train_rows)
     num_orders = num_runs // group
     group_rows = data.train_rows[::group]                                          # (U, N_train)
+    noisy_and_true = torch.stack([data.noisy_labels, data.true_labels])            # (2, R, N_train)
     for epoch in range(state.epoch, epochs):
         lr = view(hyper.lr * hyper.gamma ** epoch)
         positions_all = shuffled_positions(num_train, list(shuffle_seeds)[::group], epoch).to(device)
@@ -212,8 +214,8 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
             momentum.mul_(mom).add_(grad.view_as(weight))
             weight.sub_(lr * momentum)
             loss_sum += loss.double() * b
-            hits += torch.stack([*topk_hits(logits, data.noisy_labels.gather(1, positions)),
-                                 *topk_hits(logits, data.true_labels.gather(1, positions))])
+            top1, top2 = topk_hits(logits, noisy_and_true.gather(2, positions.expand(2, -1, -1)))
+            hits += torch.stack([top1, top2], 1).view(4, -1)  # noisy top-1, top-2, true top-1, top-2
         train_loss = loss_sum / num_train
         bad = ~torch.isfinite(train_loss)
         if bad.any():

@@ -1,0 +1,327 @@
+"""Every bad input is one stderr line that names the fix, and exit code 2 - never a traceback.
+
+Also the boolean flags: `--partial False` must mean False (the original parsed it with type=bool).
+"""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DIGITS, ROOT, blob_features, stderr_error_lines
+import train_linear
+from utils.cli import run_main
+
+
+def one_error(capsys, rc, *needles, alone=True) -> str:
+    """The run's single error line, after checking exit code 2, no traceback, and that the line is
+    the last thing on stderr (alone=True: the ONLY thing on stderr)."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = stderr_error_lines(err)
+    assert len(lines) == 1, err
+    assert err.endswith(lines[0] + "\n"), err
+    if alone:
+        assert err == lines[0] + "\n", err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ---- settings the maths cannot take --------------------------------------------------------------
+DATASET_CHOICES = ("digits", "cifar10", "cifar100", "food101", "stanfordcars", "flowers102", "caltech101",
+                   "caltech256", "imagefolder")
+
+BAD_SETTINGS = [
+    (["-d", "nosuch"], ["unknown dataset 'nosuch'", *DATASET_CHOICES, "--features"]),
+    ([], ["choose a dataset with -d", "cifar100", "--features PATH"]),
+    (["-d", "cifar10", "--arch", "vgg16"], ["unknown --arch 'vgg16'", "resnet18", "resnet50", "vit_b_16"]),
+    (["-d", "cifar10", "--depth", "20"], ["--depth 20", "18, 34 or 50"]),
+    (["-d", "cifar10", "--depth", "deep"], ["--depth", "invalid int value"]),
+    (["--ctype", "uniform"], ["unknown --ctype 'uniform'", "sym", "asym", "cc"]),
+    (["--corruption", "1.5"], ["--corruption 1.5", "[0, 1]"]),
+    (["--corruption", "-0.1"], ["--corruption -0.1", "[0, 1]"]),
+    (["--corruption", "nan"], ["--corruption", "[0, 1]"]),
+    (["--lr", "0"], ["--lr must be positive"]),
+    (["--lr", "-0.1"], ["--lr must be positive"]),
+    (["--learning-rate", "nan"], ["--lr must be positive"]),
+    (["--epochs", "0"], ["--epochs must be positive"]),
+    (["--epochs", "-3"], ["--epochs must be positive"]),
+    (["--train-batch", "0"], ["--train-batch must be positive"]),
+    (["--test-batch", "0"], ["--test-batch must be positive"]),
+    (["--wd", "-0.0001"], ["--wd must be >= 0"]),
+    (["--wd", "-1e-4"], ["--weight-decay/--wd: expected one argument"]),  # argparse: "-1e-4" is an option
+    (["--momentum", "1.0"], ["--momentum", "[0, 1)"]),
+    (["--gamma", "0"], ["--gamma", "(0, 1]"]),
+    (["--label-smoothing", "1.0"], ["--label-smoothing", "[0, 1)"]),
+    (["--label-smoothing", "-0.1"], ["--label-smoothing", "[0, 1)"]),
+    (["--temperature", "0"], ["--temperature must be > 0"]),
+    (["--temperature", "-2"], ["--temperature must be > 0"]),
+    (["--val-split", "0.6"], ["--val-split", "(0, 0.5]"]),
+    (["--val-split", "-0.1"], ["--val-split", "(0, 0.5]"]),
+    (["--val-split", "1"], ["--val-split", "(0, 0.5]"]),
+    (["--selection", "val"], ["--selection val needs a validation split", "--val-split 0.1"]),
+    (["--selection", "best"], ["--selection", "invalid choice", "test", "val", "last"]),
+    (["--last", "1", "--selection", "test"], ["--last 1 means --selection last"]),
+    (["--val-clean"], ["--val-clean needs a validation split", "--val-split"]),
+    (["--last", "2"], ["--last", "invalid choice"]),
+    (["--dist", "-1"], ["--dist must be >= 0"]),
+    (["--rounds", "-1"], ["--rounds must be >= 0"]),
+    (["--epochs", "ten"], ["--epochs", "invalid int value"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+]
+
+
+@pytest.mark.parametrize("extra, needles", BAD_SETTINGS, ids=[" ".join(a) or "no-dataset" for a, _ in BAD_SETTINGS])
+def test_bad_setting_is_one_line_and_exit_2(cli, capsys, no_training, extra, needles):
+    base = [] if "-d" in extra or not extra else ["-d", "digits"]
+    one_error(capsys, cli(*base, *extra), *needles)
+    assert not cli.dirs()["results"].exists()  # nothing was written before the check
+
+
+def test_nan_weight_decay_names_wd(cli, capsys):
+    one_error(capsys, cli(*DIGITS[:2], "--epochs", 1, "--wd", "nan"), "--wd")
+
+
+def test_val_split_too_small_for_the_classes(cli, capsys):
+    one_error(capsys, cli(*DIGITS, "--epochs", 1, "--val-split", "0.001", "--selection", "val"),
+              "--val-split 0.001", "10 classes", alone=False)
+
+
+# ---- features files ---------------------------------------------------------------------------------
+def save_npz(path, arrays):
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    return path
+
+
+def save_pt(path, arrays):
+    def plain(v):
+        try:
+            return torch.as_tensor(v)
+        except TypeError:   # strings: a list (weights_only loads it) rather than a numpy array
+            return np.asarray(v).tolist()
+    torch.save({k: plain(v) for k, v in arrays.items()}, path)
+    return path
+
+
+def with_(**changes):
+    arrays = blob_features()
+    arrays.update(changes)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+BAD_FEATURES = {
+    "train rows vs labels": (with_(train_labels=np.zeros(149, np.int64)), ["one entry per row", "150 rows"]),
+    "test rows vs labels": (with_(test_labels=np.zeros(61, np.int64)), ["one entry per row", "60 rows"]),
+    "train vs test dim": (with_(test_features=np.zeros((60, 5), np.float32)), ["d=6", "d=5", "same backbone"]),
+    "1-D features": (with_(train_features=np.zeros(150, np.float32)), ["2-D (N, d)"]),
+    "2-D labels": (with_(train_labels=np.zeros((150, 1), np.int64)), ["1-D"]),
+    "label above num_classes": (with_(num_classes=np.array(2)), ["labels must lie in [0, 2)", "[0, 2]"]),
+    "negative label": (with_(test_labels=np.full(60, -1)), ["labels must lie in [0,", "[-1,"]),
+    "fractional labels": (with_(train_labels=np.full(150, 0.5)), ["integer class ids"]),
+    "string labels": (with_(train_labels=np.array(["cat"] * 150)), ["train_labels is not a numeric array"]),
+    "num_classes not a number": (with_(num_classes=np.array("ten")), ["num_classes must be one integer"]),
+    "one class": (with_(train_labels=np.zeros(150, np.int64), test_labels=np.zeros(60, np.int64)),
+                  ["at least 2 classes"]),
+    "NaN feature": (with_(test_features=np.full((60, 6), np.nan, np.float32)), ["NaN or inf", "recompute"]),
+    "float64 overflowing float32": (with_(train_features=np.full((150, 6), 1e300)), ["NaN or inf"]),
+    "empty train split": (with_(train_features=np.zeros((0, 6), np.float32), train_labels=np.zeros(0, np.int64)),
+                          ["is empty", "at least one row"]),
+    "zero-width features": (with_(train_features=np.zeros((150, 0), np.float32),
+                                  test_features=np.zeros((60, 0), np.float32)), ["is empty"]),
+    "missing key": (with_(test_labels=None), ["lacks ['test_labels']", "Features-file format"]),
+}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+@pytest.mark.parametrize("case", list(BAD_FEATURES))
+def test_inconsistent_features_file_is_one_line(cli, capsys, tmp_path, no_training, case, suffix):
+    arrays, needles = BAD_FEATURES[case]
+    path = tmp_path / f"feats{suffix}"
+    (save_npz if suffix == ".npz" else save_pt)(path, arrays)
+    # the engine's progress bar may precede the error line (alone=False); the error must end stderr
+    one_error(capsys, cli("--features", path, "--epochs", 1), f"features file {path}", *needles, alone=False)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_missing_features_file(cli, capsys, tmp_path, suffix):
+    path = tmp_path / f"nowhere{suffix}"
+    one_error(capsys, cli("--features", path), f"features file not found: {path}", "Point --features at a .pt/.npz",
+              alone=False)
+
+
+@pytest.mark.parametrize("kind", ["truncated .pt", "truncated .npz", "garbage .pt", "garbage .npz", "text .npz",
+                                  "tensor .pt", "pickled object .pt"])
+def test_unreadable_features_file(cli, capsys, tmp_path, kind):
+    suffix = kind.split()[-1]
+    path = tmp_path / f"feats{suffix}"
+    if kind.startswith("truncated"):
+        (save_npz if suffix == ".npz" else save_pt)(path, blob_features())
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind.startswith("garbage"):
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind.startswith("text"):
+        path.write_text("train_features,train_labels\n1,2\n")
+    elif kind.startswith("tensor"):
+        torch.save(torch.zeros(3, 4), path)
+    else:  # a pickle that weights_only=True refuses: must not be executed, and must not crash
+        import argparse
+        torch.save(argparse.Namespace(train_features=1), path)
+    line = one_error(capsys, cli("--features", path), f"features file {path}", "Point --features at", alone=False)
+    assert "\n" not in line
+
+
+def test_bad_features_file_prints_only_the_error_line(cli, capsys, tmp_path):
+    path = tmp_path / "feats.npz"
+    path.write_bytes(b"junk")
+    one_error(capsys, cli("--features", path), "features file", alone=True)
+
+
+def test_accepts_bfloat16_and_grad_carrying_tensors(cli, tmp_path):
+    arrays = {k: torch.as_tensor(v) for k, v in blob_features().items()}
+    arrays["train_features"] = arrays["train_features"].to(torch.bfloat16)
+    arrays["test_features"] = (arrays["test_features"].requires_grad_(True) * 1.0)  # not a leaf
+    path = tmp_path / "half.pt"
+    torch.save(arrays, path)
+    assert cli("--features", path, "--epochs", 2, "--lr", 0.05) == 0
+
+
+# ---- files the tool wrote itself: feature cache, teacher checkpoint ----------------------------------
+def test_corrupt_feature_cache_names_the_file_to_delete(cli, capsys, no_training):
+    """Documented behaviour: an unreadable cache is not silently re-extracted; the line says to delete it."""
+    cache = cli.dirs()["cache"] / "cifar10_resnet18-random.pt"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"PK\x03\x04 half a zip")
+    args = ("-d", "cifar10", "--arch", "resnet18", "--pretrained", "False", "--epochs", 1)
+    one_error(capsys, cli(*args), f"feature cache {cache}", f"Delete {cache} to re-extract", alone=False)
+
+
+def test_cache_written_for_another_backbone_is_refused(cli, capsys, no_training):
+    from data.datasets import digits_features
+    from data.features import save_features
+
+    cache = cli.dirs()["cache"] / "cifar10_resnet18-random.pt"
+    feats = digits_features()
+    feats.backbone = "resnet50"
+    save_features(cache, feats)
+    one_error(capsys, cli("-d", "cifar10", "--depth", 18, "--pretrained", "0"),
+              f"feature cache {cache} was not written for cifar10/resnet18-random", "Delete", alone=False)
+
+
+def _truncate_teacher(cli):
+    teacher = next(cli.dirs()["ckpt"].rglob("0-*/best.pt"))
+    data = teacher.read_bytes()
+    teacher.write_bytes(data[: len(data) // 2])
+    return teacher
+
+
+def test_truncated_teacher_checkpoint_is_one_line_naming_it(cli, capsys):
+    assert cli(*DIGITS, "--epochs", 2, "--dist", 0) == 0
+    teacher = _truncate_teacher(cli)
+    capsys.readouterr()
+    for step in (["--dist", 1], ["--partial"]):
+        line = one_error(capsys, cli(*DIGITS, "--epochs", 2, *step), f"checkpoint {teacher}", "unreadable",
+                         "--dist 0", alone=False)
+        assert "\n" not in line
+
+
+def test_command_named_for_a_truncated_teacher_repairs_it(cli, capsys):
+    assert cli(*DIGITS, "--epochs", 2, "--dist", 0) == 0
+    _truncate_teacher(cli)
+    capsys.readouterr()
+    line = one_error(capsys, cli(*DIGITS, "--epochs", 2, "--dist", 1), alone=False)
+    command = line.split("python train_linear.py ", 1)[1].split()
+    assert run_main(train_linear.main, command) == 0  # the command exactly as the line gives it
+    assert cli(*DIGITS, "--epochs", 2, "--dist", 1) == 0
+
+
+
+# ---- boolean flags ----------------------------------------------------------------------------------
+BOOL_FLAGS = {"--partial": False, "--pretrained": True, "--val-clean": False, "--overwrite": False}
+BOOL_WORDS = [("True", True), ("true", True), ("1", True), ("yes", True), ("on", True),
+              ("False", False), ("false", False), ("0", False), ("no", False), ("OFF", False)]
+
+
+def parsed(flag, argv):
+    args = train_linear.build_parser().parse_args(["-d", "digits", *argv])
+    return getattr(args, flag[2:].replace("-", "_")), args
+
+
+@pytest.mark.parametrize("flag", list(BOOL_FLAGS))
+def test_boolean_flag_default_and_bare(flag):
+    assert parsed(flag, [])[0] is BOOL_FLAGS[flag]
+    value, args = parsed(flag, [flag, "--epochs", "3"])  # a bare flag does not swallow the next option
+    assert value is True and args.epochs == 3
+    assert parsed(flag, ["--epochs", "3", flag])[0] is True
+
+
+@pytest.mark.parametrize("word, value", BOOL_WORDS)
+@pytest.mark.parametrize("flag", list(BOOL_FLAGS))
+def test_boolean_flag_words(flag, word, value):
+    got, args = parsed(flag, [flag, word, "--epochs", "3"])
+    assert got is value and args.epochs == 3   # 'False' is False (the original's type=bool made it True)
+    assert parsed(flag, [f"{flag}={word}"])[0] is value
+
+
+@pytest.mark.parametrize("flag", list(BOOL_FLAGS))
+@pytest.mark.parametrize("word", ["maybe", "2", "Falsy"])
+def test_boolean_flag_rejects_other_words(cli, capsys, no_training, flag, word):
+    one_error(capsys, cli(*DIGITS, flag, word), f"argument {flag}", "expected a boolean", repr(word))
+
+
+def test_partial_false_trains_the_teacher_and_partial_true_the_pll_student(cli, capsys):
+    assert cli(*DIGITS, "--epochs", 1, "--partial", "False") == 0
+    assert [r["step"] for r in cli.records()] == ["0"]
+    capsys.readouterr()
+    # PLL student (needs the teacher): in another store, so its missing teacher shows which step it is
+    one_error(capsys, cli(*DIGITS, "--epochs", 1, "--partial", "True", where="b"), "the teacher (round 0)",
+              "--dist 0", alone=False)
+    assert cli(*DIGITS, "--epochs", 1, "--partial", where="a") == 0
+    assert sorted(r["step"] for r in cli.records()) == ["0", "p"]
+
+
+def test_overwrite_false_skips_and_overwrite_retrains(cli, monkeypatch):
+    assert cli(*DIGITS, "--epochs", 1) == 0
+    import utils.engine
+    real, calls = utils.engine.train_heads, []
+    monkeypatch.setattr(utils.engine, "train_heads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cli(*DIGITS, "--epochs", 1, "--overwrite", "False") == 0
+    assert calls == []
+    assert cli(*DIGITS, "--epochs", 1, "--overwrite", "0") == 0
+    assert calls == []
+    assert cli(*DIGITS, "--epochs", 1, "--overwrite", "True") == 0
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("words, pretrained", [([], True), (["--pretrained"], True), (["--pretrained", "False"], False),
+                                                (["--pretrained", "false"], False), (["--pretrained", "0"], False)])
+def test_pretrained_words_choose_the_weights(words, pretrained):
+    args = train_linear.build_parser().parse_args(["-d", "cifar10", "--depth", "50", *words])
+    source = train_linear.source_from_args(args)
+    assert (source.arch, source.pretrained) == ("resnet50", pretrained)
+    assert source.tag() == ("resnet50" if pretrained else "resnet50-random")
+
+
+def test_val_clean_false_needs_no_split_and_true_does(cli, capsys):
+    assert cli(*DIGITS, "--epochs", 1, "--val-clean", "False") == 0
+    capsys.readouterr()
+    one_error(capsys, cli(*DIGITS, "--epochs", 1, "--val-clean", "true"), "--val-clean needs a validation split")
+
+
+# ---- what the user sees from a shell -----------------------------------------------------------------
+def run_script(tmp_path, *argv):
+    dirs = ["--checkpoint", tmp_path / "c", "--results", tmp_path / "r", "--cache-dir", tmp_path / "k"]
+    return subprocess.run([sys.executable, "train_linear.py", *map(str, argv), *map(str, dirs)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_shell_sees_one_line_and_exit_2(tmp_path):
+    proc = run_script(tmp_path, "-d", "digits", "--partial", "maybe")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: train_linear.py: argument --partial: expected a boolean")
+    assert proc.stdout == ""

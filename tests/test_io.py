@@ -1,0 +1,36 @@
+import os
+import stat
+
+import pytest
+import torch
+
+from utils.cli import UserError
+from utils.io import atomic_torch_save, atomic_write_text, load_torch_file
+
+
+def test_atomic_files_get_the_umask_mode_not_mkstemps_private_one(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = atomic_write_text(tmp_path / "a.txt", "x")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask != 0o600
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = atomic_write_text(tmp_path / "r.json", "old")
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+    with pytest.raises(Exception):
+        atomic_torch_save(target, {"x": Boom()})
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_torch_round_trip_and_truncated_file_is_one_line_error(tmp_path):
+    path = atomic_torch_save(tmp_path / "c.pt", {"w": torch.arange(6.0).view(2, 3)})
+    assert torch.equal(load_torch_file(path, "checkpoint", "retrain")["w"], torch.arange(6.0).view(2, 3))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(UserError) as err:
+        load_torch_file(path, "checkpoint", "retrain")
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
