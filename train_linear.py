@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     if args.config:
         from utils.grid import run_grid_command
         return run_grid_command(args, engine_options(args, argv))
+    if args.shard is not None or args.report_only:
+        raise UserError("--shard and --report-only work with a recipe: add --config YAML")
     source = source_from_args(args)
     cfg = config_from_args(args)
     steps = steps_from_args(args)

@@ -325,3 +325,9 @@ def test_shell_sees_one_line_and_exit_2(tmp_path):
     assert proc.stderr.splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: train_linear.py: argument --partial: expected a boolean")
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("extra", [["--shard", "0/2"], ["--report-only"]])
+def test_grid_only_options_without_config(cli, capsys, extra):
+    one_error(capsys, cli(*DIGITS, "--epochs", 1, *extra), "--config")
+    assert not cli.dirs()["results"].exists()

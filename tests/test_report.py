@@ -133,3 +133,22 @@ def test_every_recipe_parses(path):
             values = body.get(key, [])
             for v in values if isinstance(values, list) else [values]:
                 assert isinstance(v, (int, float)), f"{path.name}: {key} {v!r} is not a number (write 5.0e-5)"
+
+
+def test_selected_metric_reads_each_rule_and_the_shared_teacher_under_each():
+    """One teacher record (no `selection`: it trains the same under every rule) serves a `test`, a
+    `val` and a `last` chain; under `metric: selected` each group reads the teacher and its students
+    with the group's own rule."""
+    teacher = record("A", "0", 0.5, 0, 90.0, last=85.0, byval=88.0)
+    students = []
+    for rule, acc in (("test", 70.0), ("val", 60.0), ("last", 50.0)):
+        s = record("A", "1", 0.5, 0, acc, last=acc - 5, byval=acc - 2)
+        s.update(selection=rule, key=f"s-{rule}")
+        students.append(s)
+    groups = group_records([teacher] + students)
+    assert [g["selection"] for g, _ in groups] == ["test", "val", "last"]
+    got = {g["selection"]: distillation_table(m, "selected")["cells"] for g, m in groups}
+    assert got["test"]["0", 0.5][0] == 90.0 and got["test"]["1", 0.5][0] == 70.0
+    assert got["val"]["0", 0.5][0] == 88.0 and got["val"]["1", 0.5][0] == 58.0
+    assert got["last"]["0", 0.5][0] == 85.0 and got["last"]["1", 0.5][0] == 45.0
+    assert "selection" not in teacher  # the store's record is not modified

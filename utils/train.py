@@ -201,8 +201,10 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
         loss_sum = torch.zeros(num_runs, device=device, dtype=torch.float64)
         hits = torch.zeros(4, num_runs, device=device, dtype=torch.long)
         for start in range(0, num_train, batch_size):
-            xb = data.features[rows_all[:, start:start + batch_size]]            # (U, B, d)
-            b = xb.shape[1]
+            batch_rows = rows_all[:, start:start + batch_size]
+            b = batch_rows.shape[1]
+            # index_select on flat indices is ~4x faster than advanced indexing for this gather
+            xb = data.features.index_select(0, batch_rows.reshape(-1)).view(num_orders, b, -1)  # (U, B, d)
             positions = positions_all[:, start:start + batch_size].repeat_interleave(group, 0)  # (R, B)
             # U = R / G matmuls of (B x d) @ (d x G*K); with G = 1 this is one per run
             logits = torch.bmm(xb, weight.view(num_orders, group * data.num_classes, -1).transpose(1, 2))
