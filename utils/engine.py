@@ -6,7 +6,7 @@ together, step by step: all teachers (as one batched computation), then all roun
 resumes from its periodic `last` checkpoint. Steps run strictly in order, each student from the
 exact checkpoint of its own teacher run.
 """
-import math
+import json
 import platform
 import time
 from collections import defaultdict
@@ -325,8 +325,6 @@ class ChainRunner:
             atomic_torch_save(run_dir(self.opts.checkpoint_root, cfg, step, fid) / "last.pt", ckpt)
 
     def _finish_run(self, cfg, step, fid, key, r, state, setup, teacher_key, coverage, wall, batch_runs):
-        import json
-
         folder = run_dir(self.opts.checkpoint_root, cfg, step, fid)
         hist = state.history[r]
         best_test_acc = float(state.best_test.acc[r])
@@ -358,8 +356,7 @@ class ChainRunner:
             record[f"epoch_{suffix}"] = epoch
             for name in ("test_acc", "test_top2", "test_confidence", "test_entropy"):
                 record[f"{name}_{suffix}"] = row.get(name)
-        record["val_acc_byval"] = row.get("val_acc")
-        assert math.isfinite(record["test_acc_bytest"])
+        record["val_acc_byval"] = hist[chosen["byval"] - 1]["val_acc"] if chosen["byval"] else None
         self.store.put(record)
         self.done_here.add(key)
         return record
