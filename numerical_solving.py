@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Numerical fixed points of multi-round self-distillation in the class-wise correlation model.
+
+Flags follow the option table of the paper's code (see docs/numerical_solving.md); new flags are
+marked [new]. The maths lives in utils/theory.py; this file parses, validates, prints and saves.
+One setting:  python numerical_solving.py                      (exact solver, 10 rounds)
+The original: python numerical_solving.py --solver faithful     (Adam, as the paper's script)
+A sweep:      python numerical_solving.py --gram features --sweep eta=0.1,0.3,0.5,0.7
+"""
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from utils import theory as th
+from utils.cli import ArgumentParser, UserError, add_bool_flag, run_main
+
+SWEEPABLE = {"k": int, "n": int, "lbd": float, "c": float, "d": float, "eta": float, "epsilon": float,
+             "seed": int, "gram": str, "labels": str}
+MAX_N = 30000   # G is N x N in float64: 7 GB at this size
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="numerical_solving.py", description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--k", type=int, default=4, help="number of classes K")
+    a("--n", type=int, default=500, help="samples per class n (N = K n)")
+    a("--lbd", type=float, default=1e-5, help="weight decay lambda > 0")
+    a("--c", type=float, default=0.4, help="intra-class correlation, in [-1, 1]")
+    a("--d", type=float, default=0.1, help="inter-class correlation, in [-1, 1]")
+    a("--eta", type=float, default=0.5, help="label corruption ratio, in [0, 1]")
+    a("--epsilon", type=float, default=0.05, help="noise level of G (uniform in [-eps, eps]), in [0, 1]")
+    a("--max_dist", type=int, default=10, help="distillation rounds (>= 1)")
+    a("--max_iter", type=int, default=100000, help="Adam steps per round of the faithful solver")
+    add_bool_flag(p, "--approx", help="linear approximation of the softmax (bare flag or True/False)")
+    new = p.add_argument_group("[new] options not in the original")
+    n = new.add_argument
+    n("--solver", choices=th.SOLVERS, default="exact",
+      help="exact: closed form (linear) / Newton-Krylov (softmax) to --tol; faithful: the original's Adam")
+    n("--gram", choices=th.GRAMS, default="original",
+      help="original: the original's non-symmetric noisy matrix; psd: its PSD projection; "
+           "features: Gram matrix of noisy features (a true Gram matrix, fast)")
+    n("--labels", choices=th.LABEL_NOISE, default="sampled",
+      help="sampled: each label flips with probability eta (original); exact: exactly eta n per class")
+    n("--seed", type=int, default=0, help="seed of G's noise, the labels and Adam's starts")
+    n("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:i")
+    n("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    n("--dtype", choices=("auto", "float32", "float64"), default="auto",
+      help="auto: float64 for the exact solver, float32 (the original's) for the faithful one")
+    n("--tol", type=float, default=1e-10, help="exact solver: target of max|Y - F(Y)|")
+    n("--max-newton", type=int, default=60, help="exact softmax solver: Newton steps per stage")
+    n("--out", default="outputs", help="root of the arrays, records and figures")
+    n("--name", default=None, help="folder under --out for records.csv/jsonl and figure.png/pdf")
+    add_bool_flag(new, "--save", default=True, help="save Y of every round as .npz (False: records only)")
+    n("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+      help=f"solve a grid (repeatable: the product); KEY in {', '.join(SWEEPABLE)}")
+    n("--config", default=None, metavar="YAML", help="options and sweep from a file (see recipes/theory_eta.yaml)")
+    add_bool_flag(new, "--verbose", help="print the Newton iterations")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: one line naming the fix
+# ---------------------------------------------------------------------------------------------
+
+def check_setting(s: th.Setting) -> None:
+    def finite(x):
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    if s.k < 2:
+        raise UserError(f"--k {s.k}: need at least 2 classes; pass --k 2 or more")
+    if s.n < 1:
+        raise UserError(f"--n {s.n}: need at least 1 sample per class; pass --n 1 or more")
+    if s.k * s.n > MAX_N:
+        raise UserError(f"--k {s.k} --n {s.n}: N = {s.k * s.n} samples makes G too large (N x N); keep k*n <= {MAX_N}")
+    if not (finite(s.lbd) and s.lbd > 0):
+        raise UserError(f"--lbd {s.lbd}: the weight decay must be a positive number, e.g. --lbd 1e-5")
+    if not (finite(s.eta) and 0 <= s.eta <= 1):
+        raise UserError(f"--eta {s.eta}: the corruption ratio must lie in [0, 1]")
+    if not (finite(s.epsilon) and 0 <= s.epsilon <= 1):
+        raise UserError(f"--epsilon {s.epsilon}: the noise level must lie in [0, 1]")
+    for name in ("c", "d"):
+        v = getattr(s, name)
+        if not (finite(v) and -1 <= v <= 1):
+            raise UserError(f"--{name} {v}: a correlation must lie in [-1, 1]")
+    if s.gram not in th.GRAMS:
+        raise UserError(f"--gram {s.gram!r}: choose from {', '.join(th.GRAMS)}")
+    if s.labels not in th.LABEL_NOISE:
+        raise UserError(f"--labels {s.labels!r}: choose from {', '.join(th.LABEL_NOISE)}")
+    if s.gram == "features" and (s.c < s.d or s.c + (s.k - 1) * s.d < 0):
+        raise UserError(f"--gram features needs c >= d and c + (K-1) d >= 0 (class means must be features); "
+                        f"got c={s.c:g}, d={s.d:g}: change --c/--d or use --gram original")
+
+
+def check_run(args) -> None:
+    if args.max_dist < 1:
+        raise UserError(f"--max_dist {args.max_dist}: need at least 1 distillation round")
+    if args.max_iter < 1:
+        raise UserError(f"--max_iter {args.max_iter}: need at least 1 Adam step")
+    if not (math.isfinite(args.tol) and args.tol > 0):
+        raise UserError(f"--tol {args.tol}: must be a positive number, e.g. --tol 1e-10")
+    if args.max_newton < 1:
+        raise UserError(f"--max-newton {args.max_newton}: must be >= 1")
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads}: must be >= 0 (0 keeps torch's default)")
+
+
+def resolve_device(spec: str) -> torch.device:
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: no CUDA device here; use --device cpu (or auto)")
+        return torch.device(spec)
+    raise UserError(f"--device {spec!r}: use auto, cpu, cuda or cuda:i")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------------
+
+def parse_sweep(items) -> dict:
+    grid = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--sweep {item!r}: write KEY=V1,V2,... (e.g. --sweep eta=0.1,0.3,0.5)")
+        key, _, values = item.partition("=")
+        key = key.strip().lstrip("-")
+        if key not in SWEEPABLE:
+            raise UserError(f"--sweep {key}: cannot sweep this; choose from {', '.join(SWEEPABLE)}")
+        try:
+            grid[key] = [SWEEPABLE[key](v.strip()) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--sweep {item!r}: values of {key} must be {SWEEPABLE[key].__name__}s") from None
+        if not grid[key]:
+            raise UserError(f"--sweep {item!r}: no values given")
+    return grid
+
+
+def load_config(path: str, parser: ArgumentParser) -> tuple[dict, dict, dict]:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        cfg = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--config {path}: expected a mapping with 'options' and/or 'sweep'")
+    unknown = set(cfg) - {"name", "options", "sweep", "title"}
+    if unknown:
+        raise UserError(f"--config {path}: unknown keys {sorted(unknown)}; use name, title, options, sweep")
+    dests = {a.dest for a in parser._actions}
+    options = dict(cfg.get("options") or {})
+    bad = sorted(set(options) - dests - {"sweep", "config"})
+    if bad:
+        raise UserError(f"--config {path}: unknown options {bad}; use the flags' names, e.g. max_dist, gram")
+    sweep = {}
+    for key, values in (cfg.get("sweep") or {}).items():
+        if key not in SWEEPABLE:
+            raise UserError(f"--config {path}: cannot sweep {key!r}; choose from {', '.join(SWEEPABLE)}")
+        values = values if isinstance(values, list) else [values]
+        sweep[key] = [SWEEPABLE[key](v) for v in values]
+    return options, sweep, {"name": cfg.get("name"), "title": cfg.get("title")}
+
+
+def settings_from(args, grid: dict) -> list[th.Setting]:
+    base = {f: getattr(args, f) for f in SWEEPABLE}
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+        s = th.Setting(**{**base, **dict(zip(keys, values))})
+        check_setting(s)
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+# ---------------------------------------------------------------------------------------------
+
+def fmt_acc(acc: dict) -> str:
+    return " ".join(f"{'-':>7}" if math.isnan(acc[p]) else f"{acc[p]:7.2f}" for p in ("clean", "noisy", "overall"))
+
+
+def theory_lines(s: th.Setting, max_dist: int) -> tuple[list[str], dict]:
+    spec = th.block_spectrum(s.k, s.n, s.c, s.d)
+    info = th.theory_rounds_to_perfect(s.k, s.n, s.c, s.d, s.lbd, s.eta)
+    mu = info["mu"]
+    lines = ["theory (linear approximation, block matrix without noise): eigenvalues "
+             + ", ".join(f"{g:.6g} (x{m})" for g, m in spec.values())
+             + f"; shrink per round mu_small={mu['small']:.6g} mu_big={mu['big']:.6g} mu_all={mu['all']:.6g}"]
+    if info["t_star"] is None:
+        lines.append(f"theory: no round reaches 100% population accuracy: {info['reason']}")
+    elif info["threshold"] is None:
+        lines.append(f"theory: 100% population accuracy from round {info['t_star']} ({info['reason']})")
+    else:
+        where = "within" if info["t_star"] <= max_dist else f"beyond --max_dist {max_dist};"
+        lines.append(f"theory: 100% population accuracy from round t* = {info['t_star']} ({where} "
+                     f"first t with (mu_big/mu_small)^t > (1+Delta)/Delta = {info['threshold']:.4g}, "
+                     f"Delta = (1-eta) - eta/(K-1) = {info['delta']:.4g})"
+                     + (f"; {info['reason']}" if info["reason"] else ""))
+    return lines, info
+
+
+def closed_form_first_perfect(problem: th.Problem, horizon: int) -> int | None:
+    """First round whose closed-form accuracy with the realised labels is 100% (cheap: a formula)."""
+    s = problem.setting
+    T0 = problem.T0.detach().to("cpu", torch.float64)
+    for t in range(1, horizon + 1):
+        Y = th.closed_form_outputs(T0, problem.true, s.k, s.n, s.c, s.d, s.lbd, t)
+        if th.accuracies(Y, problem.true, problem.given)["overall"] >= 100.0 - 1e-9:
+            return t
+    return None
+
+
+ACC_HEAD = f"{'clean':>7} {'noisy':>7} {'overall':>7}"
+HEADER = (f"{'round':>5} | {'solved':<6} {ACC_HEAD} | {'closed form':<11} {ACC_HEAD} | {'max|Y-Ycf|':>10} | "
+          f"{'residual':>9} | {'work':>22} | {'time':>8}")
+
+
+def round_line(r: dict, solver: str, approx: bool) -> str:
+    if r["round"] == 0:
+        work = "given labels"
+    elif solver == "faithful":
+        work = f"{r['iterations']} Adam steps"
+    elif approx:
+        work = "1 LU solve"
+    else:
+        work = f"{r['iterations']} Newton ({r['work']} G)"
+    flag = "" if r["converged"] else "  <-- NOT converged"
+    return (f"{r['round']:>5} | {'':<6} {fmt_acc(r['acc'])} | {'':<11} {fmt_acc(r['cf_acc'])} | {r['cf_gap']:10.3g} | "
+            f"{r['residual']:9.2e} | {work:>22} | {r['seconds']:7.2f}s{flag}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    grid, named = {}, {"name": None, "title": None}
+    if args.config:
+        options, grid, named = load_config(args.config, parser)
+        parser.set_defaults(**options)
+        args = parser.parse_args(argv)      # flags given on the command line win over the file
+        if "config" in options or "sweep" in options:
+            raise UserError(f"--config {args.config}: put the grid under 'sweep:', not under 'options:'")
+    grid.update(parse_sweep(args.sweep))
+    check_run(args)
+    settings = settings_from(args, grid)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = th.resolve_dtype(args.dtype, args.solver)
+    out = Path(args.out)
+    name = args.name or named["name"] or (f"sweep_{'_'.join(grid)}_{args.solver}" if grid else th.run_tag(settings[0], args.solver))
+    folder = out / name
+    mode = "linear" if args.approx else "softmax"
+    sweep = len(settings) > 1
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(settings) * args.max_dist, desc="rounds", disable=not sweep, dynamic_ncols=True)
+    say = tqdm.write if sweep else print
+    records, started = [], time.perf_counter()
+    for s in settings:
+        problem = th.build_problem(s, device, dtype)
+        say("")
+        say(f"setting: K={s.k} n={s.n} lambda={s.lbd:g} c={s.c:g} d={s.d:g} eta={s.eta:g} epsilon={s.epsilon:g} "
+            f"seed={s.seed} gram={s.gram} labels={s.labels} | solver {args.solver} ({mode}), "
+            f"{str(dtype).replace('torch.', '')} on {device}")
+        say(f"G: {problem.kernel.description}")
+        for line in th.describe_diagnostics(problem.diagnostics):
+            say(line)
+        lines, info = theory_lines(s, args.max_dist)
+        for line in lines:
+            say(line)
+        first = closed_form_first_perfect(problem, max(args.max_dist, (info["t_star"] or 0) + 10, 50))
+        corrupted = int((problem.given != problem.true).sum())
+        say(f"closed form with the realised labels ({corrupted} of {s.N} corrupted, {100 * corrupted / s.N:.2f}%): "
+            + (f"100% accuracy first at round {first}" if first else "not 100% within "
+               f"{max(args.max_dist, (info['t_star'] or 0) + 10, 50)} rounds"))
+        say(HEADER)
+        extra = {"t_star": info["t_star"], "min_eig_sym": problem.diagnostics["min_eig_sym"],
+                 "symmetric": problem.diagnostics["symmetric"], "device": str(device),
+                 "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__}
+        log = say if args.verbose else None
+        tag = th.run_tag(s, args.solver)
+        setting_started = time.perf_counter()
+        done, noted = [], False
+        for r in th.run_rounds(problem, solver=args.solver, approx=args.approx, rounds=args.max_dist,
+                               max_iter=args.max_iter, tol=args.tol, max_newton=args.max_newton, log=log):
+            say(round_line(r, args.solver, args.approx))
+            if r["round"] > 0 and r["note"] and (not r["converged"] or not noted):
+                say(f"      round {r['round']}: {r['note']}")     # failures always, other notes once
+                noted = True
+            if args.save:
+                th.save_round_array(out / mode / f"{tag}_{r['round']}.npz", r["Y"], problem.true, problem.given,
+                                    r["round"], r)
+            records.append(th.make_record(s, args.solver, args.approx, r, extra))
+            if r["round"] > 0:
+                done.append(r["converged"])
+                bar.update(1)
+        total = time.perf_counter() - setting_started
+        bad = done.count(False)
+        say(f"solved {args.max_dist} rounds in {total:.2f}s (+{problem.seconds:.2f}s building G and diagnostics); "
+            + ("every round reached its tolerance" if not bad else f"{bad} round(s) did NOT reach the tolerance"))
+        th.write_records(folder, records)     # after every setting: a killed sweep keeps what it solved
+    bar.close()
+    varying = [k for k in grid if len(grid[k]) > 1]
+    title = named["title"] or f"{args.solver} solver, {mode} mode, gram={settings[0].gram}" + (
+        "" if varying else f", eta={settings[0].eta:g}, lambda={settings[0].lbd:g}")
+    paths = th.draw_figure(folder, records, varying, title)
+    print(f"\n{len(settings)} setting(s) in {time.perf_counter() - started:.2f}s; records: {folder}/records.csv "
+          f"(.jsonl); figure: {paths[0]} (.pdf)" + (f"; arrays: {out / mode}/" if args.save else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,348 @@
+"""The theory model (utils/theory.py) and its command line (numerical_solving.py).
+
+Every check compares against an independent computation: the closed form against the linear
+solve, the softmax fixed point against its own equation and against a probe trained on features,
+the theory's round t* against where the solved accuracies reach 100%. Sizes are tiny (N <= 600).
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import numerical_solving
+from utils import theory as th
+from utils.cli import run_main
+
+F64 = torch.float64
+
+
+def problem(**kw):
+    s = th.Setting(**{**dict(k=3, n=10, lbd=1e-2, c=0.4, d=0.1, eta=0.4, epsilon=0.0), **kw})
+    return th.build_problem(s, "cpu", F64)
+
+
+def cli(tmp_path, *argv):
+    return run_main(numerical_solving.main, [str(a) for a in argv] + ["--out", str(tmp_path / "out")])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model pieces
+# ----------------------------------------------------------------------------------------------
+
+def test_block_matrix_spectrum_matches_the_stated_eigenvalues():
+    k, n, c, d = 3, 4, 0.5, 0.2
+    w = torch.linalg.eigvalsh(th.block_matrix(k, n, c, d))
+    expected = []
+    for g, mult in th.block_spectrum(k, n, c, d).values():
+        expected += [g] * mult
+    assert torch.allclose(w, torch.tensor(sorted(expected), dtype=F64), atol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_exact_label_noise_has_the_population_frequencies(eta):
+    true = th.true_classes(4, 30)
+    given = th.noisy_labels(true, 4, eta, th.generator(0), exact=True)
+    for cls in range(4):
+        got = given[true == cls]
+        assert (got != cls).sum().item() == round(eta * 30)
+        others = torch.bincount(got[got != cls], minlength=4)
+        others = others[torch.arange(4) != cls]
+        assert others.max() - others.min() <= 1          # spread evenly over the other classes
+
+
+def test_sampled_labels_never_keep_a_flipped_class_and_follow_the_seed():
+    true = th.true_classes(5, 200)
+    a = th.noisy_labels(true, 5, 0.5, th.generator(3))
+    b = th.noisy_labels(true, 5, 0.5, th.generator(3))
+    assert torch.equal(a, b)
+    assert abs((a != true).double().mean().item() - 0.5) < 0.06
+
+
+def test_feature_gram_is_the_gram_matrix_of_its_features_with_unit_diagonal():
+    G, Phi = th.feature_gram(3, 20, 0.4, 0.1, 0.05, th.generator(0))
+    assert torch.allclose(G, Phi.T @ Phi)
+    assert torch.allclose(G.diagonal(), torch.ones(60, dtype=F64))
+    # epsilon = 0: exactly the block matrix
+    G0, _ = th.feature_gram(3, 20, 0.4, 0.1, 0.0, th.generator(0))
+    assert torch.allclose(G0, th.block_matrix(3, 20, 0.4, 0.1), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+# ----------------------------------------------------------------------------------------------
+
+def test_diagnostics_flag_an_indefinite_original_matrix_and_pass_the_gram_variants():
+    s = dict(k=4, n=150, epsilon=0.1)
+    bad = problem(**s).diagnostics
+    assert not bad["symmetric"] and not bad["psd"] and not bad["gram"]
+    assert bad["min_eig_sym"] < -0.1
+    assert any("NOT a Gram matrix" in line for line in th.describe_diagnostics(bad))
+    for gram in ("psd", "features"):
+        good = problem(gram=gram, **s).diagnostics
+        assert good["symmetric"] and good["psd"] and good["gram"], gram
+        assert any("unique" in line for line in th.describe_diagnostics(good))
+
+
+def test_diagnostics_flag_a_symmetric_indefinite_matrix():
+    G = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=F64)          # eigenvalues 3 and -1
+    diag = th.gram_diagnostics(G)
+    assert diag["symmetric"] and not diag["psd"] and diag["min_eig_sym"] == pytest.approx(-1.0)
+    assert diag["min_real_eig"] == pytest.approx(-1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Solvers against independent references
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lbd", [1e-2, 1e-4, 1e-5])
+def test_closed_form_equals_the_exact_linear_solve(lbd):
+    p = problem(k=4, n=15, lbd=lbd, eta=0.5)
+    s = p.setting
+    solves = th.linear_rounds(p.kernel, p.T0, s.lbd, rounds=6)
+    for t, sol in enumerate(solves, start=1):
+        Ycf = th.closed_form_outputs(p.T0, p.true, s.k, s.n, s.c, s.d, s.lbd, t)
+        assert (sol.Y - Ycf).abs().max().item() < 1e-8, t
+        assert sol.residual < 1e-10 and sol.converged
+
+
+def test_linear_solve_matches_the_iterated_matrix_equation():
+    p = problem(epsilon=0.05)           # a noisy, non-symmetric G: no closed form, plain algebra
+    K, N = p.T0.shape
+    S = p.kernel.G / (K * N * p.setting.lbd)
+    inv = torch.linalg.inv(torch.eye(N, dtype=F64) + S)
+    Y = p.T0
+    for sol in th.linear_rounds(p.kernel, p.T0, p.setting.lbd, rounds=3):
+        Y = (1.0 / K + Y @ S) @ inv
+        assert torch.allclose(sol.Y, Y, atol=1e-10)
+
+
+def test_linear_rounds_on_an_indefinite_matrix_amplify_and_say_so():
+    p = problem(k=4, n=150, lbd=1e-5, epsilon=0.1, eta=0.5)
+    assert p.diagnostics["min_real_eig"] < -p.setting.k * p.setting.N * p.setting.lbd / 2
+    solves = th.linear_rounds(p.kernel, p.T0, p.setting.lbd, rounds=4)
+    sizes = [sol.Y.abs().max().item() for sol in solves]
+    assert sizes[-1] > 10 * sizes[0] > 10
+    assert "grow" in solves[-1].note and all(sol.converged for sol in solves)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(k=4, n=50, lbd=1e-5, epsilon=0.05, eta=0.5),                     # the defaults' stiffness, small N
+    dict(k=3, n=40, lbd=1e-4, epsilon=0.1, eta=0.3, gram="features"),
+    dict(k=2, n=30, lbd=1e-3, epsilon=0.05, eta=0.2, gram="psd"),
+], ids=["original-stiff", "features", "psd-k2"])
+def test_exact_softmax_solution_satisfies_the_fixed_point(kw):
+    p = problem(**kw)
+    rounds = list(th.run_rounds(p, solver="exact", approx=False, rounds=3, tol=1e-10))
+    T = p.T0
+    for r in rounds[1:]:
+        assert r["converged"], r["note"]
+        Y = r["Y"]
+        # recomputed here, not taken from the solver
+        Z = (T - Y) @ p.kernel.G / (p.setting.N * p.setting.lbd)
+        assert (Y - torch.softmax(Z, dim=0)).abs().max().item() <= 1e-10
+        assert torch.allclose(Y.sum(0), torch.ones(p.setting.N, dtype=F64))
+        T = Y
+
+
+def train_probe(Phi, T, lbd):
+    """The linear softmax model trained to convergence (full batch, LBFGS, float64):
+    min_W mean_i CE(softmax(W phi_i), t_i) + lambda/2 ||W||^2."""
+    K, N = T.shape
+    W = torch.zeros(K, Phi.shape[0], dtype=F64, requires_grad=True)
+    opt = torch.optim.LBFGS([W], lr=1, max_iter=5000, tolerance_grad=1e-13, tolerance_change=1e-16,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(W @ Phi, dim=0)
+        loss = -(T * logp).sum() / N + 0.5 * lbd * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return torch.softmax(W.detach() @ Phi, dim=0)
+
+
+@pytest.mark.parametrize("gram,lbd", [("features", 1e-2), ("psd", 3e-3)])
+def test_on_a_gram_matrix_the_fixed_point_is_the_trained_probe(gram, lbd):
+    p = problem(k=3, n=10, lbd=lbd, epsilon=0.1, eta=0.4, gram=gram)
+    assert p.diagnostics["gram"]
+    Phi = p.kernel.factor
+    assert torch.allclose(Phi.T @ Phi, p.kernel.G, atol=1e-12)
+    T = p.T0
+    for r in list(th.run_rounds(p, solver="exact", approx=False, rounds=2))[1:]:
+        probe = train_probe(Phi, T, lbd)
+        assert (r["Y"] - probe).abs().max().item() < 1e-6, r["round"]
+        T = r["Y"]
+
+
+def test_faithful_adam_follows_the_original_recipe_step_by_step():
+    """A plain re-statement of SPEC 3 (random column-normalised start, Adam on ||Y - F(Y)||^2 with
+    lr 1e-2 linear / 1e-3 softmax, clamp at 1e-6 and renormalise after each step)."""
+    p = problem(k=3, n=5, lbd=1e-3, epsilon=0.2)
+    K, N = p.T0.shape
+    for approx, lr in ((True, 1e-2), (False, 1e-3)):
+        gen = th.generator(7)
+        got = th.faithful_adam(p.kernel, p.T0, p.setting.lbd, approx=approx, max_iter=300, gen=gen)
+        gen = th.generator(7)
+        Y = torch.rand(K, N, generator=gen, dtype=F64)
+        Y = (Y / Y.sum(0)).requires_grad_(True)
+        opt = torch.optim.Adam([Y], lr=lr)
+        for _ in range(300):
+            Z = (p.T0 - Y) @ p.kernel.G / (N * p.setting.lbd)
+            F = 1 / K + Z / K if approx else torch.softmax(Z, 0)
+            opt.zero_grad()
+            ((Y - F) ** 2).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                Y.clamp_(min=1e-6)
+                Y /= Y.sum(0)
+        assert torch.allclose(got.Y, Y.detach(), atol=1e-12, rtol=0), approx
+        assert got.iterations == 300 and not got.converged
+        if approx:   # the clamp was active: the exact linear solution has negative entries here
+            assert (th.linear_rounds(p.kernel, p.T0, p.setting.lbd, 1)[0].Y < 0).any()
+            assert (got.Y < 2e-6).any()
+
+
+def test_faithful_adam_in_linear_mode_approaches_the_exact_solution():
+    p = problem(k=3, n=4, lbd=0.05)       # large lambda: positive solution, the projection is inactive
+    exact = th.linear_rounds(p.kernel, p.T0, p.setting.lbd, rounds=1)[0].Y
+    sol = th.faithful_adam(p.kernel, p.T0, p.setting.lbd, approx=True, max_iter=20000, gen=th.generator(0))
+    assert sol.converged and sol.iterations < 20000
+    assert (sol.Y - exact).abs().max().item() < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# Theory: the round of 100% accuracy
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,n,eta,lbd", [(3, 30, 0.4, 9.5e-4), (4, 30, 0.3, 2e-4), (2, 40, 0.25, 3e-3)])
+def test_theory_round_of_perfect_accuracy_matches_the_solved_rounds(k, n, eta, lbd):
+    p = problem(k=k, n=n, eta=eta, lbd=lbd, labels="exact")
+    info = th.theory_rounds_to_perfect(k, n, p.setting.c, p.setting.d, lbd, eta)
+    t_star = info["t_star"]
+    assert t_star is not None and 2 <= t_star <= 25
+    solves = th.linear_rounds(p.kernel, p.T0, lbd, rounds=t_star + 3)
+    overall = [th.accuracies(sol.Y, p.true, p.given)["overall"] for sol in solves]
+    assert th.first_perfect_round(overall) == t_star
+    assert all(a == 100.0 for a in overall[t_star - 1:])           # and it stays there
+    clean = [th.accuracies(sol.Y, p.true, p.given)["clean"] for sol in solves]
+    assert all(a == 100.0 for a in clean)                           # clean samples are never lost
+
+
+def test_theory_says_no_when_the_true_class_is_not_the_majority():
+    info = th.theory_rounds_to_perfect(4, 100, 0.4, 0.1, 1e-4, 0.8)
+    assert info["t_star"] is None and "most frequent" in info["reason"]
+    assert th.theory_rounds_to_perfect(4, 100, 0.4, 0.1, 1e-4, 0.0)["t_star"] == 0
+
+
+def test_defaults_theory_numbers():
+    info = th.theory_rounds_to_perfect(4, 500, 0.4, 0.1, 1e-5, 0.5)
+    assert info["mu"]["small"] == pytest.approx(7.5 / 8.5)
+    assert info["threshold"] == pytest.approx(4.0)
+    assert info["t_star"] == 12
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("words,expected", [([], False), (["--approx"], True), (["--approx", "True"], True),
+                                            (["--approx", "False"], False), (["--approx", "0"], False)])
+def test_approx_flag_parses_bare_and_words(words, expected):
+    assert numerical_solving.build_parser().parse_args(words).approx is expected
+
+
+def test_option_table_defaults_are_the_contract():
+    a = numerical_solving.build_parser().parse_args([])
+    assert (a.k, a.n, a.lbd, a.c, a.d, a.eta, a.epsilon, a.max_dist, a.max_iter, a.approx) == \
+        (4, 500, 1e-5, 0.4, 0.1, 0.5, 0.05, 10, 100000, False)
+
+
+BAD = {
+    "k<2": (["--k", "1"], "--k"),
+    "n<1": (["--n", "0"], "--n"),
+    "lambda=0": (["--lbd", "0"], "--lbd"),
+    "lambda<0": (["--lbd", "-1e-3"], "--lbd"),
+    "eta>1": (["--eta", "1.2"], "--eta"),
+    "eta<0": (["--eta", "-0.1"], "--eta"),
+    "epsilon<0": (["--epsilon", "-0.01"], "--epsilon"),
+    "epsilon>1": (["--epsilon", "3"], "--epsilon"),
+    "|c|>1": (["--c", "1.5"], "--c"),
+    "|d|>1": (["--d", "-2"], "--d"),
+    "max_dist<1": (["--max_dist", "0"], "--max_dist"),
+    "approx word": (["--approx", "maybe"], "--approx"),
+    "not a number": (["--k", "four"], "--k"),
+    "sweep key": (["--sweep", "foo=1,2"], "--sweep"),
+    "sweep value": (["--sweep", "eta=0.1,1.5"], "--eta"),
+    "features needs c>=d": (["--gram", "features", "--c", "0.1", "--d", "0.3"], "--gram features"),
+}
+
+
+@pytest.mark.parametrize("argv,needle", BAD.values(), ids=BAD.keys())
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, needle):
+    assert cli(tmp_path, *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_faithful_mode_reproduces_its_numbers_per_seed(tmp_path, capsys):
+    argv = ["--solver", "faithful", "--k", "3", "--n", "8", "--max_dist", "2", "--max_iter", "30"]
+    runs = {}
+    for where, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert run_main(numerical_solving.main, [str(a) for a in argv + ["--seed", seed, "--out", tmp_path / where]]) == 0
+        files = sorted((tmp_path / where / "softmax").glob("*.npz"))
+        assert [f.name[-6:] for f in files] == ["_0.npz", "_1.npz", "_2.npz"]
+        runs[where] = [np.load(f, allow_pickle=False)["Y"] for f in files]
+    assert runs["a"][1].dtype == np.float32                  # the original's default dtype
+    for ya, yb in zip(runs["a"], runs["b"]):
+        assert np.array_equal(ya, yb)
+    assert not np.array_equal(runs["a"][1], runs["c"][1])
+    out = capsys.readouterr().out
+    assert "Adam hit --max_iter 30" in out and "NOT converged" in out
+
+
+def test_round_zero_is_the_given_labels_and_arrays_are_plain(tmp_path):
+    assert cli(tmp_path, "--k", "3", "--n", "6", "--max_dist", "1", "--approx") == 0
+    files = sorted((tmp_path / "out" / "linear").glob("*.npz"))
+    z = np.load(files[0], allow_pickle=False)
+    assert int(z["round"]) == 0
+    assert np.array_equal(z["Y"], np.eye(3)[z["given_labels"]].T)
+    assert np.array_equal(z["true_labels"], np.repeat(np.arange(3), 6))
+
+
+def test_sweep_writes_one_record_per_setting_and_round_and_the_figure(tmp_path, capsys):
+    rc = cli(tmp_path, "--k", "3", "--n", "8", "--max_dist", "2", "--gram", "features", "--epsilon", "0.1",
+             "--lbd", "1e-3", "--sweep", "eta=0.2,0.4", "--sweep", "seed=0,1", "--name", "sw", "--save", "False")
+    assert rc == 0
+    folder = tmp_path / "out" / "sw"
+    recs = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 * 3
+    assert {(r["eta"], r["seed"]) for r in recs} == {(0.2, 0), (0.2, 1), (0.4, 0), (0.4, 1)}
+    assert all(r["converged"] and r["residual"] <= 1e-10 for r in recs)
+    assert len((folder / "records.csv").read_text().splitlines()) == 1 + 12
+    for ext in ("png", "pdf"):
+        assert (folder / f"figure.{ext}").stat().st_size > 1000
+    assert not (tmp_path / "out" / "softmax").exists()          # --save False
+
+
+def test_yaml_config_sets_options_and_sweep_and_flags_win(tmp_path):
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text("name: g\noptions: {k: 3, n: 6, max_dist: 1, approx: true, epsilon: 0.0}\nsweep: {eta: [0.1, 0.3]}\n")
+    assert cli(tmp_path, "--config", cfg, "--n", "5", "--save", "False") == 0
+    recs = [json.loads(line) for line in (tmp_path / "out" / "g" / "records.jsonl").read_text().splitlines()]
+    assert {r["n"] for r in recs} == {5} and {r["mode"] for r in recs} == {"linear"}
+    assert sorted({r["eta"] for r in recs}) == [0.1, 0.3]
+
+
+def test_printout_shows_theory_and_closed_form_beside_the_solution(tmp_path, capsys):
+    assert cli(tmp_path, "--k", "3", "--n", "10", "--max_dist", "2", "--epsilon", "0.05", "--lbd", "1e-3") == 0
+    out = capsys.readouterr().out
+    assert "NOT a Gram matrix" in out and "t* =" in out and "closed form" in out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and "|" in line]
+    assert [int(r.split("|")[0]) for r in rows] == [0, 1, 2]
+    assert all(not math.isnan(float(r.split("|")[4])) for r in rows)

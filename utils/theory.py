@@ -1,0 +1,866 @@
+"""The theory model of the paper: fixed points of self-distillation for a linear softmax probe.
+
+K classes, n samples each (N = Kn), a "correlation" matrix G (N x N), targets T (K x N, columns on
+the simplex) and weight decay lambda. The optimal probe's outputs Y solve
+
+    Y = softmax((T - Y) G / (N lambda))                                 (1)   softmax mode
+    Y = 1/K + ((T - Y) G / (N lambda)) / K                              (2)   linear mode
+
+and round t + 1 solves the same equation with T := Y_t (round 1 uses the given labels).
+
+Everything here is a small function of tensors; the command line lives in `numerical_solving.py`.
+Sections: the model (matrix, labels), diagnostics, solvers (linear closed form, Newton-Krylov for
+softmax, the original's Adam), the closed-form theory of the class-wise model, one setting run
+round by round, and the files a run writes (arrays, records, figure).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GRAMS = ("original", "psd", "features")
+LABEL_NOISE = ("sampled", "exact")
+SOLVERS = ("exact", "faithful")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything that changes the numbers of one run (the seed included)."""
+    k: int = 4
+    n: int = 500
+    lbd: float = 1e-5
+    c: float = 0.4
+    d: float = 0.1
+    eta: float = 0.5
+    epsilon: float = 0.05
+    seed: int = 0
+    gram: str = "original"
+    labels: str = "sampled"
+
+    @property
+    def N(self) -> int:
+        return self.k * self.n
+
+
+def sub_seeds(seed: int) -> dict:
+    """Independent streams for the matrix, the labels and the Adam starts: the same seed gives the
+    same labels whatever --gram or --solver is chosen, so runs can be compared sample by sample."""
+    children = np.random.SeedSequence(int(seed)).spawn(3)
+    names = ("gram", "labels", "adam")
+    return {name: int(child.generate_state(1, dtype=np.uint64)[0] % (2 ** 63)) for name, child in zip(names, children)}
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def true_classes(k: int, n: int) -> torch.Tensor:
+    """Samples are stored class by class: 0..0, 1..1, ... (the block structure of G)."""
+    return torch.arange(k).repeat_interleave(n)
+
+
+def block_matrix(k: int, n: int, c: float, d: float, dtype=torch.float64) -> torch.Tensor:
+    """The class-wise correlation model without noise: c inside a class, d across, 1 on the diagonal."""
+    y = true_classes(k, n)
+    same = y[:, None] == y[None, :]
+    G = torch.where(same, torch.tensor(c, dtype=dtype), torch.tensor(d, dtype=dtype))
+    G.fill_diagonal_(1.0)
+    return G
+
+
+@dataclass
+class Kernel:
+    """G, and when G is a Gram matrix of known features, the features Phi (r x N, G = Phi^T Phi).
+
+    `matmul(X)` is X G; with a thin factor (r < N/2) it is computed as (X Phi^T) Phi, which is
+    cheaper, and it is the form that makes "features whose Gram matrix is G" explicit."""
+    G: torch.Tensor
+    factor: torch.Tensor | None = None
+    description: str = ""
+    _low: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def N(self) -> int:
+        return self.G.shape[0]
+
+    def thin(self) -> bool:
+        return self.factor is not None and self.factor.shape[0] < self.N // 2
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        if self.thin():
+            return (X @ self.factor.T) @ self.factor
+        return X @ self.G
+
+    def lowp(self, dtype) -> "Kernel":
+        """A copy in a lower precision for the inner Krylov solves (memory traffic halves)."""
+        if dtype not in self._low:
+            self._low[dtype] = Kernel(self.G.to(dtype), None if self.factor is None else self.factor.to(dtype))
+        return self._low[dtype]
+
+
+def original_gram(k, n, c, d, epsilon, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """As the original: the block matrix plus i.i.d. uniform noise in [-eps, eps] on EVERY entry
+    (not symmetrised), then ones on the diagonal. Not a Gram matrix in general."""
+    N = k * n
+    G = block_matrix(k, n, c, d, dtype)
+    if epsilon > 0:
+        G = G + (torch.rand(N, N, generator=gen, dtype=dtype) * 2 - 1) * epsilon
+    G.fill_diagonal_(1.0)
+    return G
+
+
+def psd_projection(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-in-spirit Gram matrix: symmetrise, clip negative eigenvalues to 0, rescale to a unit
+    diagonal. Returns (G_psd, Phi) with G_psd = Phi^T Phi exactly (Phi has only the kept
+    eigen-directions), so the result is a true Gram matrix of explicit features."""
+    S = 0.5 * (G + G.T)
+    w, U = torch.linalg.eigh(S)
+    keep = w > 0
+    Phi = (U[:, keep] * w[keep].sqrt()).T          # r x N
+    norms = Phi.norm(dim=0).clamp_min(torch.finfo(G.dtype).tiny)
+    Phi = Phi / norms                              # unit diagonal; column scaling keeps PSD
+    return Phi.T @ Phi, Phi
+
+
+def feature_dim_for_noise(c: float, epsilon: float) -> int:
+    """Noise dimension D so that off-diagonal noise (1-c)<z_i, z_j> of random unit vectors has the
+    variance of the original's uniform noise: (1-c)^2 / D = epsilon^2 / 3."""
+    return max(1, int(round(3 * (1 - c) ** 2 / epsilon ** 2)))
+
+
+def feature_gram(k, n, c, d, epsilon, gen: torch.Generator, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A true Gram matrix with the model's block means: phi_i = [B^(1/2) e_class(i), sqrt(1-c) z_i]
+    with B = (c-d) I + d 11^T (K x K) and z_i unit vectors. ||phi_i|| = 1, <phi_i, phi_j> = c or d
+    plus (1-c)<z_i, z_j>. epsilon = 0 uses orthonormal z_i (G is the block matrix exactly); otherwise
+    z_i are random directions in D = 3(1-c)^2/eps^2 dimensions (same noise variance as the
+    original, but symmetric, and G has rank <= K + D)."""
+    N = k * n
+    B = (c - d) * torch.eye(k, dtype=dtype) + d * torch.ones(k, k, dtype=dtype)
+    w, V = torch.linalg.eigh(B)
+    root = (V * w.clamp_min(0).sqrt()) @ V.T       # symmetric square root of B
+    cls = root[:, true_classes(k, n)]             # K x N
+    if epsilon == 0 or c >= 1:
+        Z = torch.eye(N, dtype=dtype)
+    else:
+        D = feature_dim_for_noise(c, epsilon)
+        Z = torch.randn(D, N, generator=gen, dtype=dtype)
+        Z = Z / Z.norm(dim=0)
+    Phi = torch.cat([cls, math.sqrt(max(1 - c, 0.0)) * Z], dim=0)
+    return Phi.T @ Phi, Phi
+
+
+def build_kernel(s: Setting, dtype=torch.float64) -> Kernel:
+    gen = generator(sub_seeds(s.seed)["gram"])
+    if s.gram == "original":
+        return Kernel(original_gram(s.k, s.n, s.c, s.d, s.epsilon, gen, dtype), None,
+                      "original: block matrix + uniform noise on every entry (not symmetrised), unit diagonal")
+    if s.gram == "psd":
+        G, Phi = psd_projection(original_gram(s.k, s.n, s.c, s.d, s.epsilon, gen, dtype))
+        return Kernel(G, Phi, f"psd: original symmetrised, negative eigenvalues clipped, unit diagonal (rank {Phi.shape[0]})")
+    if s.gram == "features":
+        G, Phi = feature_gram(s.k, s.n, s.c, s.d, s.epsilon, gen, dtype)
+        return Kernel(G, Phi, f"features: Gram matrix of {Phi.shape[0]}-dimensional features with the block means "
+                              f"and symmetric noise of the original's variance")
+    raise ValueError(f"unknown gram {s.gram!r}")
+
+
+def noisy_labels(true: torch.Tensor, k: int, eta: float, gen: torch.Generator, exact: bool = False) -> torch.Tensor:
+    """Each sample keeps its class with probability 1-eta, else takes a uniformly random OTHER class
+    (the original). `exact`: per class exactly round(eta n) samples are corrupted, spread as evenly
+    as possible over the other classes, so realised label frequencies equal the population ones."""
+    N = true.numel()
+    if not exact:
+        flip = torch.rand(N, generator=gen, dtype=torch.float64) < eta
+        offset = torch.randint(1, k, (N,), generator=gen) if k > 1 else torch.zeros(N, dtype=torch.long)
+        return torch.where(flip, (true + offset) % k, true)
+    given = true.clone()
+    for cls in range(k):
+        idx = (true == cls).nonzero().squeeze(1)
+        m = int(round(eta * idx.numel()))
+        chosen = idx[torch.randperm(idx.numel(), generator=gen)[:m]]
+        offset = torch.arange(m) % (k - 1) + 1
+        given[chosen] = (cls + offset) % k
+    return given
+
+
+def one_hot(labels: torch.Tensor, k: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels, k).T.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+# ----------------------------------------------------------------------------------------------
+
+def gram_diagnostics(G: torch.Tensor, full_spectrum_max_n: int = 1000) -> dict:
+    """Is G a Gram matrix? Symmetry, and the smallest eigenvalue of its symmetric part (x^T G x only
+    sees that part). For small N also the eigenvalue of G itself with the smallest real part."""
+    import scipy.linalg
+
+    Gc = G.detach().to("cpu", torch.float64)
+    asym = (Gc - Gc.T).abs().max().item()
+    S = (0.5 * (Gc + Gc.T)).numpy()
+    N = S.shape[0]
+    lo = float(scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[0, 0], driver="evr")[0])
+    hi = float(scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[N - 1, N - 1], driver="evr")[0])
+    tol = 1e-9 * max(1.0, abs(hi))
+    out = {"symmetric": asym <= 1e-12 * max(1.0, abs(hi)), "asymmetry": asym, "min_eig_sym": lo, "max_eig_sym": hi,
+           "psd": lo >= -tol, "min_real_eig": None}
+    out["gram"] = out["symmetric"] and out["psd"]
+    if N <= full_spectrum_max_n:
+        out["min_real_eig"] = torch.linalg.eigvals(Gc).real.min().item()
+    return out
+
+
+def describe_diagnostics(diag: dict) -> list[str]:
+    lines = [f"G symmetric: {'yes' if diag['symmetric'] else 'no'} (max|G - G^T| = {diag['asymmetry']:.3g}); "
+             f"eigenvalues of (G + G^T)/2 in [{diag['min_eig_sym']:.4g}, {diag['max_eig_sym']:.4g}]"
+             + (f"; smallest real part of an eigenvalue of G: {diag['min_real_eig']:.4g}" if diag["min_real_eig"] is not None else "")]
+    if diag["gram"]:
+        lines.append("G is a Gram matrix (symmetric PSD): the softmax fixed point is unique (strictly convex kernel "
+                     "logistic regression)")
+    else:
+        why = []
+        if not diag["symmetric"]:
+            why.append("not symmetric")
+        if not diag["psd"]:
+            why.append(f"smallest eigenvalue {diag['min_eig_sym']:.3g} < 0")
+        lines.append(f"WARNING: G is NOT a Gram matrix ({', '.join(why)}): no features have this G, (1) is not the "
+                     "optimality condition of a convex problem, and the fixed point may not be unique; the one "
+                     "reported is the one reached from the solver's start. --gram psd or --gram features keep G a "
+                     "true Gram matrix.")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-point maps and residuals
+# ----------------------------------------------------------------------------------------------
+
+def fixed_point_map(Y, T, kernel: Kernel, lbd: float, approx: bool):
+    """F(Y) of (1) or (2)."""
+    K, N = Y.shape
+    Z = kernel.matmul(T - Y) / (N * lbd)
+    return 1.0 / K + Z / K if approx else torch.softmax(Z, dim=0)
+
+
+def fixed_point_residual(Y, T, kernel: Kernel, lbd: float, approx: bool) -> float:
+    """max |Y - F(Y)|, the number every solver reports."""
+    return (Y - fixed_point_map(Y, T, kernel, lbd, approx)).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Solvers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Solve:
+    Y: torch.Tensor
+    residual: float
+    iterations: int
+    converged: bool
+    note: str = ""
+    work: int = 0          # products with G (exact softmax) or Adam steps
+
+
+def linear_rounds(kernel: Kernel, T0: torch.Tensor, lbd: float, rounds: int, tol: float = 1e-10) -> list[Solve]:
+    """All rounds of (2) in closed form: Y (I + S) = J/K + T S with S = G/(K N lambda); one LU of
+    (I + S) serves every round (a round is one triangular solve)."""
+    K, N = T0.shape
+    S = kernel.G / (K * N * lbd)
+    A = torch.eye(N, dtype=S.dtype, device=S.device) + S
+    LU, piv = torch.linalg.lu_factor(A.T.contiguous())   # we solve Y A = B, i.e. A^T Y^T = B^T
+    out, T = [], T0
+    for _ in range(rounds):
+        B = 1.0 / K + T @ S
+        Y = torch.linalg.lu_solve(LU, piv, B.T.contiguous()).T.contiguous()
+        res = fixed_point_residual(Y, T, kernel, lbd, approx=True)
+        # rounding makes the residual proportional to the size of Y, so the tolerance is relative
+        # once the outputs leave [0, 1] (they do when the rounds amplify, see below)
+        scale = max(1.0, Y.abs().max().item())
+        ok = res <= tol * scale
+        note = ""
+        if scale > 10:
+            note = (f"outputs grow round after round (max|Y| = {scale:.3g}): G has eigenvalues with real part "
+                    f"below -K N lambda / 2 = {-K * N * lbd / 2:.3g}, along which a round multiplies by "
+                    "|s/(1+s)| > 1 instead of averaging (G is not PSD)")
+        if not ok:
+            note = f"residual {res:.2e} above {tol:.0e} x max(1, max|Y|): I + G/(K N lambda) is ill-conditioned. " + note
+        out.append(Solve(Y, res, 1, ok, note.strip()))
+        T = Y
+    return out
+
+
+def _softmax_jac(P: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Column-wise softmax Jacobian (diag(p) - p p^T) applied to X."""
+    return P * X - P * (P * X).sum(-2, keepdim=True)
+
+
+def top_subspace(kernel: Kernel, m: int, gen: torch.Generator, iters: int = 8) -> torch.Tensor:
+    """Orthonormal basis of the top-m eigen-directions of (G + G^T)/2 by subspace iteration. In the
+    class-wise model these are the K class-mean directions, with eigenvalues ~ n(c-d) far above the
+    rest (~1-c), so a few iterations suffice; the basis only feeds the preconditioner."""
+    G = kernel.G
+    N = G.shape[0]
+    m = min(m, N)
+    Q = torch.randn(N, m, generator=gen, dtype=torch.float64).to(G)
+    for _ in range(iters):
+        Q, _ = torch.linalg.qr(0.5 * (G @ Q + G.T @ Q))
+    w, V = torch.linalg.eigh(Q.T @ (0.5 * (G @ Q + G.T @ Q)))
+    return Q @ V
+
+
+class _Preconditioner:
+    """Exact inverse of the Newton operator  X -> N lambda X + M(X G~)  for G~ = sigma I + U C U^T
+    (G's top eigen-directions exactly, the rest of its spectrum replaced by its mean sigma): the
+    sigma part is a K x K block per sample, the low-rank part is handled by Woodbury (rank K m)."""
+
+    def __init__(self, U, C, sigma, P, Nl, dtype):
+        K, N = P.shape
+        m = U.shape[1]
+        eye = torch.eye(K, dtype=P.dtype, device=P.device)
+        Pt = P.T
+        Mj = torch.diag_embed(Pt) - Pt[:, :, None] * Pt[:, None, :]
+        self.Binv = torch.linalg.inv(Nl * eye + sigma * Mj).permute(1, 2, 0).contiguous()   # K x K x N
+        CUt = C @ U.T                                                                    # m x N
+        E = torch.zeros(K, m, K, N, dtype=P.dtype, device=P.device)
+        for k in range(K):
+            E[k, :, k, :] = CUt
+        BPsi = self._block(_softmax_jac(P, E))                                          # K, m, K, N
+        cap = torch.eye(K * m, dtype=P.dtype, device=P.device) + (BPsi @ U).reshape(K * m, K * m).T
+        self.capinv = torch.linalg.inv(cap).to(dtype)
+        self.BPsi = BPsi.reshape(K * m, K * N).to(dtype)
+        self.U = U.to(dtype)
+        self.Binv = self.Binv.to(dtype)
+        self.shape = (K, N)
+
+    def _block(self, R):
+        return (self.Binv * R.unsqueeze(-3)).sum(-2)
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        x = self._block(r.reshape(self.shape))
+        y = self.capinv @ (x @ self.U).reshape(-1)
+        return x.reshape(-1) - y @ self.BPsi
+
+
+def gmres(matvec, b: torch.Tensor, precond, rtol: float, maxit: int) -> tuple[torch.Tensor, int, float]:
+    """Right-preconditioned GMRES (no restart) for the Newton steps; classical Gram-Schmidt with a
+    second pass when needed, Givens rotations in double precision. Returns (x, iterations, rel)."""
+    n = b.numel()
+    beta = b.norm().item()
+    if beta == 0:
+        return torch.zeros_like(b), 0, 0.0
+    V = torch.empty(maxit + 1, n, dtype=b.dtype, device=b.device)
+    V[0] = b / beta
+    H = [[0.0] * maxit for _ in range(maxit + 1)]
+    cs, sn, g = [], [], [beta] + [0.0] * maxit
+    j, rel = 0, 1.0
+    for j in range(maxit):
+        w = matvec(precond(V[j]))
+        w_norm = w.norm().item()
+        h = V[: j + 1] @ w
+        w = w - h @ V[: j + 1]
+        hn = w.norm().item()
+        if hn < 0.7 * w_norm:
+            # cancellation: a second Gram-Schmidt pass restores orthogonality (DGKS criterion);
+            # skipped otherwise, since each pass reads the whole basis
+            h2 = V[: j + 1] @ w
+            w = w - h2 @ V[: j + 1]
+            h = h + h2
+            hn = w.norm().item()
+        col = h.double().tolist()
+        for i in range(j):
+            a, bb = col[i], col[i + 1]
+            col[i], col[i + 1] = cs[i] * a + sn[i] * bb, -sn[i] * a + cs[i] * bb
+        r = math.hypot(col[j], hn)
+        c_, s_ = (col[j] / r, hn / r) if r > 0 else (1.0, 0.0)
+        cs.append(c_)
+        sn.append(s_)
+        col[j] = r
+        g[j + 1] = -s_ * g[j]
+        g[j] = c_ * g[j]
+        for i in range(j + 1):
+            H[i][j] = col[i]
+        rel = abs(g[j + 1]) / beta
+        if rel <= rtol or hn == 0:
+            break
+        V[j + 1] = w / hn
+    k = j + 1
+    y = [0.0] * k
+    for i in range(k - 1, -1, -1):
+        y[i] = (g[i] - sum(H[i][l] * y[l] for l in range(i + 1, k))) / H[i][i]
+    yv = torch.tensor(y, dtype=b.dtype, device=b.device)
+    return precond(yv @ V[:k]), k, rel
+
+
+@dataclass
+class _NewtonOut:
+    A: torch.Tensor
+    P: torch.Tensor
+    converged: bool
+    iterations: int
+    matvecs: int
+    residual: float
+
+
+def _newton(kernel, T, Nl, A, U, C, sigma, *, tol, max_newton, y_residual, krylov_dtype, max_krylov, log=None):
+    """Damped inexact Newton on F(A) = N lambda A + softmax(A G) - T = 0 (A = (T - Y)/(N lambda)).
+
+    For a Gram matrix this is Newton on the strongly convex kernel logistic regression (its
+    gradient is F G); in general it is Newton on the equation. Step sizes by backtracking on
+    ||F||^2, Krylov tolerances by Eisenstat-Walker. `y_residual`: stop on max|Y - F(Y)| <= tol
+    (final stage) instead of on max|F| (intermediate continuation stages)."""
+    low = kernel.lowp(krylov_dtype)
+    K, N = T.shape
+    matvecs = 0
+
+    def evaluate(A):
+        P = torch.softmax(kernel.matmul(A), dim=0)
+        return Nl * A + P - T, P
+
+    F, P = evaluate(A)
+    matvecs += 1
+    forcing = 1e-2
+    res = float("inf")
+    fnorm = F.norm().item()
+    history = []
+    for it in range(max_newton + 1):
+        history.append(fnorm)
+        if it >= 10 and fnorm > 0.3 * history[it - 10]:
+            if log:
+                log(f"    newton at lambda={Nl / N:.3g} makes no progress (||F|| {fnorm:.2e}); giving up this start")
+            break
+        fmax = F.abs().max().item()
+        if y_residual:
+            # cheap necessary condition first: the Y-residual needs one more product with G
+            if fmax < 1e-6:
+                res = fixed_point_residual(P, T, kernel, Nl / N, approx=False)
+                matvecs += 1
+                if res <= tol:
+                    return _NewtonOut(A, P, True, it, matvecs, res)
+        elif fmax <= tol:
+            return _NewtonOut(A, P, True, it, matvecs, fmax)
+        if it == max_newton or not math.isfinite(fnorm):
+            break
+        pre = _Preconditioner(U, C, sigma, P, Nl, krylov_dtype)
+        Pl = P.to(krylov_dtype)
+
+        def jv(x):
+            X = x.reshape(K, N)
+            return (Nl * X + _softmax_jac(Pl, low.matmul(X))).reshape(-1)
+
+        rhs = (-F).reshape(-1).to(krylov_dtype)
+        dx, kit, _ = gmres(jv, rhs, pre, max(forcing, 2e-6 if krylov_dtype == torch.float32 else 1e-12), max_krylov)
+        matvecs += kit
+        dA = dx.reshape(K, N).to(A.dtype)
+        step, f0 = 1.0, fnorm ** 2
+        while True:
+            A_new = A + step * dA
+            F_new, P_new = evaluate(A_new)
+            matvecs += 1
+            f_new = F_new.norm().item()
+            if math.isfinite(f_new) and f_new ** 2 <= (1 - 1e-4 * step) * f0:
+                break
+            step *= 0.5
+            if step < 1e-4:
+                if log:
+                    log(f"    newton stalled at lambda={Nl / N:.3g}: no decrease along the Newton direction")
+                return _NewtonOut(A, P, False, it, matvecs, res if y_residual else fmax)
+        # Eisenstat-Walker (choice 2): ask the Krylov solver only for the accuracy Newton can use
+        forcing = min(0.1, max(0.9 * (f_new / fnorm) ** 2, 1e-12))
+        A, F, P, fnorm = A_new, F_new, P_new, f_new
+        if log:
+            log(f"    newton {it + 1}: lambda={Nl / N:.3g} krylov {kit} step {step:g} max|F| {F.abs().max().item():.2e}")
+    return _NewtonOut(A, P, False, it, matvecs, res if y_residual else F.abs().max().item())
+
+
+def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, *, A0: torch.Tensor | None = None,
+                        tol: float = 1e-10, max_newton: int = 60, basis: tuple | None = None,
+                        krylov_dtype=torch.float32, max_krylov: int = 500, log=None) -> tuple[Solve, torch.Tensor]:
+    """Solve (1) for Y to max|Y - F(Y)| <= tol. Returns (Solve, A) where A = (T - Y)/(N lambda) is
+    the warm start for the next round.
+
+    Strategy: Newton from the warm start A0; if it stalls, continuation in lambda: start where
+    N lambda is large (the logits are small and Newton converges from A = 0), then halve lambda,
+    rescaling A by 2 (A ~ 1/lambda), down to the target. At the defaults N lambda = 0.02 while the
+    logits reach G/(N lambda) ~ 10^4, which is why a plain fixed-point or gradient method crawls."""
+    K, N = T.shape
+    U, C, sigma = basis if basis is not None else newton_basis(kernel, K)
+    total_mv, total_it = 0, 0
+    kw = dict(U=U, C=C, sigma=sigma, krylov_dtype=krylov_dtype, max_krylov=min(max_krylov, K * N), log=log)
+
+    def finish(out: _NewtonOut, note: str):
+        Y = out.P
+        res = fixed_point_residual(Y, T, kernel, lbd, approx=False)
+        ok = res <= tol
+        if not ok and not note:
+            note = f"did NOT reach the tolerance: residual {res:.2e} > {tol:.0e}"
+        return Solve(Y, res, total_it, ok, note, total_mv), out.A
+
+    def run(lam, A, final, budget):
+        nonlocal total_mv, total_it
+        out = _newton(kernel, T, N * lam, A, tol=tol if final else 1e-4, max_newton=budget, y_residual=final, **kw)
+        total_mv += out.matvecs
+        total_it += out.iterations
+        return out
+
+    # 1) straight Newton at the target lambda: from the previous round's A, or from A = 0 in round 1
+    # (enough for moderate stiffness; a short budget, since failing here is cheap only if it is quick)
+    tried = run(lbd, A0 if A0 is not None else torch.zeros_like(T), True, min(max_newton, 20))
+    if tried.converged:
+        return finish(tried, "")
+    # 2) continuation: find a lambda where Newton from A = 0 converges, then walk down to the target
+    start = None
+    for doubling in range(4, 41, 4):
+        lam0 = lbd * 2.0 ** doubling
+        start = run(lam0, torch.zeros_like(T), False, max_newton)
+        if start.converged:
+            break
+    if start is None or not start.converged:
+        return finish(tried, f"did NOT converge: Newton failed even at lambda = {lam0:.3g}")
+    A, lam, ratio = start.A, lam0, 2.0
+    while True:
+        nxt = max(lam / ratio, lbd)
+        last = nxt <= lbd
+        out = run(nxt, A * (lam / nxt), last, max_newton)
+        if out.converged:
+            if last:
+                return finish(out, "")
+            A, lam = out.A, nxt
+            ratio = min(ratio * 1.5, 4.0)
+            continue
+        if last:
+            tried = out
+        ratio = math.sqrt(ratio)
+        if ratio < 1.02:
+            return finish(tried, f"did NOT converge: continuation in lambda stuck at {lam:.3g}")
+
+
+def newton_basis(kernel: Kernel, K: int, extra: int = 4, seed: int = 0):
+    """U (top eigen-directions of G's symmetric part), C = U^T G U - sigma I and sigma (mean of the
+    rest of the spectrum), shared by every round of a setting."""
+    G = kernel.G
+    N = G.shape[0]
+    m = min(K + extra, N)
+    U = top_subspace(kernel, m, generator(seed))
+    C = U.T @ G @ U
+    sigma = ((torch.trace(G) - torch.trace(C)) / max(N - m, 1)).item() if N > m else 0.0
+    return U, C - sigma * torch.eye(m, dtype=G.dtype, device=G.device), sigma
+
+
+def faithful_adam(kernel: Kernel, T: torch.Tensor, lbd: float, approx: bool, max_iter: int,
+                  gen: torch.Generator, stop_loss: float = 1e-5) -> Solve:
+    """The original solver: minimise ||Y - F(Y)||^2 over Y with Adam (lr 1e-2 in linear mode, 1e-3
+    in softmax mode) from a random column-normalised Y, projecting after every step (clamp at 1e-6,
+    renormalise columns), until the loss is below 1e-5 or after max_iter steps. The projection
+    also applies in linear mode, where the exact solution may have negative entries (a quirk kept)."""
+    K, N = T.shape
+    Y0 = torch.rand(K, N, generator=gen, dtype=torch.float64).to(T)
+    Y = (Y0 / Y0.sum(0, keepdim=True)).requires_grad_(True)
+    opt = torch.optim.Adam([Y], lr=1e-2 if approx else 1e-3)
+    loss_value, it = float("inf"), 0
+    for it in range(1, max_iter + 1):
+        opt.zero_grad(set_to_none=True)
+        loss = ((Y - fixed_point_map(Y, T, kernel, lbd, approx)) ** 2).sum()
+        loss_value = loss.item()
+        if loss_value < stop_loss:
+            it -= 1
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            Y.clamp_(min=1e-6)
+            Y.div_(Y.sum(0, keepdim=True))
+    Y = Y.detach()
+    res = fixed_point_residual(Y, T, kernel, lbd, approx)
+    stopped = loss_value < stop_loss
+    note = (f"Adam stopped: loss {loss_value:.2e} < {stop_loss:g} after {it} steps" if stopped
+            else f"Adam hit --max_iter {max_iter}: loss {loss_value:.2e}, NOT a fixed point")
+    return Solve(Y, res, it, stopped, note, it)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form theory of the class-wise model (epsilon = 0, linear approximation)
+# ----------------------------------------------------------------------------------------------
+
+def block_spectrum(k: int, n: int, c: float, d: float) -> dict:
+    """Eigenvalues of the block matrix (with their multiplicities) and their eigen-spaces:
+    small: within-class deviations; big: contrasts of class means; all: the all-ones vector."""
+    N = k * n
+    small = 1 - c
+    big = 1 - c + n * (c - d)
+    return {"small": (small, N - k), "big": (big, k - 1), "all": (big + N * d, 1)}
+
+
+def shrink_factors(k: int, n: int, c: float, d: float, lbd: float) -> dict:
+    """mu = s/(1+s), s = eigenvalue/(K N lambda): the factor each round multiplies that component by."""
+    N = k * n
+    out = {}
+    for name, (g, _) in block_spectrum(k, n, c, d).items():
+        s = g / (k * N * lbd)
+        out[name] = s / (1 + s) if 1 + s != 0 else float("nan")
+    return out
+
+
+def closed_form_outputs(T0: torch.Tensor, true: torch.Tensor, k: int, n: int, c: float, d: float, lbd: float,
+                        t: int) -> torch.Tensor:
+    """Y_t of (2) for the block matrix G, exactly:
+
+        y_i(t) = (1 - a^t)/K + a^t m + b^t (m_k - m) + s^t (t_i - m_k)
+
+    with m the mean given label, m_k the mean given label of sample i's class k, and (a, b, s) the
+    shrink factors of the all-ones, class-mean and within-class eigen-spaces. Derivation: 1_N is an
+    eigenvector, so J/K (I+S)^-1 = (1-a) J/K and the rounds sum to (1 - a^t) J/K; the label part is
+    T times the spectral projectors, each raised to the t-th power."""
+    mu = shrink_factors(k, n, c, d, lbd)
+    a, b, s = mu["all"], mu["big"], mu["small"]
+    m = T0.mean(dim=1, keepdim=True)
+    class_means = torch.stack([T0[:, true == cls].mean(dim=1) for cls in range(k)], dim=1)   # K x K
+    mk = class_means[:, true]
+    return (1 - a ** t) / k + a ** t * m + b ** t * (mk - m) + s ** t * (T0 - mk)
+
+
+def theory_rounds_to_perfect(k: int, n: int, c: float, d: float, lbd: float, eta: float) -> dict:
+    """The paper's condition for 100% population accuracy under symmetric noise (linear approx.,
+    epsilon = 0): with label frequencies equal to the corruption matrix (1-eta on the diagonal,
+    eta/(K-1) elsewhere) and a balanced overall mean, a sample of class k whose given label is l != k
+    is predicted correctly in round t iff
+
+        b^t Delta > s^t (1 + Delta),   Delta = (1 - eta) - eta/(K-1),
+
+    i.e. (b/s)^t > (1 + Delta)/Delta; clean samples and the other classes are correct for every
+    t >= 1 once Delta > 0 and b > s. Returns t* (the first such round) or None with the reason."""
+    mu = shrink_factors(k, n, c, d, lbd)
+    b, s = mu["big"], mu["small"]
+    delta = (1 - eta) - eta / (k - 1)
+    out = {"delta": delta, "mu": mu, "threshold": None, "t_star": None, "reason": ""}
+    if eta == 0:
+        out.update(t_star=0, reason="no corrupted labels: the given labels are already 100% correct")
+        return out
+    if not delta > 0:
+        out["reason"] = (f"the true class is not the most frequent given label (eta >= (K-1)/K = {(k - 1) / k:.3g}); "
+                         "no round reaches 100%")
+        return out
+    if not all(math.isfinite(v) and v >= 0 for v in (b, s)):
+        out["reason"] = "a shrink factor is negative or undefined (G has eigenvalues <= -K N lambda)"
+        return out
+    out["threshold"] = (1 + delta) / delta
+    if s == 0:
+        out.update(t_star=1, reason="mu_small = 0 (c = 1): one round averages every class")
+        return out
+    if not b > s:
+        out["reason"] = "mu_big <= mu_small (c <= d): class means do not outlast the label noise"
+        return out
+    t = max(1, math.floor(math.log(out["threshold"]) / math.log(b / s)) + 1)
+    while (b / s) ** t <= out["threshold"]:   # guard the floor against rounding
+        t += 1
+    while t > 1 and (b / s) ** (t - 1) > out["threshold"]:
+        t -= 1
+    out["t_star"] = t
+    return out
+
+
+def accuracies(Y: torch.Tensor, true: torch.Tensor, given: torch.Tensor) -> dict:
+    """Accuracy (%) of argmax Y against the true classes, overall and split by whether the sample's
+    given label was clean or corrupted (nan for an empty group)."""
+    pred = Y.argmax(dim=0).cpu()
+    ok = (pred == true).double()
+    clean = given == true
+
+    def pct(mask):
+        return 100.0 * ok[mask].mean().item() if mask.any() else float("nan")
+
+    return {"clean": pct(clean), "noisy": pct(~clean), "overall": 100.0 * ok.mean().item()}
+
+
+def first_perfect_round(accs: list[float], start: int = 1) -> int | None:
+    """First round whose accuracy is 100% (rounds numbered from `start`)."""
+    for i, a in enumerate(accs):
+        if a >= 100.0 - 1e-9:
+            return i + start
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# One setting, round by round
+# ----------------------------------------------------------------------------------------------
+
+def resolve_dtype(dtype: str, solver: str):
+    if dtype == "auto":
+        # exact solver: float64 (the residual target 1e-10 needs it); faithful: float32, the
+        # default dtype of the original's tensors
+        return torch.float64 if solver == "exact" else torch.float32
+    return {"float32": torch.float32, "float64": torch.float64}[dtype]
+
+
+@dataclass
+class Problem:
+    setting: Setting
+    kernel: Kernel
+    true: torch.Tensor
+    given: torch.Tensor
+    T0: torch.Tensor
+    diagnostics: dict
+    seconds: float
+
+
+def build_problem(s: Setting, device="cpu", dtype=torch.float64, diagnostics: bool = True) -> Problem:
+    t0 = time.perf_counter()
+    kernel = build_kernel(s, torch.float64)     # built in float64 on the CPU: same numbers on any device
+    diag = gram_diagnostics(kernel.G) if diagnostics else {}
+    true = true_classes(s.k, s.n)
+    given = noisy_labels(true, s.k, s.eta, generator(sub_seeds(s.seed)["labels"]), exact=s.labels == "exact")
+    kernel = Kernel(kernel.G.to(device, dtype), None if kernel.factor is None else kernel.factor.to(device, dtype),
+                    kernel.description)
+    T0 = one_hot(given, s.k, dtype).to(device)
+    return Problem(s, kernel, true, given, T0, diag, time.perf_counter() - t0)
+
+
+def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_iter: int = 100000,
+               tol: float = 1e-10, max_newton: int = 60, log=None):
+    """Yield one dict per round (round 0 = the given labels): Y, accuracies of the solved and of the
+    closed-form outputs, residual, iterations, seconds and the solver's note."""
+    s, kernel = problem.setting, problem.kernel
+    true, given, T0 = problem.true, problem.given, problem.T0
+    T0_cpu = T0.detach().to("cpu", torch.float64)
+    yield {"round": 0, "Y": T0, "acc": accuracies(T0, true, given), "cf_acc": accuracies(T0, true, given),
+           "residual": 0.0, "iterations": 0, "work": 0, "converged": True, "seconds": 0.0, "note": "given labels",
+           "cf_gap": 0.0}
+    gen = generator(sub_seeds(s.seed)["adam"])
+    T, A = T0, None
+    linear = None
+    basis = None
+    for t in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        if solver == "faithful":
+            sol = faithful_adam(kernel, T, s.lbd, approx, max_iter, gen)
+        elif approx:
+            if linear is None:
+                linear = linear_rounds(kernel, T0, s.lbd, rounds, tol)
+            sol = linear[t - 1]
+        else:
+            if basis is None:
+                basis = newton_basis(kernel, s.k, seed=sub_seeds(s.seed)["gram"])
+            sol, A = softmax_fixed_point(kernel, T, s.lbd, A0=A, tol=tol, max_newton=max_newton, basis=basis, log=log)
+        if kernel.G.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        Ycf = closed_form_outputs(T0_cpu, true, s.k, s.n, s.c, s.d, s.lbd, t)
+        yield {"round": t, "Y": sol.Y, "acc": accuracies(sol.Y, true, given), "cf_acc": accuracies(Ycf, true, given),
+               "residual": sol.residual, "iterations": sol.iterations, "work": sol.work, "converged": sol.converged,
+               "seconds": seconds, "note": sol.note,
+               "cf_gap": (sol.Y.detach().to("cpu", torch.float64) - Ycf).abs().max().item()}
+        T = sol.Y.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files a run writes (all through the atomic writers)
+# ----------------------------------------------------------------------------------------------
+
+def run_tag(s: Setting, solver: str) -> str:
+    """The original's name `{K}_{n}_{lbd}_{c}_{d}_{eta}_{epsilon}` plus what the original left out
+    (seed, matrix variant, label noise, solver), so runs never overwrite each other."""
+    return (f"{s.k}_{s.n}_{s.lbd:g}_{s.c:g}_{s.d:g}_{s.eta:g}_{s.epsilon:g}"
+            f"_seed{s.seed}_{s.gram}_{s.labels}_{solver}")
+
+
+def save_round_array(path: Path, Y: torch.Tensor, true: torch.Tensor, given: torch.Tensor, round_: int, info: dict):
+    """One .npz per round (plain arrays, loadable with allow_pickle=False)."""
+    from utils.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, Y=Y.detach().cpu().numpy(), true_labels=true.numpy(), given_labels=given.numpy(),
+             round=np.int64(round_), residual=np.float64(info.get("residual", 0.0)),
+             iterations=np.int64(info.get("iterations", 0)))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+RECORD_FIELDS = ["k", "n", "lbd", "c", "d", "eta", "epsilon", "seed", "gram", "labels", "solver", "mode", "round",
+                 "clean", "noisy", "overall", "cf_clean", "cf_noisy", "cf_overall", "cf_gap", "residual",
+                 "iterations", "work", "converged", "seconds", "t_star", "min_eig_sym", "symmetric", "device",
+                 "dtype", "torch"]
+
+
+def make_record(s: Setting, solver: str, approx: bool, r: dict, extra: dict) -> dict:
+    rec = asdict(s)
+    rec.update(solver=solver, mode="linear" if approx else "softmax", round=r["round"],
+               clean=r["acc"]["clean"], noisy=r["acc"]["noisy"], overall=r["acc"]["overall"],
+               cf_clean=r["cf_acc"]["clean"], cf_noisy=r["cf_acc"]["noisy"], cf_overall=r["cf_acc"]["overall"],
+               cf_gap=r["cf_gap"], residual=r["residual"], iterations=r["iterations"], work=r["work"],
+               converged=r["converged"], seconds=round(r["seconds"], 4))
+    rec.update(extra)
+    return rec
+
+
+def write_records(folder: Path, records: list[dict]) -> tuple[Path, Path]:
+    """records.csv and records.jsonl, each rewritten atomically (a reader never sees half a file)."""
+    from utils.io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RECORD_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for rec in records:
+        writer.writerow(rec)
+    csv_path = atomic_write_text(folder / "records.csv", buf.getvalue())
+    jsonl = "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in records)
+    return csv_path, atomic_write_text(folder / "records.jsonl", jsonl)
+
+
+def setting_label(rec: dict, varying: list[str]) -> str:
+    if not varying:
+        return f"{rec['solver']} ({rec['mode']})"
+    return ", ".join(f"{key}={rec[key]:g}" if isinstance(rec[key], float) else f"{key}={rec[key]}" for key in varying)
+
+
+def draw_figure(folder: Path, records: list[dict], varying: list[str], title: str) -> list[Path]:
+    """The paper's picture for this experiment: accuracy of clean and of noisy samples against the
+    distillation round, one line per setting (solid: solved fixed point, dashed: closed form)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from utils.io import atomic_write_bytes
+
+    groups: dict = {}
+    for rec in records:
+        key = tuple((k, rec[k]) for k in RECORD_FIELDS[:12])
+        groups.setdefault(key, []).append(rec)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, recs in enumerate(groups.values()):
+        recs = sorted(recs, key=lambda r: r["round"])
+        rounds = [r["round"] for r in recs]
+        color = colors[i % len(colors)]
+        label = setting_label(recs[0], varying)
+        for ax, part in zip(axes, ("clean", "noisy")):
+            ax.plot(rounds, [r[part] for r in recs], "-o", color=color, ms=3, label=label)
+            ax.plot(rounds, [r["cf_" + part] for r in recs], "--", color=color, alpha=0.6)
+    for ax, part in zip(axes, ("clean", "noisy")):
+        ax.set_title(f"{part} samples (given label {'correct' if part == 'clean' else 'corrupted'})")
+        ax.set_xlabel("distillation round (0 = given labels)")
+        ax.set_ylim(-3, 103)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy against the true class (%)")
+    axes[1].legend(fontsize=8, title="solid: solved, dashed: closed form", title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=150)
+        paths.append(atomic_write_bytes(folder / f"figure.{ext}", buf.getvalue()))
+    plt.close(fig)
+    return paths
