@@ -57,7 +57,7 @@ def build_parser() -> ArgumentParser:
     add_bool_flag(new, "--save", default=True, help="save Y of every round as .npz (False: records only)")
     n("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
       help=f"solve a grid (repeatable: the product); KEY in {', '.join(SWEEPABLE)}")
-    n("--config", default=None, metavar="YAML", help="options and sweep from a file (see recipes/theory_eta.yaml)")
+    n("--config", default=None, metavar="YAML", help="options and sweep from a file (see recipes/theory/eta.yaml)")
     add_bool_flag(new, "--verbose", help="print the Newton iterations")
     return p
 

@@ -122,6 +122,13 @@ def test_ls_temperature_kind_writes_tables(tmp_path):
     assert "| Teacher | 80.50 / 95.00 |" in md and "| Student T = 4 | 74.00 / 90.00 |" in md
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "theory").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_theory_recipe_parses(path):
+    import numerical_solving
+
+    numerical_solving.load_config(str(path), numerical_solving.build_parser())
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_parses(path):
     from utils.grid import load_grid
