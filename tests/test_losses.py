@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import (GCE_Q, cross_entropy_per_run, distillation_targets, generalized_cross_entropy,
-                          label_smoothed_targets, pll_candidates, soft_cross_entropy)
+from utils.losses import (GCE_Q, distillation_targets, generalized_cross_entropy,
+                          hard_label_cross_entropy, pll_candidates, soft_cross_entropy)
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -55,7 +55,6 @@ def test_soft_cross_entropy_at_T1_is_plain_cross_entropy_bit_for_bit():
     labels = torch.randint(0, 6, (2, 9))
     q = F.one_hot(labels, 6).float()
     loss, grad = soft_cross_entropy(logits, q, torch.ones(2))
-    assert torch.equal(loss, cross_entropy_per_run(logits, labels))
     assert torch.equal(loss, -(q * torch.log_softmax(logits, -1)).sum(-1).mean(-1))
     torch.testing.assert_close(loss, torch.stack([F.cross_entropy(logits[i], labels[i]) for i in range(2)]),
                                atol=1e-6, rtol=0)
@@ -90,20 +89,48 @@ def test_gce_gradient_matches_autograd():
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9])
 def test_label_smoothing_matches_torch_cross_entropy(alpha):
     torch.manual_seed(3)
-    logits = torch.randn(1, 11, 7)
+    logits = torch.randn(1, 11, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 7, (1, 11))
-    q = label_smoothed_targets(labels, 7, torch.tensor([alpha]))
-    torch.testing.assert_close(q.sum(-1), torch.ones(1, 11))
-    loss, _ = soft_cross_entropy(logits, q, torch.ones(1))
+    loss, grad = hard_label_cross_entropy(logits.detach(), labels, torch.tensor([alpha], dtype=torch.float64))
     ref = F.cross_entropy(logits[0], labels[0], label_smoothing=alpha)
-    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
+    ref.backward()
+    torch.testing.assert_close(grad, logits.grad, atol=1e-12, rtol=1e-10)
 
 
-def test_label_smoothing_per_run_and_exact_one_hot_at_zero():
-    labels = torch.tensor([[0, 2], [1, 1]])
-    q = label_smoothed_targets(labels, 3, torch.tensor([0.0, 0.3]))
-    assert torch.equal(q[0], F.one_hot(labels[0], 3).float())
-    torch.testing.assert_close(q[1], torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.8, 0.1]]))
+def test_label_smoothing_by_hand():
+    # K = 3, alpha = 0.3: q = (0.1, 0.8, 0.1); logits 0 -> p = 1/3 each; CE = ln 3; grad = (p - q) / B
+    loss, grad = hard_label_cross_entropy(torch.zeros(1, 2, 3, dtype=torch.float64), torch.tensor([[1, 1]]),
+                                          torch.tensor([0.3], dtype=torch.float64))
+    assert loss.item() == pytest.approx(LN3, abs=1e-12)
+    third = 1 / 3
+    row = [(third - 0.1) / 2, (third - 0.8) / 2, (third - 0.1) / 2]
+    torch.testing.assert_close(grad, torch.tensor([[row, row]], dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [None, [0.0, 0.0, 0.0], [0.0, 0.1, 0.35]], ids=["none", "zeros", "mixed"])
+@pytest.mark.parametrize("batch", [8, 19])
+def test_hard_labels_give_the_gradient_of_the_full_target_bit_for_bit(alpha, batch):
+    # the trainer never builds the (R, B, K) target; it must still take exactly the same steps
+    torch.manual_seed(5)
+    logits, labels = torch.randn(3, batch, 6) * 4, torch.randint(0, 6, (3, batch))
+    a = torch.zeros(3) if alpha is None else torch.tensor(alpha)
+    q = F.one_hot(labels, 6).float() * (1 - a.view(-1, 1, 1)) + a.view(-1, 1, 1) / 6
+    ref_loss, ref_grad = soft_cross_entropy(logits, q, torch.ones(3))
+    loss, grad = hard_label_cross_entropy(logits, labels, None if alpha is None else a)
+    assert torch.equal(grad, ref_grad)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    if alpha is None:
+        assert torch.equal(loss, ref_loss)
+
+
+def test_soft_cross_entropy_without_temperature_is_T1_bit_for_bit():
+    torch.manual_seed(6)
+    logits = torch.randn(2, 13, 5) * 3
+    q = torch.softmax(torch.randn(2, 13, 5), -1)
+    loss, grad = soft_cross_entropy(logits, q)
+    ref_loss, ref_grad = soft_cross_entropy(logits, q, torch.ones(2))
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
 
 
 def test_distillation_targets_are_tempered_softmax():
@@ -124,12 +151,3 @@ def test_pll_candidates_are_top2_and_temperature_free():
     # the two entries are the two largest logits
     sorted_idx = z.argsort(-1, descending=True)[..., :2]
     assert torch.equal(top2, sorted_idx)
-
-
-def test_cross_entropy_per_run_broadcasts_shared_labels():
-    torch.manual_seed(5)
-    logits = torch.randn(3, 8, 4)
-    labels = torch.randint(0, 4, (8,))
-    got = cross_entropy_per_run(logits, labels)
-    ref = torch.stack([F.cross_entropy(logits[i], labels) for i in range(3)])
-    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from utils.losses import distillation_targets, pll_candidates
 from utils.train import (Hyper, NonFiniteLoss, Targets, TrainData, evaluate, shuffled_positions, topk_hits,
@@ -218,3 +219,35 @@ def test_topk_hits_counts():
     logits = torch.tensor([[[3.0, 2.0, 1.0], [0.0, 1.0, 2.0], [5.0, 0.0, 4.0]]])
     top1, top2 = topk_hits(logits, torch.tensor([[1, 2, 1]]))
     assert top1.tolist() == [1] and top2.tolist() == [2]
+
+
+def test_topk_hits_agree_with_topk_and_count_ties_and_nans_as_misses():
+    torch.manual_seed(11)
+    logits, labels = torch.randn(3, 200, 7), torch.randint(0, 7, (2, 3, 200))
+    top2 = logits.topk(2, dim=-1).indices
+    hit = top2 == labels.unsqueeze(-1)
+    top1, top2_hits = topk_hits(logits, labels)
+    assert torch.equal(top1, hit[..., 0].sum(-1)) and torch.equal(top2_hits, hit.any(-1).sum(-1))
+    constant = torch.zeros(1, 4, 5)                     # every class tied: no hit, not 100%
+    assert [h.tolist() for h in topk_hits(constant, torch.tensor([[0, 1, 2, 3]]))] == [[0], [0]]
+    two_way = torch.tensor([[[1.0, 1.0, 0.0]]])         # label tied for first: a top-2 hit, not a top-1 hit
+    assert [h.tolist() for h in topk_hits(two_way, torch.tensor([[1]]))] == [[0], [1]]
+    nan = torch.tensor([[[float("nan"), 0.0, -1.0]]])
+    assert [h.tolist() for h in topk_hits(nan, torch.tensor([[0]]))] == [[0], [0]]
+
+
+def test_evaluate_metrics_against_torch():
+    torch.manual_seed(12)
+    test_x, test_y = torch.randn(40, D), torch.randint(0, K, (40,))
+    data = TrainData(torch.randn(10, D), torch.zeros(2, 10, dtype=torch.long), torch.zeros(2, 10, dtype=torch.long),
+                     torch.zeros(2, 10, dtype=torch.long), test_x, test_y, num_classes=K)
+    weight = torch.randn(2, K, D)
+    got = evaluate(data, weight)
+    for r in range(2):
+        logits = test_x @ weight[r].T
+        p = torch.softmax(logits, -1)
+        assert got["test_loss"][r].item() == pytest.approx(F.cross_entropy(logits, test_y).item(), abs=1e-5)
+        assert got["test_acc"][r].item() == pytest.approx((logits.argmax(-1) == test_y).float().mean().item() * 100)
+        assert got["test_confidence"][r].item() == pytest.approx(p.max(-1).values.mean().item() * 100, abs=1e-4)
+        entropy = torch.distributions.Categorical(logits=logits).entropy().mean()
+        assert got["test_entropy"][r].item() == pytest.approx(entropy.item(), abs=1e-5)
