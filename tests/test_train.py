@@ -92,9 +92,10 @@ def test_batched_runs_equal_runs_done_alone(kind):
         assert int(together.best_val.epoch[r]) == int(alone.best_val.epoch[0])
 
 
-def _reference_sgd(data, init, lr, wd, mom, gamma, epochs, batch, seed):
+def _reference_sgd(data, init, lr, wd, mom, gamma, epochs, batch, seed, loss_of=None):
     """nn.Linear(bias=False) + torch.optim.SGD + CrossEntropyLoss on the same batches, with the
-    per-batch metrics a person would compute by hand."""
+    per-batch metrics a person would compute by hand. `loss_of(logits, positions)` replaces the
+    loss (positions index the run's training rows)."""
     lin = torch.nn.Linear(D, K, bias=False)
     with torch.no_grad():
         lin.weight.copy_(init)
@@ -109,7 +110,7 @@ def _reference_sgd(data, init, lr, wd, mom, gamma, epochs, batch, seed):
         for start in range(0, N_TRAIN, batch):
             pos = perm[start:start + batch]
             out = lin(data.features[rows[pos]])
-            loss = loss_fn(out, noisy[pos])
+            loss = loss_fn(out, noisy[pos]) if loss_of is None else loss_of(out, pos)
             top2 = out.detach().topk(2, -1).indices
             for i, lab in enumerate((noisy[pos], true[pos])):
                 hit = top2 == lab[:, None]
@@ -157,6 +158,29 @@ def test_several_epochs_of_minibatch_sgd_equal_torch_sgd_and_metrics():
             assert got[name] == pytest.approx(ref[name], abs=1e-9), (got["epoch"], name, got[name], ref[name])
     assert [h["lr"] for h in state.history[0]] == pytest.approx([0.2, 0.2 * 0.8, 0.2 * 0.64])
     assert [h["epoch"] for h in state.history[0]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["label_smoothing", "temperature"])
+def test_smoothed_and_tempered_targets_train_as_their_torch_losses(kind):
+    """The trainer applies --label-smoothing to hard labels and --temperature (with T^2) to soft
+    targets, step for step as torch's losses under autograd."""
+    data = make_data(1, seed=4)
+    init = init_weights(1, seed=4)
+    noisy = data.noisy_labels[0]
+    if kind == "label_smoothing":
+        targets = Targets("hard", data.noisy_labels, smoothing=torch.tensor([0.2]))
+        loss_of = lambda out, pos: F.cross_entropy(out, noisy[pos], label_smoothing=0.2)  # noqa: E731
+    else:
+        t = 3.0
+        teacher = torch.randn(1, K, D, generator=torch.Generator().manual_seed(9))
+        q = distillation_targets(torch.bmm(data.features[data.train_rows], teacher.transpose(1, 2)), torch.tensor([t]))
+        targets = Targets("soft", q, temperature=torch.tensor([t]))
+        loss_of = lambda out, pos: t ** 2 * -(q[0, pos] * torch.log_softmax(out / t, -1)).sum(-1).mean()  # noqa: E731
+    state = train_heads(data, targets, init, hyper([0.2], [5e-3], [0.9], [0.8]), 2, 25, [17])
+    ref_w, ref_hist = _reference_sgd(data, init[0], 0.2, 5e-3, 0.9, 0.8, 2, 25, 17, loss_of)
+    torch.testing.assert_close(state.weight[0], ref_w, atol=1e-5, rtol=0)
+    for got, ref in zip(state.history[0], ref_hist):
+        assert got["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
 
 
 def test_same_seeds_give_bit_identical_runs():
