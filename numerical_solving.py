@@ -286,11 +286,11 @@ def main(argv=None) -> int:
         lines, info = theory_lines(s, args.max_dist)
         for line in lines:
             say(line)
-        first = closed_form_first_perfect(problem, max(args.max_dist, (info["t_star"] or 0) + 10, 50))
+        horizon = max(args.max_dist, (info["t_star"] or 0) + 10, 50)
+        first = closed_form_first_perfect(problem, horizon)
         corrupted = int((problem.given != problem.true).sum())
         say(f"closed form with the realised labels ({corrupted} of {s.N} corrupted, {100 * corrupted / s.N:.2f}%): "
-            + (f"100% accuracy first at round {first}" if first else "not 100% within "
-               f"{max(args.max_dist, (info['t_star'] or 0) + 10, 50)} rounds"))
+            + (f"100% accuracy first at round {first}" if first else f"not 100% within {horizon} rounds"))
         say(HEADER)
         extra = {"t_star": info["t_star"], "min_eig_sym": problem.diagnostics["min_eig_sym"],
                  "symmetric": problem.diagnostics["symmetric"], "device": str(device),

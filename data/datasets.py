@@ -13,7 +13,7 @@ import torch
 
 from data.features import FeatureSet
 from data.splits import fixed_train_test_split
-from utils.cli import UserError
+from utils.cli import UserError, one_line
 
 IMAGE_DATASETS = ("cifar10", "cifar100", "food101", "stanfordcars", "flowers102", "caltech101",
                   "caltech256", "imagefolder")
@@ -33,11 +33,6 @@ def digits_features() -> FeatureSet:
     return FeatureSet("digits", "pixels", x[train], y[train], x[test], y[test], 10)
 
 
-def _one_line(exc: Exception) -> str:
-    """An exception's message squeezed onto one line (the error must stay one stderr line)."""
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:120]
-
-
 def _subset(dataset, indices):
     from torch.utils.data import Subset
     return Subset(dataset, [int(i) for i in indices])
@@ -54,7 +49,7 @@ def _image_folder_splits(root: Path, transform):
         try:
             found = ImageFolder(path, transform)
         except (FileNotFoundError, OSError) as exc:  # no class folders, or a class folder without images
-            raise UserError(f"image folder {path}: {_one_line(exc)}; put each class's images (.png, .jpg, ...) "
+            raise UserError(f"image folder {path}: {one_line(exc, 120)}; put each class's images (.png, .jpg, ...) "
                             "in its own sub-folder") from None
         if len(found.classes) < 2:
             raise UserError(f"image folder {path} has {len(found.classes)} class folder(s); a classifier needs "
@@ -111,7 +106,7 @@ def image_splits(name: str, root, transform, download: bool = True):
     except UserError:
         raise
     except Exception as exc:  # no network, corrupt archive, moved URL...
-        raise UserError(f"could not load {name} under {root} ({type(exc).__name__}: {_one_line(exc)}); with no "
+        raise UserError(f"could not load {name} under {root} ({type(exc).__name__}: {one_line(exc, 120)}); with no "
                         f"internet, place the torchvision-format files of {name} under {root} (or pass "
                         "--data-root) and rerun") from None
     tr, te = fixed_train_test_split(len(keep))

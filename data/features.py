@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import UserError
+from utils.cli import UserError, one_line
 from utils.io import atomic_torch_save, load_torch_file
 
 REQUIRED_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
@@ -47,17 +47,12 @@ class FeatureSet:
                 "num_classes": self.num_classes, "backbone": self.backbone, "name": self.name}
 
 
-def _one_line(exc: Exception) -> str:
-    """An exception's message squeezed onto one line (the error must stay one stderr line)."""
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:120]
-
-
 def _numeric_tensor(value, key: str, source: str) -> torch.Tensor:
     """A stored array as a CPU tensor without autograd; bfloat16 and grad-carrying tensors are fine."""
     try:
         t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise UserError(f"features file {source}: {key} is not a numeric array ({_one_line(exc)}); store "
+        raise UserError(f"features file {source}: {key} is not a numeric array ({one_line(exc, 120)}); store "
                         "float features and integer labels") from None
     if t.is_complex():
         raise UserError(f"features file {source}: {key} is complex; store real-valued features and integer labels")
@@ -121,7 +116,7 @@ def load_features_file(path, name=None) -> FeatureSet:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as exc:
-            raise UserError(f"features file {path} is unreadable ({_one_line(exc)}). {fix}") from None
+            raise UserError(f"features file {path} is unreadable ({one_line(exc, 120)}). {fix}") from None
     else:
         arrays = load_torch_file(path, "features file", fix)
         if not isinstance(arrays, dict):

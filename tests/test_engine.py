@@ -142,13 +142,17 @@ def test_missing_teacher_hint_after_partial_true_is_a_valid_command(cli, capsys)
     assert _suggested_steps(cli, capsys, *DIGITS, "--epochs", 2, "--partial", "True") == ["0"]
 
 
+def ctrl_c_after_epoch(epoch: int):
+    """A trainer hook that stops the run like Ctrl-C once `epoch` epochs are done."""
+    def hook(state):
+        if state.epoch == epoch:
+            raise KeyboardInterrupt
+    return hook
+
+
 def test_interrupted_run_resumes_from_its_last_save(cli, spy):
     args = (*DIGITS, "--epochs", 6, "--save-every", 2, "--dist", 0)
-
-    def interrupt(state):
-        if state.epoch == 3:
-            raise KeyboardInterrupt
-    spy.hook = interrupt
+    spy.hook = ctrl_c_after_epoch(3)
     assert cli(*args) == 130
     assert cli.records() == []
     partial = list(cli.dirs()["ckpt"].rglob("last.pt"))
@@ -170,11 +174,7 @@ def test_interrupted_run_resumes_from_its_last_save(cli, spy):
 
 def test_unreadable_partial_checkpoint_restarts_the_run(cli, spy):
     args = (*DIGITS, "--epochs", 4, "--save-every", 2, "--dist", 0)
-
-    def interrupt(state):
-        if state.epoch == 3:
-            raise KeyboardInterrupt
-    spy.hook = interrupt
+    spy.hook = ctrl_c_after_epoch(3)
     assert cli(*args) == 130
     (partial,) = cli.dirs()["ckpt"].rglob("last.pt")
     partial.write_bytes(partial.read_bytes()[:100])

@@ -11,6 +11,15 @@ class UserError(Exception):
     """Bad input or missing file; the message names the fix."""
 
 
+def one_line(message, limit=None) -> str:
+    """A message (or an exception's) squeezed onto one line, since a UserError is one stderr line;
+    an exception without a message gives its type's name. `limit` cuts it to that many characters."""
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    return text[:limit] if limit else text
+
+
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.cli import UserError
+from utils.cli import UserError, one_line
 from utils.report import METRIC_DESCRIPTION
 from utils.runs import step_fields, step_settings
 
@@ -47,10 +47,6 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # reports go to <resul
 
 def _fail(path, message):
     raise UserError(f"recipe {path}: {message}")
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
 
 
 def _option(dest: str) -> str:
@@ -109,9 +105,9 @@ def load_grid(path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        _fail(path, f"is not valid YAML{where} ({_one_line(getattr(exc, 'problem', None) or exc)}); fix the syntax")
+        _fail(path, f"is not valid YAML{where} ({one_line(getattr(exc, 'problem', None) or exc)}); fix the syntax")
     except (OSError, UnicodeDecodeError) as exc:
-        _fail(path, f"cannot be read as UTF-8 text ({_one_line(exc)})")
+        _fail(path, f"cannot be read as UTF-8 text ({one_line(exc)})")
     if not isinstance(grid, dict):
         _fail(path, "must be a mapping with at least a 'grid:' section")
     unknown = set(grid) - TOP_KEYS

@@ -57,6 +57,17 @@ def atomic_torch_save(path, obj) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def atomic_save_figure(fig, stem, formats=("png", "pdf"), **savefig) -> list:
+    """A matplotlib figure as stem.png, stem.pdf, ... (dpi 150 unless given), each written atomically."""
+    savefig.setdefault("dpi", 150)
+    written = []
+    for fmt in formats:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, **savefig)
+        written.append(atomic_write_bytes(Path(f"{stem}.{fmt}"), buf.getvalue()))
+    return written
+
+
 def load_torch_file(path, what: str, fix: str):
     """Load a file written by `atomic_torch_save` without unrestricted unpickling.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.io import atomic_write_bytes, atomic_write_text
+from utils.io import atomic_save_figure, atomic_write_text
 from utils.runs import SUFFIX_OF_SELECTION, step_fields, step_label
 
 MISSING = "-"
@@ -237,12 +237,6 @@ def distillation_gains(members: list, metric: str, etas) -> dict:
     return {k: _stats(v) for k, v in gains.items()}
 
 
-def _figure_bytes(fig, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path) -> list:
     import matplotlib
     matplotlib.use("Agg")
@@ -288,7 +282,7 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
-    written = [atomic_write_bytes(out_dir / f"gain.{fmt}", _figure_bytes(fig, fmt)) for fmt in ("png", "pdf")]
+    written = atomic_save_figure(fig, out_dir / "gain", bbox_inches="tight")
     plt.close(fig)
     return written
 

@@ -831,7 +831,7 @@ def draw_figure(folder: Path, records: list[dict], varying: list[str], title: st
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from utils.io import atomic_write_bytes
+    from utils.io import atomic_save_figure
 
     groups: dict = {}
     for rec in records:
@@ -857,10 +857,6 @@ def draw_figure(folder: Path, records: list[dict], varying: list[str], title: st
     axes[1].legend(fontsize=8, title="solid: solved, dashed: closed form", title_fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    paths = []
-    for ext in ("png", "pdf"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=150)
-        paths.append(atomic_write_bytes(folder / f"figure.{ext}", buf.getvalue()))
+    paths = atomic_save_figure(fig, folder / "figure")
     plt.close(fig)
     return paths
