@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     n("--dtype", choices=("auto", "float32", "float64"), default="auto",
       help="auto: float64 for the exact solver, float32 (the original's) for the faithful one")
     n("--tol", type=float, default=1e-10, help="exact solver: target of max|Y - F(Y)|")
-    n("--max-newton", type=int, default=60, help="exact softmax solver: Newton steps per stage")
+    n("--max-newton", type=int, default=60, help="exact softmax solver: most Newton steps of one solve (warm start, path start, landing)")
     n("--out", default="outputs", help="root of the arrays, records and figures")
     n("--name", default=None, help="folder under --out for records.csv/jsonl and figure.png/pdf")
     add_bool_flag(new, "--save", default=True, help="save Y of every round as .npz (False: records only)")
@@ -234,8 +234,10 @@ def round_line(r: dict, solver: str, approx: bool) -> str:
         work = f"{r['iterations']} Adam steps"
     elif approx:
         work = "1 LU solve"
-    else:
+    elif r["folds"] is None:
         work = f"{r['iterations']} Newton ({r['work']} G)"
+    else:
+        work = f"{r['iterations']} path steps ({r['work']} G)"
     flag = "" if r["converged"] else "  <-- NOT converged"
     return (f"{r['round']:>5} | {'':<6} {fmt_acc(r['acc'])} | {'':<11} {fmt_acc(r['cf_acc'])} | {r['cf_gap']:10.3g} | "
             f"{r['residual']:9.2e} | {work:>22} | {r['seconds']:7.2f}s{flag}")
@@ -302,8 +304,8 @@ def main(argv=None) -> int:
         for r in th.run_rounds(problem, solver=args.solver, approx=args.approx, rounds=args.max_dist,
                                max_iter=args.max_iter, tol=args.tol, max_newton=args.max_newton, log=log):
             say(round_line(r, args.solver, args.approx))
-            if r["round"] > 0 and r["note"] and (not r["converged"] or not noted):
-                say(f"      round {r['round']}: {r['note']}")     # failures always, other notes once
+            if r["round"] > 0 and r["note"] and (not r["converged"] or r["folds"] or not noted):
+                say(f"      round {r['round']}: {r['note']}")     # failures and folds always, other notes once
                 noted = True
             if args.save:
                 th.save_round_array(out / mode / f"{tag}_{r['round']}.npz", r["Y"], problem.true, problem.given,

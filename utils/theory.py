@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils import softmax_solver as ss
+
 GRAMS = ("original", "psd", "features")
 LABEL_NOISE = ("sampled", "exact")
 SOLVERS = ("exact", "faithful")
@@ -89,6 +91,7 @@ class Kernel:
     G: torch.Tensor
     factor: torch.Tensor | None = None
     description: str = ""
+    products: list = field(default_factory=lambda: [0], repr=False)   # products with G so far, all precisions
     _low: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -99,6 +102,7 @@ class Kernel:
         return self.factor is not None and self.factor.shape[0] < self.N // 2
 
     def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        self.products[0] += 1
         if self.thin():
             return (X @ self.factor.T) @ self.factor
         return X @ self.G
@@ -106,7 +110,8 @@ class Kernel:
     def lowp(self, dtype) -> "Kernel":
         """A copy in a lower precision for the inner Krylov solves (memory traffic halves)."""
         if dtype not in self._low:
-            self._low[dtype] = Kernel(self.G.to(dtype), None if self.factor is None else self.factor.to(dtype))
+            self._low[dtype] = Kernel(self.G.to(dtype), None if self.factor is None else self.factor.to(dtype),
+                                      self.description, self.products)
         return self._low[dtype]
 
 
@@ -237,9 +242,9 @@ def describe_diagnostics(diag: dict) -> list[str]:
         if not diag["psd"]:
             why.append(f"smallest eigenvalue {diag['min_eig_sym']:.3g} < 0")
         lines.append(f"WARNING: G is NOT a Gram matrix ({', '.join(why)}): no features have this G, (1) is not the "
-                     "optimality condition of a convex problem, and the fixed point may not be unique; the one "
-                     "reported is the one reached from the solver's start. --gram psd or --gram features keep G a "
-                     "true Gram matrix.")
+                     "optimality condition of a convex problem, and the fixed point may not be unique; the exact "
+                     "solver reports the one on the branch that continues the unique solution for heavy weight "
+                     "decay (path following in lambda). --gram psd or --gram features keep G a true Gram matrix.")
     return lines
 
 
@@ -271,6 +276,7 @@ class Solve:
     converged: bool
     note: str = ""
     work: int = 0          # products with G (exact softmax) or Adam steps
+    folds: int | None = None   # exact softmax on the weight-decay path: times the branch turned back
 
 
 def linear_rounds(kernel: Kernel, T0: torch.Tensor, lbd: float, rounds: int, tol: float = 1e-10) -> list[Solve]:
@@ -301,261 +307,38 @@ def linear_rounds(kernel: Kernel, T0: torch.Tensor, lbd: float, rounds: int, tol
     return out
 
 
-def _softmax_jac(P: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Column-wise softmax Jacobian (diag(p) - p p^T) applied to X."""
-    return P * X - P * (P * X).sum(-2, keepdim=True)
+def jacobian_solvers(kernel: Kernel, K: int, seed: int) -> dict:
+    """The Jacobian solvers of one setting (they share G's top directions): Newton on a Gram matrix
+    does best with the cheap preconditioner (strong = inf: G's top directions only); the path at
+    stiff lambda needs the balanced samples' directions exact (strong = 1)."""
+    basis = ss.newton_basis(kernel.G, K, seed=seed)
+    return {"newton": ss.JacobianSolver(kernel, basis, strong=math.inf),
+            "path": ss.JacobianSolver(kernel, basis, strong=1.0)}
 
 
-def top_subspace(kernel: Kernel, m: int, gen: torch.Generator, iters: int = 8) -> torch.Tensor:
-    """Orthonormal basis of the top-m eigen-directions of (G + G^T)/2 by subspace iteration. In the
-    class-wise model these are the K class-mean directions, with eigenvalues ~ n(c-d) far above the
-    rest (~1-c), so a few iterations suffice; the basis only feeds the preconditioner."""
-    G = kernel.G
-    N = G.shape[0]
-    m = min(m, N)
-    Q = torch.randn(N, m, generator=gen, dtype=torch.float64).to(G)
-    for _ in range(iters):
-        Q, _ = torch.linalg.qr(0.5 * (G @ Q + G.T @ Q))
-    w, V = torch.linalg.eigh(Q.T @ (0.5 * (G @ Q + G.T @ Q)))
-    return Q @ V
-
-
-class _Preconditioner:
-    """Exact inverse of the Newton operator  X -> N lambda X + M(X G~)  for G~ = sigma I + U C U^T
-    (G's top eigen-directions exactly, the rest of its spectrum replaced by its mean sigma): the
-    sigma part is a K x K block per sample, the low-rank part is handled by Woodbury (rank K m)."""
-
-    def __init__(self, U, C, sigma, P, Nl, dtype):
-        K, N = P.shape
-        m = U.shape[1]
-        eye = torch.eye(K, dtype=P.dtype, device=P.device)
-        Pt = P.T
-        Mj = torch.diag_embed(Pt) - Pt[:, :, None] * Pt[:, None, :]
-        self.Binv = torch.linalg.inv(Nl * eye + sigma * Mj).permute(1, 2, 0).contiguous()   # K x K x N
-        CUt = C @ U.T                                                                    # m x N
-        E = torch.zeros(K, m, K, N, dtype=P.dtype, device=P.device)
-        for k in range(K):
-            E[k, :, k, :] = CUt
-        BPsi = self._block(_softmax_jac(P, E))                                          # K, m, K, N
-        cap = torch.eye(K * m, dtype=P.dtype, device=P.device) + (BPsi @ U).reshape(K * m, K * m).T
-        self.capinv = torch.linalg.inv(cap).to(dtype)
-        self.BPsi = BPsi.reshape(K * m, K * N).to(dtype)
-        self.U = U.to(dtype)
-        self.Binv = self.Binv.to(dtype)
-        self.shape = (K, N)
-
-    def _block(self, R):
-        return (self.Binv * R.unsqueeze(-3)).sum(-2)
-
-    def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        x = self._block(r.reshape(self.shape))
-        y = self.capinv @ (x @ self.U).reshape(-1)
-        return x.reshape(-1) - y @ self.BPsi
-
-
-def gmres(matvec, b: torch.Tensor, precond, rtol: float, maxit: int) -> tuple[torch.Tensor, int, float]:
-    """Right-preconditioned GMRES (no restart) for the Newton steps; classical Gram-Schmidt with a
-    second pass when needed, Givens rotations in double precision. Returns (x, iterations, rel)."""
-    n = b.numel()
-    beta = b.norm().item()
-    if beta == 0:
-        return torch.zeros_like(b), 0, 0.0
-    V = torch.empty(maxit + 1, n, dtype=b.dtype, device=b.device)
-    V[0] = b / beta
-    H = [[0.0] * maxit for _ in range(maxit + 1)]
-    cs, sn, g = [], [], [beta] + [0.0] * maxit
-    j, rel = 0, 1.0
-    for j in range(maxit):
-        w = matvec(precond(V[j]))
-        w_norm = w.norm().item()
-        h = V[: j + 1] @ w
-        w = w - h @ V[: j + 1]
-        hn = w.norm().item()
-        if hn < 0.7 * w_norm:
-            # cancellation: a second Gram-Schmidt pass restores orthogonality (DGKS criterion);
-            # skipped otherwise, since each pass reads the whole basis
-            h2 = V[: j + 1] @ w
-            w = w - h2 @ V[: j + 1]
-            h = h + h2
-            hn = w.norm().item()
-        col = h.double().tolist()
-        for i in range(j):
-            a, bb = col[i], col[i + 1]
-            col[i], col[i + 1] = cs[i] * a + sn[i] * bb, -sn[i] * a + cs[i] * bb
-        r = math.hypot(col[j], hn)
-        c_, s_ = (col[j] / r, hn / r) if r > 0 else (1.0, 0.0)
-        cs.append(c_)
-        sn.append(s_)
-        col[j] = r
-        g[j + 1] = -s_ * g[j]
-        g[j] = c_ * g[j]
-        for i in range(j + 1):
-            H[i][j] = col[i]
-        rel = abs(g[j + 1]) / beta
-        if rel <= rtol or hn == 0:
-            break
-        V[j + 1] = w / hn
-    k = j + 1
-    y = [0.0] * k
-    for i in range(k - 1, -1, -1):
-        y[i] = (g[i] - sum(H[i][l] * y[l] for l in range(i + 1, k))) / H[i][i]
-    yv = torch.tensor(y, dtype=b.dtype, device=b.device)
-    return precond(yv @ V[:k]), k, rel
-
-
-@dataclass
-class _NewtonOut:
-    A: torch.Tensor
-    P: torch.Tensor
-    converged: bool
-    iterations: int
-    matvecs: int
-    residual: float
-
-
-def _newton(kernel, T, Nl, A, U, C, sigma, *, tol, max_newton, y_residual, krylov_dtype, max_krylov, log=None):
-    """Damped inexact Newton on F(A) = N lambda A + softmax(A G) - T = 0 (A = (T - Y)/(N lambda)).
-
-    For a Gram matrix this is Newton on the strongly convex kernel logistic regression (its
-    gradient is F G); in general it is Newton on the equation. Step sizes by backtracking on
-    ||F||^2, Krylov tolerances by Eisenstat-Walker. `y_residual`: stop on max|Y - F(Y)| <= tol
-    (final stage) instead of on max|F| (intermediate continuation stages)."""
-    low = kernel.lowp(krylov_dtype)
+def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, solvers: dict, *, gram: bool,
+                        B0: torch.Tensor | None, tol: float, max_newton: int, gen: torch.Generator,
+                        log=None) -> tuple[Solve, torch.Tensor]:
+    """Solve (1) to max|Y - F(Y)| <= tol. Returns (Solve, B) with B = T - Y, the next round's warm
+    start. A Gram matrix G has exactly one fixed point, so Newton from the warm start (or from
+    B = 0, uniform outputs, in round 1) is tried first; when it fails (round 1 at stiff lambda),
+    and always when G is not a Gram matrix, the fixed point is the one on the weight-decay path
+    (`softmax_solver.follow_weight_decay_path`), whatever the rounds before it found."""
     K, N = T.shape
-    matvecs = 0
-
-    def evaluate(A):
-        P = torch.softmax(kernel.matmul(A), dim=0)
-        return Nl * A + P - T, P
-
-    F, P = evaluate(A)
-    matvecs += 1
-    forcing = 1e-2
-    res = float("inf")
-    fnorm = F.norm().item()
-    history = []
-    for it in range(max_newton + 1):
-        history.append(fnorm)
-        if it >= 10 and fnorm > 0.3 * history[it - 10]:
-            if log:
-                log(f"    newton at lambda={Nl / N:.3g} makes no progress (||F|| {fnorm:.2e}); giving up this start")
-            break
-        fmax = F.abs().max().item()
-        if y_residual:
-            # cheap necessary condition first: the Y-residual needs one more product with G
-            if fmax < 1e-6:
-                res = fixed_point_residual(P, T, kernel, Nl / N, approx=False)
-                matvecs += 1
-                if res <= tol:
-                    return _NewtonOut(A, P, True, it, matvecs, res)
-        elif fmax <= tol:
-            return _NewtonOut(A, P, True, it, matvecs, fmax)
-        if it == max_newton or not math.isfinite(fnorm):
-            break
-        pre = _Preconditioner(U, C, sigma, P, Nl, krylov_dtype)
-        Pl = P.to(krylov_dtype)
-
-        def jv(x):
-            X = x.reshape(K, N)
-            return (Nl * X + _softmax_jac(Pl, low.matmul(X))).reshape(-1)
-
-        rhs = (-F).reshape(-1).to(krylov_dtype)
-        dx, kit, _ = gmres(jv, rhs, pre, max(forcing, 2e-6 if krylov_dtype == torch.float32 else 1e-12), max_krylov)
-        matvecs += kit
-        dA = dx.reshape(K, N).to(A.dtype)
-        step, f0 = 1.0, fnorm ** 2
-        while True:
-            A_new = A + step * dA
-            F_new, P_new = evaluate(A_new)
-            matvecs += 1
-            f_new = F_new.norm().item()
-            if math.isfinite(f_new) and f_new ** 2 <= (1 - 1e-4 * step) * f0:
-                break
-            step *= 0.5
-            if step < 1e-4:
-                if log:
-                    log(f"    newton stalled at lambda={Nl / N:.3g}: no decrease along the Newton direction")
-                return _NewtonOut(A, P, False, it, matvecs, res if y_residual else fmax)
-        # Eisenstat-Walker (choice 2): ask the Krylov solver only for the accuracy Newton can use
-        forcing = min(0.1, max(0.9 * (f_new / fnorm) ** 2, 1e-12))
-        A, F, P, fnorm = A_new, F_new, P_new, f_new
-        if log:
-            log(f"    newton {it + 1}: lambda={Nl / N:.3g} krylov {kit} step {step:g} max|F| {F.abs().max().item():.2e}")
-    return _NewtonOut(A, P, False, it, matvecs, res if y_residual else F.abs().max().item())
-
-
-def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, *, A0: torch.Tensor | None = None,
-                        tol: float = 1e-10, max_newton: int = 60, basis: tuple | None = None,
-                        krylov_dtype=torch.float32, max_krylov: int = 500, log=None) -> tuple[Solve, torch.Tensor]:
-    """Solve (1) for Y to max|Y - F(Y)| <= tol. Returns (Solve, A) where A = (T - Y)/(N lambda) is
-    the warm start for the next round.
-
-    Strategy: Newton from the warm start A0; if it stalls, continuation in lambda: start where
-    N lambda is large (the logits are small and Newton converges from A = 0), then halve lambda,
-    rescaling A by 2 (A ~ 1/lambda), down to the target. At the defaults N lambda = 0.02 while the
-    logits reach G/(N lambda) ~ 10^4, which is why a plain fixed-point or gradient method crawls."""
-    K, N = T.shape
-    U, C, sigma = basis if basis is not None else newton_basis(kernel, K)
-    total_mv, total_it = 0, 0
-    kw = dict(U=U, C=C, sigma=sigma, krylov_dtype=krylov_dtype, max_krylov=min(max_krylov, K * N), log=log)
-
-    def finish(out: _NewtonOut, note: str):
-        Y = out.P
-        res = fixed_point_residual(Y, T, kernel, lbd, approx=False)
-        ok = res <= tol
-        if not ok and not note:
-            note = f"did NOT reach the tolerance: residual {res:.2e} > {tol:.0e}"
-        return Solve(Y, res, total_it, ok, note, total_mv), out.A
-
-    def run(lam, A, final, budget):
-        nonlocal total_mv, total_it
-        out = _newton(kernel, T, N * lam, A, tol=tol if final else 1e-4, max_newton=budget, y_residual=final, **kw)
-        total_mv += out.matvecs
-        total_it += out.iterations
-        return out
-
-    # 1) straight Newton at the target lambda: from the previous round's A, or from A = 0 in round 1
-    # (enough for moderate stiffness; a short budget, since failing here is cheap only if it is quick)
-    tried = run(lbd, A0 if A0 is not None else torch.zeros_like(T), True, min(max_newton, 20))
-    if tried.converged:
-        return finish(tried, "")
-    # 2) continuation: find a lambda where Newton from A = 0 converges, then walk down to the target
-    start = None
-    for doubling in range(4, 41, 4):
-        lam0 = lbd * 2.0 ** doubling
-        start = run(lam0, torch.zeros_like(T), False, max_newton)
-        if start.converged:
-            break
-    if start is None or not start.converged:
-        return finish(tried, f"did NOT converge: Newton failed even at lambda = {lam0:.3g}")
-    A, lam, ratio = start.A, lam0, 2.0
-    while True:
-        nxt = max(lam / ratio, lbd)
-        last = nxt <= lbd
-        out = run(nxt, A * (lam / nxt), last, max_newton)
-        if out.converged:
-            if last:
-                return finish(out, "")
-            A, lam = out.A, nxt
-            ratio = min(ratio * 1.5, 4.0)
-            continue
-        if last:
-            tried = out
-        ratio = math.sqrt(ratio)
-        if ratio < 1.02:
-            return finish(tried, f"did NOT converge: continuation in lambda stuck at {lam:.3g}")
-
-
-def newton_basis(kernel: Kernel, K: int, extra: int = 4, seed: int = 0):
-    """U (top eigen-directions of G's symmetric part), C = U^T G U - sigma I and sigma (mean of the
-    rest of the spectrum), shared by every round of a setting."""
-    G = kernel.G
-    N = G.shape[0]
-    m = min(K + extra, N)
-    U = top_subspace(kernel, m, generator(seed))
-    C = U.T @ G @ U
-    sigma = ((torch.trace(G) - torch.trace(C)) / max(N - m, 1)).item() if N > m else 0.0
-    return U, C - sigma * torch.eye(m, dtype=G.dtype, device=G.device), sigma
+    beta = 1.0 / (N * lbd)
+    before = kernel.products[0]
+    with ss.subnormals_flushed():
+        if gram:
+            out = ss.newton_at(kernel, T, B0 if B0 is not None else torch.zeros_like(T), beta, solvers["newton"],
+                               tol, min(max_newton, 20), log)
+            if out.converged:
+                return Solve(out.P, out.residual, out.iterations, True, "", kernel.products[0] - before), out.B
+        path = ss.follow_weight_decay_path(kernel, T, beta, solvers["path"], tol=tol, gen=gen, max_newton=max_newton,
+                                           log=log)
+    res = fixed_point_residual(path.P, T, kernel, lbd, approx=False)
+    ok = path.converged and res <= tol
+    note = path.note if ok else f"did NOT reach the tolerance: residual {res:.2e} > {tol:.0e}; {path.note}"
+    return Solve(path.P, res, path.steps, ok, note, kernel.products[0] - before, path.folds), path.B
 
 
 def faithful_adam(kernel: Kernel, T: torch.Tensor, lbd: float, approx: bool, max_iter: int,
@@ -735,11 +518,11 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
     T0_cpu = T0.detach().to("cpu", torch.float64)
     yield {"round": 0, "Y": T0, "acc": accuracies(T0, true, given), "cf_acc": accuracies(T0, true, given),
            "residual": 0.0, "iterations": 0, "work": 0, "converged": True, "seconds": 0.0, "note": "given labels",
-           "cf_gap": 0.0}
+           "cf_gap": 0.0, "folds": None}
     gen = generator(sub_seeds(s.seed)["adam"])
-    T, A = T0, None
+    T, B = T0, None
     linear = None
-    basis = None
+    jacobian = None
     for t in range(1, rounds + 1):
         t0 = time.perf_counter()
         if solver == "faithful":
@@ -749,16 +532,18 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
                 linear = linear_rounds(kernel, T0, s.lbd, rounds, tol)
             sol = linear[t - 1]
         else:
-            if basis is None:
-                basis = newton_basis(kernel, s.k, seed=sub_seeds(s.seed)["gram"])
-            sol, A = softmax_fixed_point(kernel, T, s.lbd, A0=A, tol=tol, max_newton=max_newton, basis=basis, log=log)
+            if jacobian is None:            # built once, they serve every round
+                jacobian = jacobian_solvers(kernel, s.k, sub_seeds(s.seed)["gram"])
+                gram = (problem.diagnostics or gram_diagnostics(kernel.G))["gram"]
+            sol, B = softmax_fixed_point(kernel, T, s.lbd, jacobian, gram=gram, B0=B, tol=tol, max_newton=max_newton,
+                                         gen=generator(sub_seeds(s.seed)["gram"]), log=log)
         if kernel.G.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         Ycf = closed_form_outputs(T0_cpu, true, s.k, s.n, s.c, s.d, s.lbd, t)
         yield {"round": t, "Y": sol.Y, "acc": accuracies(sol.Y, true, given), "cf_acc": accuracies(Ycf, true, given),
                "residual": sol.residual, "iterations": sol.iterations, "work": sol.work, "converged": sol.converged,
-               "seconds": seconds, "note": sol.note,
+               "seconds": seconds, "note": sol.note, "folds": sol.folds,
                "cf_gap": (sol.Y.detach().to("cpu", torch.float64) - Ycf).abs().max().item()}
         T = sol.Y.detach()
 
@@ -787,7 +572,7 @@ def save_round_array(path: Path, Y: torch.Tensor, true: torch.Tensor, given: tor
 
 RECORD_FIELDS = ["k", "n", "lbd", "c", "d", "eta", "epsilon", "seed", "gram", "labels", "solver", "mode", "round",
                  "clean", "noisy", "overall", "cf_clean", "cf_noisy", "cf_overall", "cf_gap", "residual",
-                 "iterations", "work", "converged", "seconds", "t_star", "min_eig_sym", "symmetric", "device",
+                 "iterations", "work", "folds", "converged", "seconds", "t_star", "min_eig_sym", "symmetric", "device",
                  "dtype", "torch"]
 
 
@@ -796,7 +581,7 @@ def make_record(s: Setting, solver: str, approx: bool, r: dict, extra: dict) -> 
     rec.update(solver=solver, mode="linear" if approx else "softmax", round=r["round"],
                clean=r["acc"]["clean"], noisy=r["acc"]["noisy"], overall=r["acc"]["overall"],
                cf_clean=r["cf_acc"]["clean"], cf_noisy=r["cf_acc"]["noisy"], cf_overall=r["cf_acc"]["overall"],
-               cf_gap=r["cf_gap"], residual=r["residual"], iterations=r["iterations"], work=r["work"],
+               cf_gap=r["cf_gap"], residual=r["residual"], iterations=r["iterations"], work=r["work"], folds=r["folds"],
                converged=r["converged"], seconds=round(r["seconds"], 4))
     rec.update(extra)
     return rec

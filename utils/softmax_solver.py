@@ -1,0 +1,448 @@
+"""Exact solvers of the softmax fixed point  Y = softmax((T - Y) G / (N lambda)).
+
+Two unknowns are used, related by A = B / (N lambda):
+  A = (T - Y) / (N lambda)   Newton on F(A) = N lambda A + softmax(A G) - T = 0 (a Gram matrix G:
+                             the fixed point is unique, so Newton from any start that converges
+                             has found THE solution);
+  B = T - Y                  path following on H(B, beta) = B + softmax(beta B G) - T = 0 along
+                             beta = 1/(N lambda) (any G: which fixed point is returned must be
+                             defined when there are several, see `follow_weight_decay_path`).
+
+Both need many solves with the Jacobian  X -> nl X + M(X G)  (nl = N lambda = 1/beta, M the
+column-wise softmax Jacobian diag(p) - p p^T), an N K x N K operator that is stiff at the
+defaults. `JacobianPreconditioner` inverts a close approximation of it exactly, GMRES finishes.
+Nothing here knows about labels, rounds or files; `utils/theory.py` calls these functions.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+def softmax_jac(P: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Column-wise softmax Jacobian (diag(p) - p p^T) applied to X."""
+    return P * X - P * (P * X).sum(-2, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Jacobian and its preconditioner
+# ----------------------------------------------------------------------------------------------
+
+def top_subspace(G: torch.Tensor, m: int, gen: torch.Generator, iters: int = 8) -> torch.Tensor:
+    """Orthonormal basis of the top-m eigen-directions of (G + G^T)/2 by subspace iteration. In the
+    class-wise model these are the K class-mean directions, with eigenvalues ~ n(c-d) far above the
+    rest (~1-c), so a few iterations suffice; the basis only feeds the preconditioner."""
+    N = G.shape[0]
+    m = min(m, N)
+    Q = torch.randn(N, m, generator=gen, dtype=torch.float64).to(G)
+    for _ in range(iters):
+        Q, _ = torch.linalg.qr(0.5 * (G @ Q + G.T @ Q))
+    w, V = torch.linalg.eigh(Q.T @ (0.5 * (G @ Q + G.T @ Q)))
+    return Q @ V
+
+
+@dataclass(frozen=True)
+class Basis:
+    """G ~ sigma I + U C U^T: G's top eigen-directions U (N x m) exactly (C = U^T G U - sigma I),
+    the rest of its spectrum replaced by its mean sigma. Shared by every round of a setting."""
+    U: torch.Tensor
+    C: torch.Tensor
+    sigma: float
+
+
+def newton_basis(G: torch.Tensor, K: int, extra: int = 4, seed: int = 0) -> Basis:
+    N = G.shape[0]
+    m = min(K + extra, N)
+    U = top_subspace(G, m, torch.Generator(device="cpu").manual_seed(seed))
+    C = U.T @ G @ U
+    sigma = ((torch.trace(G) - torch.trace(C)) / max(N - m, 1)).item() if N > m else 0.0
+    return Basis(U, C - sigma * torch.eye(m, dtype=G.dtype, device=G.device), sigma)
+
+
+@contextmanager
+def subnormals_flushed():
+    """Treat subnormal floats as zero inside the block (restored after). Confident samples have
+    probabilities ~1e-40, subnormal in float32, and products of small entries make more; every
+    matrix product that touches them is ~4x slower. At the solvers' tolerances they are zeros.
+    torch has no getter for the mode, so it is restored to torch's default (off)."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+class JacobianPreconditioner:
+    """Exact inverse of an approximation of the Jacobian  X -> nl X + M(X G)  at probabilities P.
+
+    Each sample's M_j = diag(p_j) - p_j p_j^T is split along its eigen-directions: a direction
+    with eigenvalue w > strong * nl is "strong" and keeps the exact G (these are the samples the
+    fixed point balances, whose coupling through G makes the problem stiff); the others see
+    G ~ sigma I + U C U^T (`Basis`). Then the operator is block diagonal (K x K per sample) plus a
+    low-rank part of rank K m + r (r strong directions), inverted by Woodbury with one LU of that
+    size. strong = inf: only the basis (cheap; good while beta = 1/nl is small); strong -> 0: every
+    direction is exact and so is the inverse. What is left for GMRES is the weak directions'
+    coupling through G - sigma I - U C U^T, of size about beta w |G - sigma I| < strong |...|.
+    """
+
+    def __init__(self, GT: torch.Tensor, basis: Basis, P: torch.Tensor, nl: float, strong: float = math.inf,
+                 matmul=None, max_rank: int | None = None):
+        """GT: G^T, contiguous, in the precision of the preconditioner (its rows are gathered);
+        matmul(X) = X G in that precision (default: from GT). max_rank: at most this many strong
+        directions (the largest w), which bounds the LU's cost."""
+        K, N = P.shape
+        dtype = GT.dtype
+        U, C, sigma = basis.U.to(P), basis.C.to(P), basis.sigma
+        m = U.shape[1]
+        Pt = P.T
+        w, V = torch.linalg.eigh(torch.diag_embed(Pt) - Pt[:, :, None] * Pt[:, None, :])   # N x K, N x K x K
+        w = torch.where(w > 1e-12 * nl, w, torch.zeros_like(w))          # far below nl: no effect
+        is_strong = w > strong * nl
+        if max_rank is not None and int(is_strong.sum()) > max_rank:
+            is_strong &= w >= w.flatten().topk(max_rank).values[-1]
+        weak = torch.where(is_strong, torch.zeros_like(w), w)
+        d_inv = 1.0 / (nl + sigma * weak)                                   # D_j = nl I + sigma M_weak,j
+        Dinv = (V * d_inv[:, None, :]) @ V.transpose(1, 2)                  # N x K x K
+        W = (V * (weak * d_inv)[:, None, :]) @ V.transpose(1, 2)            # D^-1 M_weak
+        js, a = is_strong.nonzero(as_tuple=True)
+        l = V[js, :, a] * w[js, a].sqrt()[:, None]                          # r x K: M_strong,j = sum l l^T
+        cvec = U @ C.T                                                       # row j: C U^T e_j
+        Dinv, W, l, U, cvec = (t.to(dtype) for t in (Dinv, W, l, U, cvec))
+        r, km = js.numel(), K * m
+        # unknowns: q = X U (K x m) and u = L^T (X G) / nl on the strong directions (r); the core
+        # matrix of Woodbury's formula, block by block
+        core = torch.empty(km + r, km + r, dtype=dtype, device=P.device)
+        core[:km, :km] = torch.einsum("jkl,jb,ja->kalb", W, cvec, U).reshape(km, km)
+        core[:km, :km].diagonal().add_(1.0)
+        core[:km, km:] = (l[:, :, None] * U[js][:, None, :]).reshape(r, km).T
+        G_rows = GT.index_select(0, js)                                      # r x N: columns js of G
+        Z = torch.einsum("ikl,ib->iklb", W, cvec).reshape(N, K * km)
+        core[km:, :km] = torch.einsum("sk,sklb->slb", l, (G_rows @ Z).reshape(r, K, K, m)).reshape(r, km)
+        core[km:, km:] = G_rows.index_select(1, js) * (l @ l.T)
+        core[km:, km:].diagonal().add_(nl)
+        self.lu = torch.linalg.lu_factor(core)
+        self.matmul = matmul if matmul is not None else (lambda X: X @ GT.T)
+        self.Dinv, self.W, self.U, self.cvec, self.l, self.js = Dinv, W, U, cvec, l, js
+        self.shape, self.m, self.rank, self.dtype = (K, N), m, r, dtype
+
+    def __call__(self, rhs: torch.Tensor) -> torch.Tensor:
+        K, N = self.shape
+        R = rhs.reshape(K, N).to(self.dtype)
+        DR = torch.einsum("jkl,lj->kj", self.Dinv, R)                           # D^-1 R
+        b = torch.cat([(DR @ self.U).reshape(-1), (self.l * self.matmul(DR).T[self.js]).sum(1)])
+        sol = torch.linalg.lu_solve(*self.lu, b[:, None]).squeeze(1)
+        Q = sol[: K * self.m].reshape(K, self.m)
+        u = sol[K * self.m:]
+        X = DR - torch.einsum("jkl,lj->kj", self.W, Q @ self.cvec.T)
+        strong_part = torch.zeros(N, K, dtype=R.dtype, device=R.device).index_add_(0, self.js, self.l * u[:, None])
+        return (X - strong_part.T).reshape(-1).to(rhs.dtype)
+
+
+def gmres(matvec, b: torch.Tensor, precond, rtol: float, maxit: int) -> tuple[torch.Tensor, int, float]:
+    """Right-preconditioned GMRES (no restart) for the Newton steps; classical Gram-Schmidt with a
+    second pass when needed, Givens rotations in double precision. Returns (x, iterations, rel)."""
+    n = b.numel()
+    beta = b.norm().item()
+    if beta == 0:
+        return torch.zeros_like(b), 0, 0.0
+    if not math.isfinite(beta):
+        return torch.zeros_like(b), 0, math.inf
+    V = torch.empty(maxit + 1, n, dtype=b.dtype, device=b.device)
+    V[0] = b / beta
+    H = [[0.0] * maxit for _ in range(maxit + 1)]
+    cs, sn, g = [], [], [beta] + [0.0] * maxit
+    j, rel = 0, 1.0
+    for j in range(maxit):
+        w = matvec(precond(V[j]))
+        w_norm = w.norm().item()
+        h = V[: j + 1] @ w
+        w = w - h @ V[: j + 1]
+        hn = w.norm().item()
+        if hn < 0.7 * w_norm:
+            # cancellation: a second Gram-Schmidt pass restores orthogonality (DGKS criterion);
+            # skipped otherwise, since each pass reads the whole basis
+            h2 = V[: j + 1] @ w
+            w = w - h2 @ V[: j + 1]
+            h = h + h2
+            hn = w.norm().item()
+        col = h.double().tolist()
+        for i in range(j):
+            a, bb = col[i], col[i + 1]
+            col[i], col[i + 1] = cs[i] * a + sn[i] * bb, -sn[i] * a + cs[i] * bb
+        r = math.hypot(col[j], hn)
+        if not r > 0:                       # the operator is singular on this Krylov space: stop here
+            j -= 1
+            break
+        c_, s_ = col[j] / r, hn / r
+        cs.append(c_)
+        sn.append(s_)
+        col[j] = r
+        g[j + 1] = -s_ * g[j]
+        g[j] = c_ * g[j]
+        for i in range(j + 1):
+            H[i][j] = col[i]
+        rel = abs(g[j + 1]) / beta
+        if rel <= rtol or hn == 0:
+            break
+        V[j + 1] = w / hn
+    k = j + 1
+    if k == 0:
+        return torch.zeros_like(b), 0, 1.0
+    y = [0.0] * k
+    for i in range(k - 1, -1, -1):
+        y[i] = (g[i] - sum(H[i][l] * y[l] for l in range(i + 1, k))) / H[i][i]
+    yv = torch.tensor(y, dtype=b.dtype, device=b.device)
+    return precond(yv @ V[:k]), k, rel
+
+
+class JacobianSolver:
+    """Solves  nl X + M_P(X G) = R  by GMRES with a `JacobianPreconditioner` that is kept while it
+    serves (the Jacobian changes little from one step to the next) and rebuilt at the current point
+    when GMRES needs more than `rebuild_after` iterations. Counts its work."""
+
+    def __init__(self, kernel, basis: Basis, strong: float, krylov_dtype=torch.float32, rebuild_after: int = 15,
+                 max_krylov: int = 60, max_rank: int = 3000):
+        self.kernel, self.basis, self.strong = kernel, basis, strong
+        self.low = kernel.lowp(krylov_dtype)
+        self.GT = self.low.G.T.contiguous()
+        self.dtype, self.rebuild_after, self.max_krylov, self.max_rank = krylov_dtype, rebuild_after, max_krylov, max_rank
+        self.pre = None
+        self.builds = self.krylov = self.largest_rank = 0
+
+    def solve(self, P: torch.Tensor, nl: float, R: torch.Tensor, rtol: float) -> tuple[torch.Tensor, float]:
+        K, N = P.shape
+        Pl = P.to(self.dtype)
+        rtol = max(rtol, 2e-6 if self.dtype == torch.float32 else 1e-13)
+
+        def matvec(x):
+            X = x.reshape(K, N)
+            return (nl * X + softmax_jac(Pl, self.low.matmul(X))).reshape(-1)
+
+        b = R.reshape(-1).to(self.dtype)
+        for fresh in (self.pre is None, True):
+            if fresh:
+                self.pre = JacobianPreconditioner(self.GT, self.basis, P, nl, self.strong, self.low.matmul,
+                                                  self.max_rank)
+                self.builds += 1
+                self.largest_rank = max(self.largest_rank, self.pre.rank)
+            x, its, rel = gmres(matvec, b, self.pre, rtol, self.max_krylov)
+            self.krylov += its
+            if its > self.rebuild_after or rel > rtol:
+                self.pre = None          # stale: the next solve (or the retry below) builds anew
+            if rel <= rtol or fresh:
+                break
+        return x.reshape(K, N).to(R.dtype), rel
+
+
+# ----------------------------------------------------------------------------------------------
+# The equation in B = T - Y, at one beta and along beta
+# ----------------------------------------------------------------------------------------------
+
+def equation(kernel, T: torch.Tensor, B: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """H(B) = B + softmax(beta B G) - T and P = softmax(beta B G); Y = P solves (1) when H = 0."""
+    P = torch.softmax(beta * kernel.matmul(B), dim=0)
+    return B + P - T, P
+
+
+def y_residual(kernel, T: torch.Tensor, P: torch.Tensor, beta: float) -> float:
+    """max |Y - softmax(beta (T - Y) G)| at Y = P: the number every solver reports. (max|H| is not
+    it: H's error is amplified by up to beta |G| / 4 on the way to Y.)"""
+    return (P - torch.softmax(beta * kernel.matmul(T - P), dim=0)).abs().max().item()
+
+
+@dataclass
+class NewtonResult:
+    B: torch.Tensor
+    P: torch.Tensor
+    converged: bool
+    iterations: int
+    residual: float
+
+
+def newton_at(kernel, T, B, beta: float, solver: JacobianSolver, tol: float, max_iter: int, log=None,
+              what: str = "newton") -> NewtonResult:
+    """Damped Newton on H(B) = 0 at fixed beta, to max|Y - F(Y)| <= tol. Steps by backtracking on
+    ||H||, Krylov tolerances by Eisenstat-Walker; gives up after `max_iter` steps, when a step
+    cannot decrease ||H||, or when ten steps gained less than a factor 3 (a start too far away)."""
+    nl = 1.0 / beta
+    H, P = equation(kernel, T, B, beta)
+    hnorm, forcing, history, res = H.norm().item(), 1e-2, [], float("inf")
+    for it in range(max_iter + 1):
+        history.append(hnorm)
+        if not math.isfinite(hnorm) or (it >= 10 and hnorm > history[it - 10] / 3):
+            break
+        if H.abs().max().item() < 1e-6:                 # cheap necessary condition before the G product
+            res = y_residual(kernel, T, P, beta)
+            if res <= tol:
+                return NewtonResult(B, P, True, it, res)
+        if it == max_iter:
+            break
+        dB, _ = solver.solve(P, nl, -nl * H, forcing)
+        step, h0 = 1.0, hnorm ** 2
+        while True:
+            H_new, P_new = equation(kernel, T, B + step * dB, beta)
+            h_new = H_new.norm().item()
+            if math.isfinite(h_new) and h_new ** 2 <= (1 - 1e-4 * step) * h0:
+                break
+            step *= 0.5
+            if step < 1e-4:
+                return NewtonResult(B, P, False, it, res)
+        forcing = min(0.1, max(0.9 * (h_new / hnorm) ** 2, 1e-12))   # Eisenstat-Walker, choice 2
+        B, H, P, hnorm = B + step * dB, H_new, P_new, h_new
+        if log:
+            log(f"    {what} {it + 1}: beta={beta:.4g} step {step:g} max|H| {H.abs().max().item():.2e}")
+    return NewtonResult(B, P, False, it, res)
+
+
+def operator_norm(kernel, N: int, gen: torch.Generator, iters: int = 30) -> float:
+    """||G||_2 by power iteration on x -> x G G^T (x a row), plus 1%: it only places the path's start."""
+    x = torch.randn(1, N, generator=gen, dtype=torch.float64).to(kernel.G)
+    s = 0.0
+    for _ in range(iters):
+        x = x / x.norm()
+        y = kernel.matmul(x)                       # x G
+        s = y.norm().item()
+        x = (kernel.G @ y.T).T                     # y G^T
+    return 1.01 * s
+
+
+@dataclass
+class PathResult:
+    B: torch.Tensor
+    P: torch.Tensor
+    converged: bool
+    residual: float
+    steps: int
+    folds: int
+    corrections: int
+    beta_start: float
+    note: str = ""
+
+
+def follow_weight_decay_path(kernel, T: torch.Tensor, beta: float, solver: JacobianSolver, *, tol: float,
+                             gen: torch.Generator, max_newton: int = 60, max_steps: int = 2000,
+                             path_tol: float = 1e-6, max_correction: float = 0.02,
+                             log=None) -> PathResult:
+    """The fixed point at beta = 1/(N lambda) on the branch that starts at the unique solution for
+    heavy weight decay, followed by pseudo-arclength continuation in mu = log beta.
+
+    Why this branch: for beta0 = 1/(2 |G|_2) the map Y -> softmax(beta0 (T - Y) G) is a contraction
+    (softmax is 1/2-Lipschitz), so (1) has exactly one solution there. Every solution satisfies
+    |B| <= 1, so the branch through it cannot escape to infinity, and it cannot come back to beta0
+    (the solution there is unique); generically it is a smooth curve in (B, mu) and must reach the
+    target beta. It may turn back in beta on the way (a fold: two solutions meet); continuation in
+    beta alone stops there, arclength continuation goes round. The result depends on T, G and
+    lambda only, not on the solver's history (warm starts, previous rounds).
+
+    Predictor: the unit tangent (J_B v = -dH/dmu, t = (v, 1)/|.|) in the inner product
+    <dB, dB'>/N + dmu dmu'. Corrector: Newton on [H = 0, <t, x - x_pred> = 0] by bordering (two
+    Jacobian solves per iteration) where the tangent is steep (tm < 0.3, near a fold), Newton at the
+    predicted mu elsewhere (one solve). A step is redone with half the length when its first
+    correction exceeds min(0.3 h, max_correction) or the corrector contracts by less than 0.6 per
+    iteration: with 2000 samples the branch has sharp bends (single samples switching classes), and
+    a longer step can land on another part of the curve (checked: on small settings against a
+    brute-force tracker in the tests; at the defaults, max_correction 0.05 and 0.02 give the same
+    10 rounds, 0.2 does not). Landing: Newton at the target beta from the secant point."""
+    K, N = T.shape
+    beta0 = 0.5 / max(operator_norm(kernel, N, gen), 1e-300)
+    if beta <= beta0:                       # light stiffness: the solution is unique, Newton from T - 1/K
+        out = newton_at(kernel, T, T - 1.0 / K, beta, solver, tol, max_newton, log)
+        return PathResult(out.B, out.P, out.converged, out.residual, 0, 0, 0, beta0,
+                          "" if out.converged else f"Newton did NOT converge at beta = {beta:.4g}")
+    start = newton_at(kernel, T, T - 1.0 / K, beta0, solver, 1e-12, max_newton, log, what="start")
+    if not start.converged:
+        return PathResult(start.B, start.P, False, float("inf"), 0, 0, 0, beta0,
+                          f"Newton failed at the path's start beta0 = {beta0:.3g} (a contraction: should not happen)")
+    mu_end = math.log(beta)
+
+    def dot(B1, m1, B2, m2):
+        return (B1 * B2).sum().item() / N + m1 * m2
+
+    def dmu_term(B, P, mu):                 # dH/dmu = beta M(B G)
+        return math.exp(mu) * softmax_jac(P, kernel.matmul(B))
+
+    def jsolve(P, mu, R, rtol):             # J_B X = R with J_B = I + beta M(.G) = beta (nl I + M(.G))
+        nl = math.exp(-mu)
+        X, _ = solver.solve(P, nl, nl * R, rtol)
+        return X
+
+    B, mu, P = start.B, math.log(beta0), start.P
+    mu_start = mu
+    h, steps, folds, corrections = 0.05, 0, 0, 0
+    tB_prev, tm_prev = None, 1.0
+    v = jsolve(P, mu, -dmu_term(B, P, mu), 1e-3)
+    while steps < max_steps:
+        size = math.sqrt(dot(v, 1.0, v, 1.0))
+        tB, tm = v / size, 1.0 / size
+        if tB_prev is not None and dot(tB, tm, tB_prev, tm_prev) < 0:
+            tB, tm = -tB, -tm
+        # away from folds (the tangent rises steadily in mu) the corrector keeps mu fixed, which
+        # needs one Jacobian solve per iteration instead of two; near a fold it needs the border
+        arclength = tm < 0.3
+        while True:                         # predictor-corrector step; shrink h until it succeeds
+            Bp, mp = B + h * tB, mu + h * tm
+            Bc, mc, ok, theta, prev, its, z2 = Bp, mp, False, 0.0, None, 0, None
+            for its in range(1, 8):
+                Hc, Pc = equation(kernel, T, Bc, math.exp(mc))
+                hmax = Hc.abs().max().item()
+                if not math.isfinite(hmax):
+                    break
+                if hmax <= path_tol and prev is not None:
+                    ok = True
+                    break
+                # inexact Newton: the first corrections need only a rough solve
+                rtol = 1e-2 if prev is None else min(1e-2, max(1e-4, hmax))
+                z1 = jsolve(Pc, mc, -Hc, rtol)
+                if arclength:
+                    g = dot(tB, tm, Bc - Bp, mc - mp)
+                    z2 = jsolve(Pc, mc, dmu_term(Bc, Pc, mc), rtol)
+                    dm = (-g - dot(tB, 0.0, z1, 0.0)) / (tm - dot(tB, 0.0, z2, 0.0))
+                    dB = z1 - dm * z2
+                else:
+                    dB, dm = z1, 0.0
+                size = math.sqrt(dot(dB, dm, dB, dm))
+                if not math.isfinite(size) or (prev is None and size > min(0.3 * h, max_correction)):
+                    # the first correction says how far the prediction left the branch: far means
+                    # the step cut across a bend and could land on another part of the curve
+                    break
+                if prev is not None:
+                    theta = max(theta, size / prev)
+                    if theta > 0.6:
+                        break
+                prev = size
+                Bc, mc = Bc + dB, mc + dm
+                corrections += 1
+            if ok:
+                break
+            h *= 0.5
+            if h < 1e-9:
+                return PathResult(B, P, False, float("inf"), steps, folds, corrections, beta0,
+                                  f"path following stalled at beta = {math.exp(mu):.4g} (step length below 1e-9)")
+        if mc >= mu_end:                    # crossed the target: land on it from the secant point
+            a = (mu_end - mu) / (mc - mu)
+            out = newton_at(kernel, T, B + a * (Bc - B), beta, solver, tol, min(max_newton, 20), log, what="landing")
+            if out.converged:
+                note = (f"path from beta0 = {beta0:.3g}: {steps + 1} steps" +
+                        (f", the branch turned back {folds} time(s) (folds: other fixed points exist)" if folds else ""))
+                return PathResult(out.B, out.P, True, out.residual, steps + 1, folds, corrections, beta0, note)
+            h *= 0.5                        # too coarse near the target: approach it in shorter steps
+            continue
+        # next tangent: in arclength mode the last corrector iterate's z2 gives it for free
+        v_new = -z2 if z2 is not None else jsolve(Pc, mc, -dmu_term(Bc, Pc, mc), 1e-3)
+        steps += 1
+        if (dot(v_new, 1.0, tB, tm) < 0) != (tm < 0):   # the oriented tangent's mu-component changed sign
+            folds += 1
+        B, mu, P, v = Bc, mc, Pc, v_new
+        tB_prev, tm_prev = tB, tm
+        if mu < mu_start - 1.0:             # below the start, where the solution is unique: reversed
+            return PathResult(B, P, False, float("inf"), steps, folds, corrections, beta0,
+                              "path following reversed (it walked back below its start beta0)")
+        if log:
+            log(f"    path {steps}: beta={math.exp(mu):.4g} h {h:.3g} corrector {its} contraction {theta:.2f} "
+                f"(preconditioner rank {solver.pre.rank if solver.pre is not None else '-'})")
+        h *= 2.0 if theta < 0.05 else min(2.0, max(0.5, 0.25 / theta))
+    return PathResult(B, P, False, float("inf"), steps, folds, corrections, beta0,
+                      f"path following did NOT reach the target within {max_steps} steps (at beta = {math.exp(mu):.4g})")
