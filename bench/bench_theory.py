@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.bench_train import best_time, load_average  # noqa: E402
 from utils import theory as th  # noqa: E402
 
 
@@ -41,16 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def best_time(fn, repeats=5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -59,15 +50,15 @@ def main(argv=None) -> int:
     problem = th.build_problem(s, "cpu", torch.float64)
     G, T0 = problem.kernel.G, problem.T0
     K, N = T0.shape
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    print(f"K={K} N={N} gram={s.gram} threads={torch.get_num_threads()} load {load} torch {torch.__version__}")
+    print(f"K={K} N={N} gram={s.gram} threads={torch.get_num_threads()} load {load_average()} torch {torch.__version__}")
     print("G is a Gram matrix" if problem.diagnostics["gram"] else
           f"G is NOT a Gram matrix (smallest eigenvalue of its symmetric part {problem.diagnostics['min_eig_sym']:.3g})")
 
     # (a) units of work
     X64, G32, X32 = torch.randn(K, N, dtype=torch.float64), G.float(), torch.randn(K, N)
-    t64, t32 = best_time(lambda: X64 @ G), best_time(lambda: X32 @ G32)
-    t_lu = best_time(lambda: torch.linalg.lu_factor(G), repeats=2)
+    cpu = torch.device("cpu")
+    t64, t32 = best_time(lambda: X64 @ G, 5, cpu), best_time(lambda: X32 @ G32, 5, cpu)
+    t_lu = best_time(lambda: torch.linalg.lu_factor(G), 2, cpu)
     print(f"(a) X G: {t64 * 1e3:.2f} ms float64, {t32 * 1e3:.2f} ms float32; LU of G (N x N): {t_lu:.3f} s")
 
     # (b) the baseline: the original's Adam, round 1

@@ -1,12 +1,11 @@
 """Exact solvers of the softmax fixed point  Y = softmax((T - Y) G / (N lambda)).
 
-Two unknowns are used, related by A = B / (N lambda):
-  A = (T - Y) / (N lambda)   Newton on F(A) = N lambda A + softmax(A G) - T = 0 (a Gram matrix G:
-                             the fixed point is unique, so Newton from any start that converges
-                             has found THE solution);
-  B = T - Y                  path following on H(B, beta) = B + softmax(beta B G) - T = 0 along
-                             beta = 1/(N lambda) (any G: which fixed point is returned must be
-                             defined when there are several, see `follow_weight_decay_path`).
+The unknown is B = T - Y, and the equation H(B, beta) = B + softmax(beta B G) - T = 0 with
+beta = 1/(N lambda). Two solvers:
+  `newton_at`                 Newton at one beta (a Gram matrix G: the fixed point is unique, so
+                              Newton from any start that converges has found THE solution);
+  `follow_weight_decay_path`  path following along beta (any G: which fixed point is returned must
+                              be defined when there are several).
 
 Both need many solves with the Jacobian  X -> nl X + M(X G)  (nl = N lambda = 1/beta, M the
 column-wise softmax Jacobian diag(p) - p p^T), an N K x N K operator that is stiff at the
@@ -241,10 +240,12 @@ class JacobianSolver:
 # The equation in B = T - Y, at one beta and along beta
 # ----------------------------------------------------------------------------------------------
 
-def equation(kernel, T: torch.Tensor, B: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """H(B) = B + softmax(beta B G) - T and P = softmax(beta B G); Y = P solves (1) when H = 0."""
-    P = torch.softmax(beta * kernel.matmul(B), dim=0)
-    return B + P - T, P
+def equation(kernel, T: torch.Tensor, B: torch.Tensor, beta: float):
+    """(H, P, BG): H(B) = B + softmax(beta B G) - T, P = softmax(beta B G) (Y = P solves (1) when
+    H = 0) and the product B G itself, which the path's dH/dbeta reuses."""
+    BG = kernel.matmul(B)
+    P = torch.softmax(beta * BG, dim=0)
+    return B + P - T, P, BG
 
 
 def y_residual(kernel, T: torch.Tensor, P: torch.Tensor, beta: float) -> float:
@@ -268,7 +269,7 @@ def newton_at(kernel, T, B, beta: float, solver: JacobianSolver, tol: float, max
     ||H||, Krylov tolerances by Eisenstat-Walker; gives up after `max_iter` steps, when a step
     cannot decrease ||H||, or when ten steps gained less than a factor 3 (a start too far away)."""
     nl = 1.0 / beta
-    H, P = equation(kernel, T, B, beta)
+    H, P, _ = equation(kernel, T, B, beta)
     hnorm, forcing, history, res = H.norm().item(), 1e-2, [], float("inf")
     for it in range(max_iter + 1):
         history.append(hnorm)
@@ -283,7 +284,7 @@ def newton_at(kernel, T, B, beta: float, solver: JacobianSolver, tol: float, max
         dB, _ = solver.solve(P, nl, -nl * H, forcing)
         step, h0 = 1.0, hnorm ** 2
         while True:
-            H_new, P_new = equation(kernel, T, B + step * dB, beta)
+            H_new, P_new, _ = equation(kernel, T, B + step * dB, beta)
             h_new = H_new.norm().item()
             if math.isfinite(h_new) and h_new ** 2 <= (1 - 1e-4 * step) * h0:
                 break
@@ -361,8 +362,8 @@ def follow_weight_decay_path(kernel, T: torch.Tensor, beta: float, solver: Jacob
     def dot(B1, m1, B2, m2):
         return (B1 * B2).sum().item() / N + m1 * m2
 
-    def dmu_term(B, P, mu):                 # dH/dmu = beta M(B G)
-        return math.exp(mu) * softmax_jac(P, kernel.matmul(B))
+    def dmu_term(BG, P, mu):                # dH/dmu = beta M(B G)
+        return math.exp(mu) * softmax_jac(P, BG)
 
     def jsolve(P, mu, R, rtol):             # J_B X = R with J_B = I + beta M(.G) = beta (nl I + M(.G))
         nl = math.exp(-mu)
@@ -373,7 +374,7 @@ def follow_weight_decay_path(kernel, T: torch.Tensor, beta: float, solver: Jacob
     mu_start = mu
     h, steps, folds, corrections = 0.05, 0, 0, 0
     tB_prev, tm_prev = None, 1.0
-    v = jsolve(P, mu, -dmu_term(B, P, mu), 1e-3)
+    v = jsolve(P, mu, -dmu_term(kernel.matmul(B), P, mu), 1e-3)
     while steps < max_steps:
         size = math.sqrt(dot(v, 1.0, v, 1.0))
         tB, tm = v / size, 1.0 / size
@@ -386,7 +387,7 @@ def follow_weight_decay_path(kernel, T: torch.Tensor, beta: float, solver: Jacob
             Bp, mp = B + h * tB, mu + h * tm
             Bc, mc, ok, theta, prev, its, z2 = Bp, mp, False, 0.0, None, 0, None
             for its in range(1, 8):
-                Hc, Pc = equation(kernel, T, Bc, math.exp(mc))
+                Hc, Pc, BGc = equation(kernel, T, Bc, math.exp(mc))
                 hmax = Hc.abs().max().item()
                 if not math.isfinite(hmax):
                     break
@@ -398,7 +399,7 @@ def follow_weight_decay_path(kernel, T: torch.Tensor, beta: float, solver: Jacob
                 z1 = jsolve(Pc, mc, -Hc, rtol)
                 if arclength:
                     g = dot(tB, tm, Bc - Bp, mc - mp)
-                    z2 = jsolve(Pc, mc, dmu_term(Bc, Pc, mc), rtol)
+                    z2 = jsolve(Pc, mc, dmu_term(BGc, Pc, mc), rtol)
                     dm = (-g - dot(tB, 0.0, z1, 0.0)) / (tm - dot(tB, 0.0, z2, 0.0))
                     dB = z1 - dm * z2
                 else:
@@ -431,7 +432,7 @@ def follow_weight_decay_path(kernel, T: torch.Tensor, beta: float, solver: Jacob
             h *= 0.5                        # too coarse near the target: approach it in shorter steps
             continue
         # next tangent: in arclength mode the last corrector iterate's z2 gives it for free
-        v_new = -z2 if z2 is not None else jsolve(Pc, mc, -dmu_term(Bc, Pc, mc), 1e-3)
+        v_new = -z2 if z2 is not None else jsolve(Pc, mc, -dmu_term(BGc, Pc, mc), 1e-3)
         steps += 1
         if (dot(v_new, 1.0, tB, tm) < 0) != (tm < 0):   # the oriented tangent's mu-component changed sign
             folds += 1

@@ -335,8 +335,7 @@ def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, solvers: di
                 return Solve(out.P, out.residual, out.iterations, True, "", kernel.products[0] - before), out.B
         path = ss.follow_weight_decay_path(kernel, T, beta, solvers["path"], tol=tol, gen=gen, max_newton=max_newton,
                                            log=log)
-    res = fixed_point_residual(path.P, T, kernel, lbd, approx=False)
-    ok = path.converged and res <= tol
+    ok, res = path.converged, path.residual          # the landing stopped on max|Y - F(Y)| <= tol
     note = path.note if ok else f"did NOT reach the tolerance: residual {res:.2e} > {tol:.0e}; {path.note}"
     return Solve(path.P, res, path.steps, ok, note, kernel.products[0] - before, path.folds), path.B
 
