@@ -4,7 +4,11 @@ Errors a user can fix are raised as `UserError` anywhere below the entry script;
 them into one line on stderr and exit code 2, so no deep traceback reaches the user.
 """
 import argparse
+import errno
 import sys
+from pathlib import Path
+
+import yaml
 
 
 class UserError(Exception):
@@ -47,11 +51,62 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a key given twice (plain YAML keeps the last
+    one silently, so `lr: 0.1` ... `lr: 0.05` in one recipe would run only one of them)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one",
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml_file(path, what: str):
+    """A YAML file's content (duplicate keys refused), or UserError naming `what` and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} {path} is not valid YAML{where} "
+                        f"({one_line(getattr(exc, 'problem', None) or exc)}); fix it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} cannot be read as UTF-8 text ({one_line(exc)})") from None
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a failed file operation: the path, the OS's words, and what to do."""
+    path = exc.filename or "a file"
+    reason = exc.strerror or one_line(exc)
+    fix = {errno.ENOSPC: "free some space or choose another directory",
+           errno.EDQUOT: "free some space or choose another directory",
+           errno.EACCES: "choose a directory you can write to (-c, --results, --out, --cache-dir)",
+           errno.EROFS: "choose a directory you can write to (-c, --results, --out, --cache-dir)",
+           errno.ENOTDIR: "a part of that path is a file, not a directory: choose another path"}
+    return f"cannot write or read {path}: {reason}; {fix.get(exc.errno, 'check the path and its permissions')}"
+
+
 def run_main(main, argv=None) -> int:
     try:
         return main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable or full output directory: one line, not a traceback
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)
