@@ -85,9 +85,9 @@ class TrainSpy:
         self.hook = None   # optional f(state) run after the engine's own on_epoch
 
     def __call__(self, data, targets, init_weight, hyper, epochs, batch_size, shuffle_seeds, resume=None,
-                 on_epoch=None):
+                 on_epoch=None, **options):
         call = {"data": data, "targets": targets, "init": init_weight.detach().clone(),
-                "resume_epoch": None if resume is None else resume.epoch, "epochs": epochs}
+                "resume_epoch": None if resume is None else resume.epoch, "epochs": epochs, "options": options}
         self.calls.append(call)
 
         def hook(state):
@@ -96,7 +96,8 @@ class TrainSpy:
             if self.hook is not None:
                 self.hook(state)
 
-        state = self.real(data, targets, init_weight, hyper, epochs, batch_size, shuffle_seeds, resume, hook)
+        state = self.real(data, targets, init_weight, hyper, epochs, batch_size, shuffle_seeds, resume, hook,
+                          **options)
         call["final_weight"] = state.weight.detach().clone()
         return state
 

@@ -155,7 +155,7 @@ def test_interrupted_run_resumes_from_its_last_save(cli, spy):
     spy.hook = ctrl_c_after_epoch(3)
     assert cli(*args) == 130
     assert cli.records() == []
-    partial = list(cli.dirs()["ckpt"].rglob("last.pt"))
+    partial = list(cli.dirs()["ckpt"].rglob("resume.pt"))
     assert len(partial) == 1
     assert torch.load(partial[0], weights_only=True)["epoch"] == 2
     spy.hook = None
@@ -176,7 +176,7 @@ def test_unreadable_partial_checkpoint_restarts_the_run(cli, spy):
     args = (*DIGITS, "--epochs", 4, "--save-every", 2, "--dist", 0)
     spy.hook = ctrl_c_after_epoch(3)
     assert cli(*args) == 130
-    (partial,) = cli.dirs()["ckpt"].rglob("last.pt")
+    (partial,) = cli.dirs()["ckpt"].rglob("resume.pt")
     partial.write_bytes(partial.read_bytes()[:100])
     spy.hook = None
     assert cli(*args) == 0

@@ -157,7 +157,7 @@ def test_kill_inside_a_run_resumes_from_its_periodic_save(cli, spy, tmp_path, re
     assert cli("--config", recipe, "--save-every", 1) == 130
     teachers = record_files(cli, "a")
     assert len(teachers) == 4 and all(name.startswith("digits-0-") for name in teachers)
-    partial = list(cli.dirs()["ckpt"].rglob("1-*/last.pt"))
+    partial = list(cli.dirs()["ckpt"].rglob("1-*/resume.pt"))
     assert len(partial) == 4
 
     spy.hook = None
@@ -256,6 +256,13 @@ BAD_RECIPES = {
     "report is a list": _swap("report: {kind: distillation, metric: test, gain_etas: [0.0, 0.5]}", "report: [test]"),
     "unknown report metric": _swap("metric: test", "metric: best"),
     "gain_etas not numbers": _swap("gain_etas: [0.0, 0.5]", "gain_etas: [low, high]"),
+    "negative seed": _swap("manualSeed: [0, 1]", "manualSeed: [0, -1]"),
+    "seed beyond 2**32": _swap("manualSeed: [0, 1]", "manualSeed: [0, 4294967296]"),
+    "infinite temperature": _swap("  epochs: 3", "  epochs: 3\n  temperature: .inf"),
+    "NaN learning rate": _swap("lr: 0.05", "lr: .nan"),
+    "duplicate key": _swap("  lr: 0.05", "  lr: 0.05\n  lr: 0.1"),
+    "duplicate top-level key": RECIPE + "rounds: 2\n",
+    "dataset path with features": "name: tiny\ngrid:\n  features: f.npz\n  dataset: ../../x\n",
 }
 
 
@@ -324,3 +331,78 @@ def test_report_matches_records_by_backbone():
     jobs = [(FeatureSource("cifar100", "resnet34"), RunConfig("cifar100", "resnet34"))]
     found = matching_records(store, jobs, ["0", "p"])
     assert [(r["backbone"], r["step"]) for r in found] == [("resnet34", "0"), ("resnet34", "p")]
+
+
+# ---- (h): the bad values above, each with the message that names its fix ----------------------------
+def the_error(cli, capsys, text, *needles, extra=(), names_file=True):
+    assert cli("--config", write_recipe(cli.tmp, text), *extra) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert not names_file or f"recipe file {cli.tmp / 'tiny.yaml'}" in lines[0] or \
+        f"recipe {cli.tmp / 'tiny.yaml'}:" in lines[0], lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_recipe_seed_out_of_range_names_the_range(cli, capsys, no_training, seed):
+    the_error(cli, capsys, _swap("manualSeed: [0, 1]", f"manualSeed: [0, {seed}]"),
+              f"manualSeed={seed}", f"--manualSeed must be an integer in [0, 4294967295] (0 <= seed < 2**32), got {seed}")
+
+
+def test_recipe_with_a_key_given_twice_is_refused(cli, capsys, no_training):
+    """Plain YAML would keep the last `lr:` silently and run only one of the two learning rates."""
+    line = the_error(cli, capsys, _swap("  lr: 0.05", "  lr: 0.05\n  lr: 0.1"), "key 'lr' is given twice", "keep one")
+    assert "line 10" in line  # the second `lr:`
+
+
+def test_recipe_dataset_name_with_features_must_be_plain(cli, capsys, no_training, tmp_path):
+    from conftest import blob_features
+    import numpy as np
+    np.savez(tmp_path / "f.npz", **blob_features())
+    text = f"name: tiny\ngrid:\n  features: {tmp_path / 'f.npz'}\n  dataset: [ok, ../../x]\n  epochs: 1\n"
+    the_error(cli, capsys, text, "-d '../../x' is not a plain name")
+    assert not cli.dirs()["results"].exists() and not cli.dirs()["ckpt"].exists()
+
+
+def big_recipe(seeds, epochs):
+    return (f"name: tiny\ngrid:\n  dataset: digits\n  manualSeed: {list(range(seeds))}\n"
+            f"  epochs: {list(range(1, epochs + 1))}\n")
+
+
+def test_huge_grid_is_refused_quickly_with_its_count(cli, capsys, no_training):
+    import time
+    started = time.time()
+    the_error(cli, capsys, big_recipe(1000, 1000), "its grid has 1,000,000 chains", "more than 100,000",
+              "--allow-large-grid")
+    assert time.time() - started < 10  # counted, not expanded
+
+
+def test_allow_large_grid_lifts_the_bound(cli, capsys, no_training, tmp_path, monkeypatch):
+    import utils.grid
+    monkeypatch.setattr(utils.grid, "MAX_CHAINS", 3)
+    the_error(cli, capsys, RECIPE, "its grid has 4 chains", "more than 3", "--allow-large-grid")
+    # past the bound: the grid expands, and --report-only then finds nothing to report
+    the_error(cli, capsys, RECIPE, "no results yet for recipe tiny", extra=("--allow-large-grid", "--report-only"),
+              names_file=False)
+
+
+def test_grid_exactly_at_the_bound_is_accepted(tmp_path):
+    from utils.grid import MAX_CHAINS, count_chains, load_grid
+    assert count_chains(load_grid(write_recipe(tmp_path, big_recipe(100, MAX_CHAINS // 100)))) == MAX_CHAINS
+
+
+def test_chain_count_equals_what_expansion_iterates(tmp_path):
+    from itertools import count
+    from utils.grid import count_chains, expand_grid, load_grid
+
+    text = _swap("  dataset: digits", "  dataset: [digits, cifar100, cifar10]") + (
+        "per_dataset:\n  cifar100: {lr: [0.1, 0.2, 0.3], weight-decay: [1.0e-4, 2.0e-4]}\n  cifar10: {lr: 0.1}\n")
+    grid = load_grid(write_recipe(tmp_path, text))
+    counter = count()
+    jobs = expand_grid(grid, lambda settings: next(counter))  # every iteration is a distinct job
+    assert count_chains(grid) == len(jobs) == 4 * (1 + 6 + 1)
+    import yaml
+    assert count_chains(yaml.safe_load(text)) == len(jobs)  # the raw recipe counts the same

@@ -1,12 +1,20 @@
-"""Advance many teacher -> student -> ... -> PLL chains at once.
+"""Advance many teacher -> student -> ... -> PLL chains at once, with any number of processes.
 
 Configurations that share features, epochs, batch size and validation fraction are trained
-together, step by step: all teachers (as one batched computation), then all round-1 students,
-..., then all PLL students. A run whose record exists is skipped; a run interrupted mid-way
-resumes from its periodic `last` checkpoint. Steps run strictly in order, each student from the
-exact checkpoint of its own teacher run.
+together, step by step: all teachers (as batched computations), then all round-1 students, ...,
+then all PLL students. A run's life (see DESIGN in the docs):
+  - claimed: this process holds its lease (utils/leases.py); runs leased by a live process are
+    left to it, and a student whose teacher is being trained elsewhere waits for it;
+  - training: periodic resumable state in `resume.pt` (never read as a teacher);
+  - final checkpoints `best.pt`, `best_val.pt`, then `last.pt`, which carries the record;
+  - finished: the record in the results store, written last. A process that finds a `last.pt`
+    without a record completes the record from it instead of retraining.
+A student loads its teacher only through the teacher's record, which names each final
+checkpoint's content hash.
 """
+import io
 import json
+import os
 import platform
 import time
 from collections import defaultdict
@@ -24,13 +32,17 @@ from models.backbones import backbone_tag
 from models.extract import load_or_extract_features
 from models.head import head_state_dict, init_head_weights
 from utils.cli import UserError
-from utils.io import atomic_torch_save, atomic_write_text, load_torch_file
+from utils.io import HOST, atomic_torch_save, atomic_write_bytes, atomic_write_text, load_torch_file, remove_stale_temporaries
+from utils.leases import LEASE_NAME, LeaseLost, read_holder, try_claim
 from utils.losses import distillation_targets, pll_candidates
 from utils.runs import (CHECKPOINT_OF_SELECTION, SCHEMA, ResultsStore, RunConfig, code_version, run_dir,
-                        run_key, step_settings, teacher_step)
-from utils.train import Hyper, NonFiniteLoss, Snapshot, TrainData, Targets, TrainState, head_logits, train_heads
+                        run_key, sha256_of, step_settings, teacher_step)
+from utils.train import (Hyper, NonFiniteLoss, Snapshot, TrainData, Targets, TrainState, batched_products_match_lone,
+                         head_logits, train_heads)
 
 STEP_CODE_PLL = 1000
+RESUME_FILE = "resume.pt"      # periodic state of a run in training; never a teacher
+FINAL_FILES = {"best": "best.pt", "best_val": "best_val.pt", "last": "last.pt"}  # last.pt is written last
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,9 @@ class EngineOptions:
     save_every: int = 25         # epochs between resumable `last` checkpoints (0: only at the end)
     overwrite: bool = False      # retrain runs whose record exists
     show_progress: bool = True
+    lease_timeout: float = 600.0  # s without a heartbeat after which another process takes a run over
+    poll_seconds: float = 5.0     # between looks at runs that other processes hold
+    fuse_shared_seeds: bool = False  # opt-in wider matmuls for runs sharing batches (not bit-exact everywhere)
     command_hint: Callable[[str], str] = lambda step: f"the same command with --dist {step}"
 
 
@@ -74,15 +89,31 @@ class LabelSetup:
     realised: float
 
 
-# Below this many multiply-adds per step, extra CPU threads cost more in synchronisation than they
-# save (and collapse when another process holds the cores): one thread is faster.
+# Below this many multiply-adds per run and step, extra CPU threads cost more in synchronisation
+# than they save (and collapse when another process holds the cores): one thread is faster. The
+# choice depends on one run's shape only, never on how many runs share the batch, so a run gets the
+# same thread count (and the same bits) alone or batched.
 SMALL_STEP_MACS = 4_000_000
 _DEFAULT_THREADS = torch.get_num_threads()
+_EXACT_AT_DEFAULT = {}  # (batch sizes, d, K) -> whether batched products match lone ones at default threads
 
 
-def set_cpu_threads(device: torch.device, macs_per_step: int) -> None:
-    if device.type == "cpu":
-        torch.set_num_threads(1 if macs_per_step < SMALL_STEP_MACS else _DEFAULT_THREADS)
+def set_cpu_threads(device: torch.device, batch_sizes, dim: int, num_classes: int, log=print) -> int:
+    """Set and return the training thread count for runs of this shape (0 on a GPU)."""
+    if device.type != "cpu":
+        return 0
+    threads = 1
+    if max(batch_sizes) * dim * num_classes >= SMALL_STEP_MACS and _DEFAULT_THREADS > 1:
+        shape = (tuple(sorted(set(batch_sizes))), dim, num_classes)
+        if shape not in _EXACT_AT_DEFAULT:
+            torch.set_num_threads(_DEFAULT_THREADS)
+            _EXACT_AT_DEFAULT[shape] = batched_products_match_lone(shape[0], dim, num_classes)
+            if not _EXACT_AT_DEFAULT[shape]:
+                log(f"this BLAS rounds batched products differently from lone ones at {_DEFAULT_THREADS} "
+                    "threads: training on 1 thread, so every run gives the same numbers alone or batched")
+        threads = _DEFAULT_THREADS if _EXACT_AT_DEFAULT[shape] else 1
+    torch.set_num_threads(threads)
+    return threads
 
 
 def load_source(source: FeatureSource, opts: EngineOptions, log) -> FeatureSet:
@@ -120,11 +151,28 @@ def _checkpoint(kind, cfg, step, fid, key, epoch, weight, momentum, lr, acc, bes
     return out
 
 
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _load_torch_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path, key: str, fix: str) -> dict:
     ckpt = load_torch_file(path, "checkpoint", fix)
     if not isinstance(ckpt, dict) or ckpt.get("schema") != SCHEMA or ckpt.get("key") != key:
         raise UserError(f"checkpoint {path} does not belong to this run (different settings or an older format). {fix}")
     return ckpt
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class ChainRunner:
@@ -140,6 +188,7 @@ class ChainRunner:
         groups = defaultdict(list)
         for source, cfg in jobs:
             groups[(source, cfg.epochs, cfg.train_batch, cfg.val_split)].append(cfg)
+        remove_stale_temporaries(self.store.records_dir)
         records = []
         bar = None
         try:
@@ -175,41 +224,143 @@ class ChainRunner:
         setup_of = lambda c: setups[(c.ctype, c.eta, c.seed, c.val_split, c.val_clean)]  # noqa: E731
         records = []
         for step in steps:
-            todo, seen = [], set()
+            runs, seen = [], set()
             for cfg in configs:
                 key = run_key(cfg, step, fid)
                 if key in seen:
-                    bar.update(1)
+                    bar.update(1)  # a teacher shared by several chains is one run
                     continue
                 seen.add(key)
-                if self.store.has(key) and (not self.opts.overwrite or key in self.done_here):
-                    records.append(self.store.get(key))
-                    bar.update(1)
-                else:
-                    todo.append(cfg)
-            by_resume = defaultdict(list)
-            for cfg in todo:
-                resume = self._resume_point(cfg, step, fid)
-                by_resume[resume[0] if resume else 0].append((cfg, resume))
-            for _, items in sorted(by_resume.items()):
-                # runs of one seed share their shuffling order: contiguous, they train as one matmul
-                items.sort(key=lambda item: item[0].seed)
-                for start in range(0, len(items), self.opts.max_batch_runs):
-                    chunk = items[start:start + self.opts.max_batch_runs]
-                    records += self._train_chunk(features, fid, feats_dev, test_dev, chunk, step, setup_of, bar)
+                runs.append((cfg, key))
+            train = lambda chunk: self._train_chunk(features, fid, feats_dev, test_dev, chunk, step,  # noqa: E731
+                                                    setup_of, bar)
+            records += self._run_step(runs, step, fid, train, bar)
         return records
 
-    def _resume_point(self, cfg, step, fid):
-        """(epoch, checkpoint) of an interrupted run's periodic `last` checkpoint, if any."""
-        if self.opts.overwrite:
+    def _run_step(self, runs, step, fid, train, bar) -> list:
+        """Every run of one step finished: found finished, trained here (a lease and at most
+        max_batch_runs runs at a time), or trained by another process while this one waits."""
+        done, said = {}, None
+        while True:
+            todo = []
+            for cfg, key in runs:
+                if key in done:
+                    continue
+                record = self._finished_record(cfg, step, fid, key)
+                if record is not None:
+                    done[key] = record
+                    bar.update(1)
+                else:
+                    todo.append((cfg, key))
+            if not todo:
+                return [done[key] for _, key in runs]
+            claimed, held = [], []
+            for cfg, key in todo:
+                if len(claimed) == self.opts.max_batch_runs:
+                    break
+                holder = self._teacher_in_training(cfg, step, fid)
+                if holder is None:
+                    folder = run_dir(self.opts.checkpoint_root, cfg, step, fid)
+                    remove_stale_temporaries(folder)
+                    lease, holder = try_claim(folder, self.opts.lease_timeout)
+                    if lease is not None:
+                        claimed.append((cfg, key, lease))
+                        continue
+                held.append(holder.describe())
+            if claimed:
+                self._train_claimed(claimed, step, fid, train, done, bar)
+                said = None
+                continue
+            message = (f"step {step}: waiting for {len(held)} run(s) that other processes are training "
+                       f"({', '.join(sorted(set(held))[:3])}{', ...' if len(set(held)) > 3 else ''})")
+            if message != said:
+                self.log(message)
+                said = message
+            time.sleep(self.opts.poll_seconds)
+
+    def _train_claimed(self, claimed, step, fid, train, done, bar) -> None:
+        """Train the runs whose leases this process holds, grouped by the epoch they resume from."""
+        try:
+            by_resume = defaultdict(list)
+            for cfg, key, lease in claimed:
+                record = self._finished_record(cfg, step, fid, key)  # finished while we claimed it
+                if record is not None:
+                    done[key] = record
+                    bar.update(1)
+                    continue
+                resume = self._resume_point(cfg, step, fid)
+                by_resume[resume[0] if resume else 0].append((cfg, resume, lease))
+            for _, items in sorted(by_resume.items()):
+                items.sort(key=lambda item: item[0].seed)  # runs of one seed side by side (--fuse-shared-seeds)
+                try:
+                    for record in train(items):
+                        done[record["key"]] = record
+                except LeaseLost as exc:
+                    self.log(f"another process took over {exc} (its heartbeat looked stale); leaving it that run")
+        finally:
+            for _, _, lease in claimed:
+                lease.release()
+
+    def _teacher_in_training(self, cfg, step, fid):
+        """The holder of the lease on this run's teacher while another process trains it, else None."""
+        if step == "0":
             return None
-        path = run_dir(self.opts.checkpoint_root, cfg, step, fid) / "last.pt"
-        if not path.is_file():
+        t_step = teacher_step(step)
+        if self.store.has(run_key(cfg, t_step, fid)):
+            return None
+        holder = read_holder(run_dir(self.opts.checkpoint_root, cfg, t_step, fid) / LEASE_NAME)
+        if holder is None or holder.is_dead(self.opts.lease_timeout, time.time()):
+            return None  # nobody trains it: loading it fails with a message naming the fix
+        return holder
+
+    # ---- finished runs ----------------------------------------------------------------------
+    def _finished_record(self, cfg, step, fid, key):
+        """The run's record if it is finished (completing it from `last.pt` if needed), else None."""
+        if self.opts.overwrite and key not in self.done_here:
+            return None
+        if self.store.has(key):
+            return self.store.get(key)
+        return self._complete_from_final(run_dir(self.opts.checkpoint_root, cfg, step, fid), key)
+
+    def _complete_from_final(self, folder, key):
+        """Write the record of a run whose final checkpoints exist (a process was stopped between
+        them and the record); None when they are absent or do not match each other."""
+        try:
+            data = (folder / FINAL_FILES["last"]).read_bytes()
+            last = _load_torch_bytes(data)
+        except Exception:  # absent, torn by a foreign writer or not ours: the run is not finished
+            return None
+        payload = last.get("record") if isinstance(last, dict) and last.get("key") == key else None
+        if not isinstance(payload, dict):
+            return None
+        files = dict(payload.get("final_checkpoints") or {})
+        for entry in files.values():
+            try:
+                if sha256_of((folder / entry["file"]).read_bytes()) != entry["sha256"]:
+                    return None
+            except OSError:
+                return None
+        files["last"] = {"file": FINAL_FILES["last"], "sha256": sha256_of(data)}
+        record = {**payload, "checkpoints": files, "completed_from_checkpoints": True,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return self._publish(folder, record)
+
+    def _publish(self, folder, record) -> dict:
+        """Write the record (the run is finished from now on) and drop the resumable state."""
+        self.store.put(record)
+        _unlink(folder / RESUME_FILE)
+        self.done_here.add(record["key"])
+        return record
+
+    def _resume_point(self, cfg, step, fid):
+        """(epoch, checkpoint) of an interrupted run's periodic state, if any."""
+        path = run_dir(self.opts.checkpoint_root, cfg, step, fid) / RESUME_FILE
+        if self.opts.overwrite or not path.is_file():
             return None
         try:
             ckpt = load_checkpoint(path, run_key(cfg, step, fid), "")
         except UserError:
-            self.log(f"ignoring unreadable partial checkpoint {path}; the run restarts")
+            self.log(f"ignoring unreadable resumable state {path}; the run restarts")
             return None
         if "resume" not in ckpt or not 0 < ckpt["epoch"] < cfg.epochs:
             return None
@@ -217,20 +368,36 @@ class ChainRunner:
 
     # ---- one batched computation ----------------------------------------------------------
     def _teacher_weights(self, cfg, step, fid):
+        """The teacher's selected checkpoint, read through the teacher's record and checked
+        against the content hash the record names."""
         t_step = teacher_step(step)
+        t_key = run_key(cfg, t_step, fid)
         kind = CHECKPOINT_OF_SELECTION[cfg.selection]
-        path = run_dir(self.opts.checkpoint_root, cfg, t_step, fid) / f"{kind}.pt"
         what = "the teacher (round 0)" if t_step == "0" else f"round {t_step}"
-        if not path.is_file():
-            fix = f"Train {what} of this configuration and seed first: {self.opts.command_hint(t_step)}"
-            raise UserError(f"no {kind} checkpoint of {what} at {path}. {fix}")
-        # its record exists, so only --overwrite makes the same command train it again
-        fix = f"Retrain {what}: {self.opts.command_hint(t_step)} --overwrite"
-        return load_checkpoint(path, run_key(cfg, t_step, fid), fix)["model"]["weight"], run_key(cfg, t_step, fid)
+        retrain = f"Retrain {what}: {self.opts.command_hint(t_step)} --overwrite"
+        if not self.store.has(t_key):
+            raise UserError(f"{what} of this configuration and seed has no result record "
+                            f"({self.store.path(t_key)}). Train it first: {self.opts.command_hint(t_step)}")
+        record = self.store.get(t_key)
+        entry = (record.get("checkpoints") or {}).get(kind)
+        path = run_dir(self.opts.checkpoint_root, cfg, t_step, fid) / FINAL_FILES[kind]
+        if entry is None:
+            raise UserError(f"the record {self.store.path(t_key)} of {what} names no {kind} checkpoint "
+                            f"(written by an older version of this tool). {retrain}")
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise UserError(f"{kind} checkpoint of {what} not found: {path}. {retrain}") from None
+        if sha256_of(data) != entry["sha256"]:
+            raise UserError(f"checkpoint {path} is not the one the record {self.store.path(t_key)} of {what} "
+                            f"names (content hash differs: it changed after the run finished). {retrain}")
+        ckpt = _load_torch_bytes(data)
+        return ckpt["model"]["weight"], t_key
 
     def _train_chunk(self, features, fid, feats_dev, test_dev, chunk, step, setup_of, bar):
         device, k = self.opts.device, features.num_classes
-        cfgs = [cfg for cfg, _ in chunk]
+        cfgs = [cfg for cfg, _, _ in chunk]
+        leases = [lease for _, _, lease in chunk]
         setups = [setup_of(c) for c in cfgs]
         stack = lambda xs: torch.stack(xs).to(device)  # noqa: E731
         has_val = setups[0].val_rows is not None
@@ -248,7 +415,7 @@ class ChainRunner:
             loaded = [self._teacher_weights(c, step, fid) for c in cfgs]
             teacher_keys = [key for _, key in loaded]
             teacher_w = stack([w for w, _ in loaded]).float()
-            # all rows in one matmul, then each run's rows: no (R, N, d) copy of the features
+            # each run's logits on all rows, then its training rows: no (R, N, d) copy of the features
             teacher_logits = head_logits(feats_dev, teacher_w)
             teacher_logits = teacher_logits.gather(1, data.train_rows.unsqueeze(-1).expand(-1, -1, k))
             top2 = pll_candidates(teacher_logits)
@@ -264,13 +431,16 @@ class ChainRunner:
         hyper = Hyper(*(self._vec(cfgs, name) for name in ("lr", "wd", "momentum", "gamma")))
         seeds = [_seed_for(c.seed, step, 1) for c in cfgs]
         keys = [run_key(c, step, fid) for c in cfgs]
-        resume = self._stack_resume([ck for _, (_, ck) in chunk], device) if chunk[0][1] else None
-        epochs = cfgs[0].epochs
-        set_cpu_threads(device, len(cfgs) * cfgs[0].train_batch * features.dim * k)
+        resumes = [resume for _, resume, _ in chunk]
+        resume = self._stack_resume([ck for _, ck in resumes], device) if resumes[0] else None
+        epochs, batch = cfgs[0].epochs, cfgs[0].train_batch
+        num_train = data.train_rows.shape[1]
+        threads = set_cpu_threads(device, [min(batch, num_train), num_train % batch or batch], features.dim, k, self.log)
         desc = f"step {step}: {len(cfgs)} run{'s' if len(cfgs) > 1 else ''} of {features.name}"
         ebar = tqdm(total=epochs, initial=resume.epoch if resume else 0, desc=desc, unit="ep", leave=False,
                     disable=not self.opts.show_progress, dynamic_ncols=True)
         started = time.time()
+        beat_every = min(30.0, self.opts.lease_timeout / 4)
 
         def on_epoch(state: TrainState):
             last = state.history[0][-1]
@@ -278,20 +448,26 @@ class ChainRunner:
             ebar.update(1)
             if self.opts.save_every and state.epoch % self.opts.save_every == 0 and state.epoch < epochs:
                 self._save_partial(cfgs, step, fid, keys, state)
+            if time.time() - leases[0].last_beat > beat_every:
+                for lease in leases:
+                    lease.heartbeat()
 
         try:
-            state = train_heads(data, targets, init, hyper, epochs, cfgs[0].train_batch, seeds, resume, on_epoch)
+            state = train_heads(data, targets, init, hyper, epochs, batch, seeds, resume, on_epoch,
+                                fuse_shared_order=self.opts.fuse_shared_seeds)
         except NonFiniteLoss as exc:
             cfg = cfgs[exc.run]
             raise UserError(f"loss became NaN/inf at epoch {exc.epoch} of step {step} ({cfg.dataset}, lr={cfg.lr:g}, "
                             f"wd={cfg.wd:g}, eta={cfg.eta:g}, seed={cfg.seed}); use a smaller --lr") from None
         finally:
             ebar.close()
-        wall = time.time() - started
+        run_facts = {"wall_time_s": time.time() - started, "batch_runs": len(cfgs), "threads": threads,
+                     "fused_batches": self.opts.fuse_shared_seeds}
         records = []
         for r, cfg in enumerate(cfgs):
+            run_facts["resumed_from_epoch"] = resumes[r][0] if resumes[r] else 0
             records.append(self._finish_run(cfg, step, fid, keys[r], r, state, setups[r], teacher_keys[r],
-                                            coverage[r], wall, len(cfgs)))
+                                            coverage[r], run_facts))
             bar.update(1)
         return records
 
@@ -318,36 +494,52 @@ class ChainRunner:
                 "acc": float(s.acc[r]), "epoch": int(s.epoch[r]), "weight": s.weight[r].cpu().clone(),
                 "momentum": s.momentum[r].cpu().clone()}
             hist = state.history[r]
-            ckpt = _checkpoint("last", cfg, step, fid, keys[r], state.epoch, state.weight[r], state.momentum[r],
+            ckpt = _checkpoint("resume", cfg, step, fid, keys[r], state.epoch, state.weight[r], state.momentum[r],
                                hist[-1]["lr"], hist[-1]["test_acc"], float(state.best_test.acc[r]),
                                {"resume": {"best_test": snap(state.best_test), "best_val": snap(state.best_val),
                                            "history": hist}})
-            atomic_torch_save(run_dir(self.opts.checkpoint_root, cfg, step, fid) / "last.pt", ckpt)
+            atomic_torch_save(run_dir(self.opts.checkpoint_root, cfg, step, fid) / RESUME_FILE, ckpt)
 
-    def _finish_run(self, cfg, step, fid, key, r, state, setup, teacher_key, coverage, wall, batch_runs):
+    def _finish_run(self, cfg, step, fid, key, r, state, setup, teacher_key, coverage, run_facts):
+        """Final checkpoints, then the record: the run is finished once the record exists."""
         folder = run_dir(self.opts.checkpoint_root, cfg, step, fid)
+        if self.store.has(key) and not self.opts.overwrite:
+            self.log(f"run {key} was finished by another process meanwhile; its record is kept")
+            return self.store.get(key)
         hist = state.history[r]
         best_test_acc = float(state.best_test.acc[r])
-        snaps = {"best": state.best_test, "best_val": state.best_val}
-        for kind, snap in snaps.items():
+        atomic_write_text(folder / "log.jsonl", "".join(json.dumps(h) + "\n" for h in hist))
+        written = {}
+        for kind, snap in {"best": state.best_test, "best_val": state.best_val}.items():
             if snap is None:
                 continue
             e = int(snap.epoch[r])
-            atomic_torch_save(folder / f"{kind}.pt", _checkpoint(
-                kind, cfg, step, fid, key, e, snap.weight[r], snap.momentum[r], hist[e - 1]["lr"],
-                hist[e - 1]["test_acc"], best_test_acc))
-        atomic_torch_save(folder / "last.pt", _checkpoint(
-            "last", cfg, step, fid, key, state.epoch, state.weight[r], state.momentum[r], hist[-1]["lr"],
-            hist[-1]["test_acc"], best_test_acc))
-        atomic_write_text(folder / "log.jsonl", "".join(json.dumps(h) + "\n" for h in hist))
+            data = _torch_bytes(_checkpoint(kind, cfg, step, fid, key, e, snap.weight[r], snap.momentum[r],
+                                            hist[e - 1]["lr"], hist[e - 1]["test_acc"], best_test_acc))
+            atomic_write_bytes(folder / FINAL_FILES[kind], data)
+            written[kind] = {"file": FINAL_FILES[kind], "sha256": sha256_of(data)}
+        payload = self._record_payload(cfg, step, fid, key, hist, state, r, setup, teacher_key, coverage,
+                                       run_facts["threads"], run_facts["fused_batches"])
+        payload["final_checkpoints"] = written
+        data = _torch_bytes(_checkpoint("last", cfg, step, fid, key, state.epoch, state.weight[r], state.momentum[r],
+                                        hist[-1]["lr"], hist[-1]["test_acc"], best_test_acc, {"record": payload}))
+        atomic_write_bytes(folder / FINAL_FILES["last"], data)
+        checkpoints = {**written, "last": {"file": FINAL_FILES["last"], "sha256": sha256_of(data)}}
+        record = {**payload, "checkpoints": checkpoints, "trained_by": f"{HOST}:{os.getpid()}",
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  **{name: run_facts[name] for name in ("wall_time_s", "batch_runs", "resumed_from_epoch")}}
+        return self._publish(folder, record)
+
+    def _record_payload(self, cfg, step, fid, key, hist, state, r, setup, teacher_key, coverage, threads, fused):
+        """A finished run's numbers and provenance: everything in its record that does not depend on
+        which process trained it, or when."""
         record = {
             "key": key, **step_settings(cfg, step, fid), "teacher_key": teacher_key,
             "realised_corruption": setup.realised, "teacher_top2_coverage": coverage,
             "best_train_acc": max(h["train_acc"] for h in hist),
             "best_train_acc_true": max(h["train_acc_true"] for h in hist),
-            "wall_time_s": wall, "batch_runs": batch_runs, "device": str(self.opts.device),
-            "torch_version": torch.__version__, "python": platform.python_version(),
-            "code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "device": str(self.opts.device), "threads": threads, "fused_batches": fused,
+            "torch_version": str(torch.__version__), "python": platform.python_version(), "code_version": code_version(),
         }
         chosen = {"bytest": int(state.best_test.epoch[r]), "last": state.epoch,
                   "byval": int(state.best_val.epoch[r]) if state.best_val is not None else None}
@@ -357,6 +549,4 @@ class ChainRunner:
             for name in ("test_acc", "test_top2", "test_confidence", "test_entropy"):
                 record[f"{name}_{suffix}"] = row.get(name)
         record["val_acc_byval"] = hist[chosen["byval"] - 1]["val_acc"] if chosen["byval"] else None
-        self.store.put(record)
-        self.done_here.add(key)
         return record

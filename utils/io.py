@@ -6,7 +6,9 @@ resumed sweep after kill -9) sees either the old file or the complete new one, n
 import io
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -23,10 +25,61 @@ def _default_file_mode() -> int:
 _FILE_MODE = _default_file_mode()
 
 
+HOST = socket.gethostname()
+# A writer's temporary file names its host and process, so a later start can tell the leftovers of a
+# killed writer (its process is gone) from the live temporary file of another process.
+_TMP_SUFFIX = ".tmp"
+STALE_TMP_AGE_S = 24 * 3600  # a temporary file from another host is left alone for this long
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}.{HOST}.{os.getpid()}."
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> int:
+    """Delete the temporary files that killed writers left in `folder` (not recursive): those of
+    this host whose process is gone, and any older than a day. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
+            continue
+        parts = name[:-len(_TMP_SUFFIX)].rsplit(".", 2)  # [.target.host, pid, random]
+        try:
+            mine_dead = (len(parts) == 3 and parts[0].endswith(f".{HOST}") and parts[1].isdigit()
+                         and not process_alive(int(parts[1])))
+            old = now - entry.stat().st_mtime > STALE_TMP_AGE_S
+        except (ValueError, FileNotFoundError):
+            continue
+        if mine_dead or old:
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path.name), suffix=_TMP_SUFFIX)
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:

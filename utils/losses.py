@@ -71,8 +71,11 @@ def generalized_cross_entropy(logits: torch.Tensor, candidates: torch.Tensor, q:
 
     d/dz_j (1 - p_c^q)/q = -p_c^q (delta_cj - p_j)."""
     batch, num_cand = logits.shape[1], candidates.shape[-1]
-    p = torch.softmax(logits, dim=-1)
-    p_c_q = p.gather(-1, candidates).pow(q)                        # (R, B, C)
+    log_p = torch.log_softmax(logits, dim=-1)
+    p = log_p.exp()
+    # p_c^q as exp(q log p_c): torch's pow rounds the tail of a tensor (scalar code) differently
+    # from its body (vector code), so a run's numbers would depend on its place in the batch
+    p_c_q = log_p.gather(-1, candidates).mul_(q).exp_()           # (R, B, C)
     loss = ((1 - p_c_q) / q).mean(dim=(1, 2))
     weight = p_c_q / (batch * num_cand)                            # (R, B, C)
     grad = p * weight.sum(-1, keepdim=True)

@@ -11,6 +11,7 @@ import subprocess
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from utils.cli import UserError, one_line
 from utils.io import atomic_write_json
 
 SCHEMA = 1
@@ -18,6 +19,10 @@ SELECTIONS = ("test", "val", "last")
 CHECKPOINT_OF_SELECTION = {"test": "best", "val": "best_val", "last": "last"}
 # Record fields hold every number under each selection rule: test_acc_bytest, test_acc_last, ...
 SUFFIX_OF_SELECTION = {"test": "bytest", "val": "byval", "last": "last"}
+# Record fields that say how and when a run was computed (which process, how batched, how long),
+# not what it computed: the only fields in which two records of one run may differ.
+VOLATILE_FIELDS = ("wall_time_s", "batch_runs", "created", "trained_by", "resumed_from_epoch",
+                   "completed_from_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,8 @@ class ResultsStore:
     """A directory with one JSON record per finished run, each written atomically.
 
     Any number of processes can add records at once (distinct files, atomic renames); a reader
-    sees only complete records; a run is finished exactly when its record exists."""
+    sees only complete records; a run is finished exactly when its record exists. A record that
+    cannot be read (truncated, empty, not a record) is an error naming the file, never skipped."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -108,7 +114,7 @@ class ResultsStore:
         return self.path(key).is_file()
 
     def get(self, key: str) -> dict:
-        return json.loads(self.path(key).read_text())
+        return read_record(self.path(key))
 
     def put(self, record: dict) -> None:
         atomic_write_json(self.path(record["key"]), record)
@@ -116,13 +122,24 @@ class ResultsStore:
     def records(self) -> list:
         if not self.records_dir.is_dir():
             return []
-        out = []
-        for path in sorted(self.records_dir.glob("*.json")):
-            try:
-                out.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError):
-                continue  # a foreign or damaged file is not a record
-        return out
+        return [read_record(path) for path in sorted(self.records_dir.glob("*.json"))]
+
+
+def read_record(path: Path) -> dict:
+    """A record file's content; UserError naming the file and the fix when it is damaged."""
+    try:
+        record = json.loads(path.read_text())
+        problem = None if isinstance(record, dict) and record.get("key") == path.stem else "not a run record"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problem = one_line(exc, 80)
+    if problem:
+        raise UserError(f"damaged result record {path} ({problem}): delete it and run the same command again "
+                        "to retrain that run")
+    return record
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 _CODE_VERSION = None

@@ -2,9 +2,15 @@
 
 A single run is R = 1. Runs in a batch share the features, the epoch count and the batch size;
 everything else is per run: training rows, targets, learning rate, weight decay, momentum, lr
-decay and the shuffling order (drawn from the run's own seed, so a run gives the same numbers
-alone or in any batch). SGD with momentum and L2 weight decay, as torch.optim.SGD:
-buf = m * buf + (grad + wd * W);  W -= lr * buf;  lr = lr0 * gamma^epoch.
+decay and the shuffling order (drawn from the run's own seed). SGD with momentum and L2 weight
+decay, as torch.optim.SGD: buf = m * buf + (grad + wd * W);  W -= lr * buf;  lr = lr0 * gamma^epoch.
+
+A run gives the same bits alone or in any batch: every matrix product of a run has a shape that
+does not depend on the batch (one (B x d)(d x K) product per run and step in a batched product,
+one (N x d)(d x K) product per run for evaluation), and every other operation is elementwise or
+row-wise with the same per-element code whatever the batch. The one exception is opt-in
+(`fuse_shared_order`): runs that share their mini-batches multiply them as one wider product,
+faster but rounded differently from the same run alone on some BLAS builds.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -152,9 +158,13 @@ def _batch_loss(targets: Targets, options, logits, positions, arange_r):
 
 @torch.no_grad()
 def head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(R, N, K) logits of shared features (N, d) under R heads, as one matmul."""
-    r, k, d = weight.shape
-    return (features @ weight.reshape(r * k, d).T).view(-1, r, k).transpose(0, 1)
+    """(R, N, K) logits of features (N, d) shared by R heads, or (R, N, d) features of each run.
+
+    One (N x d)(d x K) product per run, never one (N x d)(d x R*K) product: a BLAS may round the
+    columns of a wider product differently, which would make a run's numbers depend on its batch."""
+    if features.ndim == 2:
+        return torch.stack([features @ w.T for w in weight])
+    return torch.stack([x @ w.T for x, w in zip(features, weight)])
 
 
 @torch.no_grad()
@@ -175,7 +185,7 @@ def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch
     if data.val_rows is not None:
         if val_features is None:
             val_features = data.features[data.val_rows]
-        val_logits = torch.bmm(val_features, weight.transpose(1, 2))
+        val_logits = head_logits(val_features, weight)
         top1, _ = topk_hits(val_logits, data.val_labels)
         out["val_acc"] = top1 * (100.0 / data.val_rows.shape[1])
     return out
@@ -184,10 +194,13 @@ def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch
 @torch.no_grad()
 def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hyper: Hyper, epochs: int,
                 batch_size: int, shuffle_seeds, resume: Optional[TrainState] = None,
-                on_epoch: Optional[Callable[[TrainState], None]] = None) -> TrainState:
+                on_epoch: Optional[Callable[[TrainState], None]] = None, fuse_shared_order: bool = False
+                ) -> TrainState:
     """Train R heads for `epochs` epochs (from `resume.epoch` if given) and return the final state.
 
-    `on_epoch(state)` runs after every epoch (progress bars, periodic checkpoints)."""
+    `on_epoch(state)` runs after every epoch (progress bars, periodic checkpoints).
+    `fuse_shared_order`: runs that see the same mini-batches share one wider matmul (see
+    `shared_order_group_size`); faster, but a run's rounding may then depend on its batch."""
     device = data.features.device
     num_runs, num_train = data.train_rows.shape
     arange_r = torch.arange(num_runs, device=device)[:, None]
@@ -202,7 +215,7 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
         state = resume
     weight, momentum = state.weight, state.momentum
     val_features = data.features[data.val_rows] if data.val_rows is not None else None  # gathered once
-    group = shared_order_group_size(list(shuffle_seeds), data.train_rows)
+    group = shared_order_group_size(list(shuffle_seeds), data.train_rows) if fuse_shared_order else 1
     num_orders = num_runs // group
     group_rows = data.train_rows[::group]                                          # (U, N_train)
     noisy_and_true = torch.stack([data.noisy_labels, data.true_labels])            # (2, R, N_train)
@@ -256,3 +269,26 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
         if on_epoch is not None:
             on_epoch(state)
     return state
+
+
+@torch.no_grad()
+def batched_products_match_lone(batch_sizes, dim: int, num_classes: int, runs=(2, 3, 5, 8, 16, 64)) -> bool:
+    """Whether this BLAS, at the current thread count, computes each item of the trainer's batched
+    products (forward (B x d)(d x K), weight gradient (K x B)(B x d)) bit for bit as it computes
+    the same product alone. MKL's AVX-512 code does at any thread count; its AVX2 code splits a lone
+    product across threads but a batch item not, so the bits differ above one thread."""
+    gen = torch.Generator().manual_seed(0)
+    for b in sorted(set(batch_sizes)):
+        for r in runs:
+            x = torch.randn(r, b, dim, generator=gen)
+            w = torch.randn(r, num_classes, dim, generator=gen)
+            g = torch.randn(r, b, num_classes, generator=gen)
+            base = torch.randn(r, num_classes, dim, generator=gen)
+            forward = torch.bmm(x, w.transpose(1, 2))
+            backward = base.clone().baddbmm_(g.transpose(1, 2), x)
+            for i in range(r):
+                one = slice(i, i + 1)
+                if not (torch.equal(forward[one], torch.bmm(x[one], w[one].transpose(1, 2))) and
+                        torch.equal(backward[one], base[one].clone().baddbmm_(g[one].transpose(1, 2), x[one]))):
+                    return False
+    return True
