@@ -7,8 +7,11 @@ One setting:  python numerical_solving.py                      (exact solver, 10
 The original: python numerical_solving.py --solver faithful     (Adam, as the paper's script)
 A sweep:      python numerical_solving.py --gram features --sweep eta=0.1,0.3,0.5,0.7
 """
+import errno
 import itertools
 import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,15 +19,22 @@ from pathlib import Path
 import torch
 
 from utils import theory as th
-from utils.cli import ArgumentParser, UserError, add_bool_flag, run_main
+from utils.cli import ArgumentParser, UserError, add_bool_flag, load_yaml_file, os_error_line, run_main
 
 SWEEPABLE = {"k": int, "n": int, "lbd": float, "c": float, "d": float, "eta": float, "epsilon": float,
              "seed": int, "gram": str, "labels": str}
 MAX_N = 30000   # G is N x N in float64: 7 GB at this size
+FLOATS = ("lbd", "c", "d", "eta", "epsilon")      # the float fields of a setting (--tol is checked with the run)
+# argparse reads a token after --lbd as its value only when it looks like a number, and its idea of a
+# negative number is -1 or -0.5: '-1e-5' or '-inf' were taken for an unknown option ("expected one
+# argument"). This pattern also takes exponents and -inf/-nan, so the value is read and then validated.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")   # a folder name that stays under --out
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="numerical_solving.py", description=__doc__.splitlines()[0])
+    p._negative_number_matcher = NEGATIVE_NUMBER      # see NEGATIVE_NUMBER; no option looks like a number
     a = p.add_argument
     a("--k", type=int, default=4, help="number of classes K")
     a("--n", type=int, default=500, help="samples per class n (N = K n)")
@@ -66,26 +76,33 @@ def build_parser() -> ArgumentParser:
 # Validation: one line naming the fix
 # ---------------------------------------------------------------------------------------------
 
-def check_setting(s: th.Setting) -> None:
-    def finite(x):
-        return isinstance(x, (int, float)) and math.isfinite(x)
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+
+def check_setting(s: th.Setting) -> None:
+    for name in FLOATS:
+        v = getattr(s, name)
+        if not finite(v):
+            raise UserError(f"--{name} must be a finite number, got {v}")
     if s.k < 2:
-        raise UserError(f"--k {s.k}: need at least 2 classes; pass --k 2 or more")
+        raise UserError(f"--k must be >= 2 (number of classes), got {s.k}")
     if s.n < 1:
-        raise UserError(f"--n {s.n}: need at least 1 sample per class; pass --n 1 or more")
+        raise UserError(f"--n must be >= 1 (samples per class), got {s.n}")
     if s.k * s.n > MAX_N:
         raise UserError(f"--k {s.k} --n {s.n}: N = {s.k * s.n} samples makes G too large (N x N); keep k*n <= {MAX_N}")
-    if not (finite(s.lbd) and s.lbd > 0):
-        raise UserError(f"--lbd {s.lbd}: the weight decay must be a positive number, e.g. --lbd 1e-5")
-    if not (finite(s.eta) and 0 <= s.eta <= 1):
-        raise UserError(f"--eta {s.eta}: the corruption ratio must lie in [0, 1]")
-    if not (finite(s.epsilon) and 0 <= s.epsilon <= 1):
-        raise UserError(f"--epsilon {s.epsilon}: the noise level must lie in [0, 1]")
+    if not s.lbd > 0:
+        raise UserError(f"--lbd must be > 0 (the weight decay, e.g. --lbd 1e-5), got {s.lbd}")
+    if not 0 <= s.eta <= 1:
+        raise UserError(f"--eta must lie in [0, 1] (the corruption ratio), got {s.eta}")
+    if not 0 <= s.epsilon <= 1:
+        raise UserError(f"--epsilon must lie in [0, 1] (the noise level of G), got {s.epsilon}")
     for name in ("c", "d"):
         v = getattr(s, name)
-        if not (finite(v) and -1 <= v <= 1):
-            raise UserError(f"--{name} {v}: a correlation must lie in [-1, 1]")
+        if not -1 <= v <= 1:
+            raise UserError(f"--{name} must lie in [-1, 1] (a correlation), got {v}")
+    if s.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {s.seed}")
     if s.gram not in th.GRAMS:
         raise UserError(f"--gram {s.gram!r}: choose from {', '.join(th.GRAMS)}")
     if s.labels not in th.LABEL_NOISE:
@@ -97,15 +114,40 @@ def check_setting(s: th.Setting) -> None:
 
 def check_run(args) -> None:
     if args.max_dist < 1:
-        raise UserError(f"--max_dist {args.max_dist}: need at least 1 distillation round")
+        raise UserError(f"--max_dist must be >= 1 (distillation rounds), got {args.max_dist}")
     if args.max_iter < 1:
-        raise UserError(f"--max_iter {args.max_iter}: need at least 1 Adam step")
-    if not (math.isfinite(args.tol) and args.tol > 0):
-        raise UserError(f"--tol {args.tol}: must be a positive number, e.g. --tol 1e-10")
+        raise UserError(f"--max_iter must be >= 1 (Adam steps), got {args.max_iter}")
+    if not finite(args.tol):
+        raise UserError(f"--tol must be a finite number, got {args.tol}")
+    if not args.tol > 0:
+        raise UserError(f"--tol must be > 0 (e.g. --tol 1e-10), got {args.tol}")
     if args.max_newton < 1:
-        raise UserError(f"--max-newton {args.max_newton}: must be >= 1")
+        raise UserError(f"--max-newton must be >= 1, got {args.max_newton}")
     if args.threads < 0:
-        raise UserError(f"--threads {args.threads}: must be >= 0 (0 keeps torch's default)")
+        raise UserError(f"--threads must be >= 0 (0 keeps torch's default), got {args.threads}")
+
+
+def check_name(name: str, what: str) -> None:
+    """A folder name under --out: one plain path component, so nothing is written outside --out."""
+    if not PLAIN_NAME.match(name) or name in (".", ".."):
+        raise UserError(f"{what} {name!r} is not a plain folder name: use letters, digits, '_', '-', '.', '+' "
+                        "(no '/', not starting with '.'), e.g. --name my_sweep")
+
+
+def check_writable(root: str, folders: list[Path]) -> None:
+    """Before any solving: every output folder is, or can be made, a directory we may write to.
+    (A failure later still ends in one line: run_main turns an OSError into one.)"""
+    for folder in folders:
+        probe = folder
+        while not os.path.lexists(probe) and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            code = errno.ENOTDIR
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            code = errno.EACCES
+        else:
+            continue
+        raise UserError(f"--out {root}: {os_error_line(OSError(code, os.strerror(code), str(probe)))}")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -117,7 +159,14 @@ def resolve_device(spec: str) -> torch.device:
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {spec}: no CUDA device here; use --device cpu (or auto)")
-        return torch.device(spec)
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise UserError(f"--device {spec!r}: use auto, cpu, cuda or cuda:i") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: no such CUDA device (found {torch.cuda.device_count()}); "
+                            "pass an index below that, or cpu")
+        return device
     raise UserError(f"--device {spec!r}: use auto, cpu, cuda or cuda:i")
 
 
@@ -125,7 +174,39 @@ def resolve_device(spec: str) -> torch.device:
 # Sweeps
 # ---------------------------------------------------------------------------------------------
 
-def parse_sweep(items) -> dict:
+class _BadValue(Exception):
+    """argparse's own message about one value (raised instead of its usage-and-exit)."""
+
+
+def value_reader():
+    """read(dest, value, where): `value` read exactly as the command line reads `--flag=value` (the
+    same type, choices and boolean words), or a UserError starting with `where`. YAML gives typed
+    values; they are read as the words they print as, so `k: 3.7` and `eta: true` are refused as
+    `--k=3.7` and `--eta=True` are, never truncated or taken for numbers."""
+    strict = build_parser()
+
+    def error(message):
+        raise _BadValue(message)
+
+    strict.error = error
+    flags = {a.dest: next(o for o in a.option_strings if o.startswith("--"))
+             for a in strict._actions if a.option_strings}
+
+    def read(dest: str, value, where: str):
+        if value is None or isinstance(value, (list, dict, set, tuple)):
+            got = "nothing" if value is None else f"a {type(value).__name__} {value!r}"
+            raise UserError(f"{where}: expected one value, got {got}")
+        flag = flags[dest]
+        try:
+            return getattr(strict.parse_args([f"{flag}={value}"]), dest)
+        except _BadValue as exc:
+            reason = str(exc).removeprefix(f"argument {flag}: ")
+            raise UserError(f"{where}: {reason} (as {flag}={value} on the command line)") from None
+
+    return read
+
+
+def parse_sweep(items, read) -> dict:
     grid = {}
     for item in items:
         if "=" not in item:
@@ -134,42 +215,63 @@ def parse_sweep(items) -> dict:
         key = key.strip().lstrip("-")
         if key not in SWEEPABLE:
             raise UserError(f"--sweep {key}: cannot sweep this; choose from {', '.join(SWEEPABLE)}")
-        try:
-            grid[key] = [SWEEPABLE[key](v.strip()) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--sweep {item!r}: values of {key} must be {SWEEPABLE[key].__name__}s") from None
+        grid[key] = [read(key, v.strip(), f"--sweep {item!r}") for v in values.split(",") if v.strip()]
         if not grid[key]:
             raise UserError(f"--sweep {item!r}: no values given")
     return grid
 
 
-def load_config(path: str, parser: ArgumentParser) -> tuple[dict, dict, dict]:
-    import yaml
+def config_text(cfg: dict, key: str, where: str) -> str | None:
+    """`name:` and `title:` of a config: one scalar (or nothing)."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (list, dict)):
+        raise UserError(f"{where}: {key} must be one value, got a {type(value).__name__} {value!r}")
+    return str(value)
 
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--config {path}: no such file")
-    try:
-        cfg = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+def load_config(path: str, parser: ArgumentParser) -> tuple[dict, dict, dict]:
+    where = f"--config {path}"
+    cfg = load_yaml_file(path, "--config")
+    cfg = {} if cfg is None else cfg
     if not isinstance(cfg, dict):
-        raise UserError(f"--config {path}: expected a mapping with 'options' and/or 'sweep'")
+        raise UserError(f"{where}: expected a mapping with 'options' and/or 'sweep'")
     unknown = set(cfg) - {"name", "options", "sweep", "title"}
     if unknown:
-        raise UserError(f"--config {path}: unknown keys {sorted(unknown)}; use name, title, options, sweep")
-    dests = {a.dest for a in parser._actions}
-    options = dict(cfg.get("options") or {})
-    bad = sorted(set(options) - dests - {"sweep", "config"})
+        raise UserError(f"{where}: unknown keys {sorted(map(str, unknown))}; use name, title, options, sweep")
+    read = value_reader()
+    named = {"name": config_text(cfg, "name", where), "title": config_text(cfg, "title", where)}
+    if named["name"]:
+        check_name(named["name"], f"{where}: name")
+
+    raw = cfg.get("options") or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: options must be a mapping of option names to values "
+                        f"(e.g. options: {{k: 4, gram: features}}), got {raw!r}")
+    if "config" in raw or "sweep" in raw:
+        raise UserError(f"{where}: put the grid under 'sweep:', not under 'options:'")
+    dests = {a.dest for a in parser._actions if a.option_strings} - {"help"}
+    bad = sorted(map(str, set(raw) - dests))
     if bad:
-        raise UserError(f"--config {path}: unknown options {bad}; use the flags' names, e.g. max_dist, gram")
+        raise UserError(f"{where}: unknown options {bad}; use the flags' names, e.g. max_dist, gram")
+    options = {key: read(key, value, f"{where}: options.{key}") for key, value in raw.items()}
+    if options.get("name"):
+        check_name(options["name"], f"{where}: options.name")
+
+    raw = cfg.get("sweep") or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: sweep must be a mapping KEY: [V1, V2, ...] (e.g. sweep: {{eta: [0.1, 0.3]}}), "
+                        f"got {raw!r}")
     sweep = {}
-    for key, values in (cfg.get("sweep") or {}).items():
+    for key, values in raw.items():
         if key not in SWEEPABLE:
-            raise UserError(f"--config {path}: cannot sweep {key!r}; choose from {', '.join(SWEEPABLE)}")
+            raise UserError(f"{where}: cannot sweep {key!r}; choose from {', '.join(SWEEPABLE)}")
         values = values if isinstance(values, list) else [values]
-        sweep[key] = [SWEEPABLE[key](v) for v in values]
-    return options, sweep, {"name": cfg.get("name"), "title": cfg.get("title")}
+        if not values:
+            raise UserError(f"{where}: sweep.{key}: no values given")
+        sweep[key] = [read(key, v, f"{where}: sweep.{key}") for v in values]
+    return options, sweep, named
 
 
 def settings_from(args, grid: dict) -> list[th.Setting]:
@@ -256,9 +358,9 @@ def main(argv=None) -> int:
         options, grid, named = load_config(args.config, parser)
         parser.set_defaults(**options)
         args = parser.parse_args(argv)      # flags given on the command line win over the file
-        if "config" in options or "sweep" in options:
-            raise UserError(f"--config {args.config}: put the grid under 'sweep:', not under 'options:'")
-    grid.update(parse_sweep(args.sweep))
+    grid.update(parse_sweep(args.sweep, value_reader()))
+    if args.name:
+        check_name(args.name, "--name")
     check_run(args)
     settings = settings_from(args, grid)
     device = resolve_device(args.device)
@@ -270,6 +372,7 @@ def main(argv=None) -> int:
     folder = out / name
     mode = "linear" if args.approx else "softmax"
     sweep = len(settings) > 1
+    check_writable(args.out, [folder] + ([out / mode] if args.save else []))
 
     from tqdm import tqdm
 

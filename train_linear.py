@@ -14,12 +14,16 @@ import torch
 
 from data.corruption import CORRUPTION_TYPES
 from data.datasets import DATASETS
+from data.features import check_plain_name, safe_name
 from models.backbones import BACKBONES
 from utils.cli import ArgumentParser, UserError, add_bool_flag, run_main, str2bool
 from utils.engine import ChainRunner, EngineOptions, FeatureSource
 from utils.runs import SELECTIONS, RunConfig, step_label
 
 DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50"}
+# numpy's RandomState (scikit-learn's random_state, used by the validation split) takes seeds in
+# [0, 2**32 - 1]; SeedSequence and torch take those too.
+MAX_SEED = 2**32 - 1
 
 
 def build_parser() -> ArgumentParser:
@@ -54,6 +58,7 @@ def build_parser() -> ArgumentParser:
     n("--rounds", type=int, default=None, help="run the whole chain: teacher, rounds 1..R, PLL")
     n("--config", default=None, metavar="YAML", help="run a grid from a recipe file (see recipe.MD)")
     n("--shard", default=None, metavar="I/N", help="with --config: run only shard I of N (0-based)")
+    add_bool_flag(new, "--allow-large-grid", help="with --config: expand a grid of more than 100,000 chains")
     add_bool_flag(new, "--report-only", help="with --config: only write tables and figures")
     n("--label-smoothing", type=float, default=0.0, help="teacher label smoothing alpha in [0, 1)")
     n("--temperature", type=float, default=1.0, help="distillation temperature T > 0 (students)")
@@ -64,6 +69,10 @@ def build_parser() -> ArgumentParser:
     add_bool_flag(new, "--overwrite", help="retrain runs that already have a result record")
     n("--save-every", type=int, default=25, help="epochs between resumable checkpoints (0: end only)")
     n("--max-batch-runs", type=int, default=64, help="most runs trained together in one batch")
+    n("--lease-timeout", type=float, default=600.0, metavar="S",
+      help="seconds without a heartbeat after which another process takes over a run being trained")
+    add_bool_flag(new, "--fuse-shared-seeds", help="runs sharing mini-batches multiply them as one wider matmul: "
+                  "faster, but not bit-identical to the same run alone on every BLAS (recorded)")
     return p
 
 
@@ -82,6 +91,8 @@ def check_settings(cfg: RunConfig) -> None:
     """One-line errors for values the maths cannot take."""
     if cfg.ctype not in CORRUPTION_TYPES:
         raise UserError(f"unknown --ctype {cfg.ctype!r}; choose from {', '.join(CORRUPTION_TYPES)}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= MAX_SEED:
+        raise UserError(f"--manualSeed must be an integer in [0, {MAX_SEED}] (0 <= seed < 2**32), got {cfg.seed}")
     if not 0.0 <= cfg.eta <= 1.0:
         raise UserError(f"--corruption {cfg.eta} is outside [0, 1]")
     for name, flag in (("lr", "--lr"), ("epochs", "--epochs"), ("train_batch", "--train-batch")):
@@ -95,8 +106,8 @@ def check_settings(cfg: RunConfig) -> None:
         raise UserError(f"--gamma must lie in (0, 1], got {cfg.gamma}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
-    if not cfg.temperature > 0:
-        raise UserError(f"--temperature must be > 0, got {cfg.temperature}")
+    if not 0 < cfg.temperature < math.inf:
+        raise UserError(f"--temperature must be > 0 and finite, got {cfg.temperature}")
     if cfg.val_split != 0 and not 0.0 < cfg.val_split <= 0.5:
         raise UserError(f"--val-split must lie in (0, 0.5] (or 0 for none), got {cfg.val_split}")
     if cfg.selection not in SELECTIONS:
@@ -110,7 +121,13 @@ def check_settings(cfg: RunConfig) -> None:
 def source_from_args(args) -> FeatureSource:
     if args.features:
         from pathlib import Path
-        return FeatureSource(args.dataset or Path(args.features).stem, features_path=args.features)
+        # the name becomes a path component (checkpoints, records): -d must be a plain name, the
+        # file's stem is mapped to one
+        if args.dataset is not None:
+            name = check_plain_name(args.dataset, "-d")
+        else:
+            name = safe_name(Path(args.features).stem, "features")
+        return FeatureSource(name, features_path=args.features)
     if args.dataset is None:
         raise UserError("choose a dataset with -d (one of: " + ", ".join(DATASETS) + ") or pass --features PATH")
     if args.dataset not in DATASETS:
@@ -182,6 +199,8 @@ def engine_options(args, argv) -> EngineOptions:
         raise UserError(f"--test-batch must be positive, got {args.test_batch}")
     if args.max_batch_runs <= 0:
         raise UserError(f"--max-batch-runs must be positive, got {args.max_batch_runs}")
+    if not 0 < args.lease_timeout < math.inf:
+        raise UserError(f"--lease-timeout must be a positive number of seconds, got {args.lease_timeout}")
 
     def hint(step: str) -> str:
         return "python train_linear.py " + " ".join(argv_without_step_flags(argv) + ["--dist", step])
@@ -189,7 +208,9 @@ def engine_options(args, argv) -> EngineOptions:
     return EngineOptions(checkpoint_root=args.checkpoint, results_root=args.results, data_root=args.data_root,
                          cache_root=args.cache_dir, device=resolve_device(args.gpu_id), workers=args.workers,
                          test_batch=args.test_batch, max_batch_runs=args.max_batch_runs,
-                         save_every=max(args.save_every, 0), overwrite=args.overwrite, command_hint=hint)
+                         save_every=max(args.save_every, 0), overwrite=args.overwrite, command_hint=hint,
+                         lease_timeout=args.lease_timeout, poll_seconds=min(5.0, args.lease_timeout / 20),
+                         fuse_shared_seeds=args.fuse_shared_seeds)
 
 
 def summary_table(records) -> str:
@@ -215,8 +236,8 @@ def main(argv=None) -> int:
     if args.config:
         from utils.grid import run_grid_command
         return run_grid_command(args, engine_options(args, argv))
-    if args.shard is not None or args.report_only:
-        raise UserError("--shard and --report-only work with a recipe: add --config YAML")
+    if args.shard is not None or args.report_only or args.allow_large_grid:
+        raise UserError("--shard, --report-only and --allow-large-grid work with a recipe: add --config YAML")
     source = source_from_args(args)
     cfg = config_from_args(args)
     steps = steps_from_args(args)

@@ -4,9 +4,12 @@ Features-file format (`--features PATH`, and the cache this tool writes): a `.pt
 by `torch.load(weights_only=True)` or a `.npz` file, with
   train_features  float (N_train, d)      train_labels  int (N_train,)  in [0, K)
   test_features   float (N_test, d)       test_labels   int (N_test,)   in [0, K)
-and optionally `num_classes` (int; default max label + 1).
+and optionally `num_classes` (int; default max label + 1), `name` and `backbone` (strings; mapped
+by `safe_name`, since they become parts of file paths).
 """
 import hashlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,46 @@ from utils.cli import UserError, one_line
 from utils.io import atomic_torch_save, load_torch_file
 
 REQUIRED_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
+
+# Names that become parts of paths (under -c/--checkpoint, --results, --cache-dir): a plain file
+# name, never '..', '/x' or 'a/b'.
+NAME_CHARS = "letters, digits, '_', '-', '.', '+'"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
+_NAME_BAD_CHAR = re.compile(r"[^A-Za-z0-9_.+-]")
+MAX_NAME_LENGTH = 100
+
+# Most classes a features file may have: a run builds K x K matrices (corruption, class correlations)
+# and K x d weights, and loops over the classes, so K is bounded before anything of size K exists.
+MAX_CLASSES = 100_000
+# Rough bytes per K^2 (float64 transition and correlation matrices, their clustering) and per K*d
+# (float32 weight, momentum, best snapshots, teacher) of one run, for the memory check.
+BYTES_PER_CLASS_PAIR = 48
+BYTES_PER_WEIGHT = 32
+
+
+def is_plain_name(name) -> bool:
+    """True for a name that is safe as one path component (see NAME_PATTERN)."""
+    return isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and bool(NAME_PATTERN.fullmatch(name))
+
+
+def safe_name(text, default: str = "custom") -> str:
+    """`text` as one safe path component: every character other than letters, digits, '_', '-',
+    '.', '+' becomes '_', leading dots are dropped, at most MAX_NAME_LENGTH characters (`default`
+    if nothing is left). Plain names come back unchanged: 'ViT-B/16' -> 'ViT-B_16',
+    '../../evil' -> '_.._evil'."""
+    name = _NAME_BAD_CHAR.sub("_", str(text)).lstrip(".")[:MAX_NAME_LENGTH]
+    return name or default
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """`name` if it is a plain name, else a one-line UserError naming `what` (e.g. '-d')."""
+    if not is_plain_name(name):
+        suggestion = safe_name(name, "")
+        hint = f" (e.g. {suggestion!r})" if suggestion else ""
+        raise UserError(f"{what} {name!r} is not a plain name: it names files under the checkpoint, results and "
+                        f"cache directories, so use only {NAME_CHARS}, not starting with '.', at most "
+                        f"{MAX_NAME_LENGTH} characters{hint}")
+    return name
 
 
 @dataclass
@@ -71,11 +114,57 @@ def _num_classes(value, source: str) -> int:
     return int(k)
 
 
+def _physical_memory() -> int:
+    """Bytes of memory of this machine (0 if the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def check_num_classes(k: int, what: str, num_train: int, dim: int, source: str) -> None:
+    """Refuse a class count no run could use, before anything of size K is allocated: more than
+    MAX_CLASSES, more than the training samples, or K x K matrices / K x d weights beyond memory."""
+    fix = "store class ids 0..K-1 (and num_classes = K, or leave num_classes out)"
+    head = f"features file {source}: {what}, i.e. {k:,} classes"
+    if k > MAX_CLASSES:
+        raise UserError(f"{head}; at most {MAX_CLASSES:,} classes are supported; {fix}")
+    if k > num_train:
+        raise UserError(f"{head}, more than its {num_train:,} training samples; {fix}")
+    need = BYTES_PER_CLASS_PAIR * k * k + BYTES_PER_WEIGHT * k * dim
+    have = _physical_memory()
+    if have and need > have:
+        raise UserError(f"{head}: a run's K x K matrices and K x {dim} weights need about {_size(need)}, more than "
+                        f"the {_size(have)} of memory here; use fewer classes (or a machine with more memory)")
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} bytes"
+
+
+def _label_range(t: torch.Tensor, key: str, source: str):
+    """(smallest, largest) label as Python ints, checked to be integer class ids (no cast that could wrap)."""
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t) | (t != t.round())
+        if bad.any():
+            raise UserError(f"features file {source}: labels must be integer class ids, but {key} holds "
+                            f"{float(t[bad][0])!r}; store integer labels 0..K-1")
+        return int(t.min().item()), int(t.max().item())
+    a = t.numpy()  # numpy: min/max of every integer type (torch has none for uint16/32/64), exact as int
+    return int(a.min()), int(a.max())
+
+
 def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str) -> FeatureSet:
     """Check shapes and label ranges of a features dict and build a FeatureSet (one-line errors)."""
     missing = [k for k in REQUIRED_KEYS if k not in arrays]
     if missing:
+        has = sorted(map(str, arrays))
+        shown = ", ".join(has[:20]) + (f", ... ({len(has) - 20} more)" if len(has) > 20 else "")
         raise UserError(f"features file {source} lacks {missing}; it must hold {list(REQUIRED_KEYS)} "
+                        f"(optional: num_classes, name, backbone) but has [{shown}] "
                         "(see README, 'Features-file format')")
     tx, ty, vx, vy = (_numeric_tensor(arrays[k], k, source) for k in REQUIRED_KEYS)
     if tx.ndim != 2 or vx.ndim != 2:
@@ -90,16 +179,21 @@ def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str)
     if ty.shape != (tx.shape[0],) or vy.shape != (vx.shape[0],):
         raise UserError(f"features file {source}: labels must be 1-D with one entry per row, got train "
                         f"{tuple(ty.shape)} for {tx.shape[0]} rows, test {tuple(vy.shape)} for {vx.shape[0]} rows")
-    if ty.is_floating_point() or vy.is_floating_point():
-        if not (torch.equal(ty, ty.round()) and torch.equal(vy, vy.round())):
-            raise UserError(f"features file {source}: labels must be integer class ids")
-    ty, vy = ty.long(), vy.long()
-    k = _num_classes(arrays["num_classes"], source) if "num_classes" in arrays else int(max(ty.max(), vy.max())) + 1
-    if ty.min() < 0 or vy.min() < 0 or ty.max() >= k or vy.max() >= k:
-        raise UserError(f"features file {source}: labels must lie in [0, {k}); found "
-                        f"[{int(min(ty.min(), vy.min()))}, {int(max(ty.max(), vy.max()))}]")
+    (tlo, thi), (vlo, vhi) = _label_range(ty, "train_labels", source), _label_range(vy, "test_labels", source)
+    lo, hi = min(tlo, vlo), max(thi, vhi)
+    if "num_classes" in arrays:
+        k = _num_classes(arrays["num_classes"], source)
+        what = f"num_classes is {k}"
+    else:
+        k, what = hi + 1, f"labels go up to {hi}"
+    if lo < 0:
+        raise UserError(f"features file {source}: labels must lie in [0, K) (class ids from 0); found [{lo}, {hi}]")
+    check_num_classes(k, what, tx.shape[0], tx.shape[1], source)
+    if hi >= k:
+        raise UserError(f"features file {source}: labels must lie in [0, {k}); found [{lo}, {hi}]")
     if k < 2:
         raise UserError(f"features file {source}: need at least 2 classes, found {k}")
+    ty, vy = ty.long(), vy.long()
     tx, vx = tx.float(), vx.float()
     if not (torch.isfinite(tx).all() and torch.isfinite(vx).all()):
         raise UserError(f"features file {source} contains NaN or inf features; recompute them")
@@ -121,12 +215,15 @@ def load_features_file(path, name=None) -> FeatureSet:
         arrays = load_torch_file(path, "features file", fix)
         if not isinstance(arrays, dict):
             raise UserError(f"features file {path} holds a {type(arrays).__name__}, not a dict. {fix}")
-    backbone = str(arrays.get("backbone", "custom"))
-    return validate_feature_arrays(arrays, str(path), name or str(arrays.get("name", path.stem)), backbone)
+    # both become parts of paths (checkpoints, records): mapped to plain names, 'ViT-B/16' -> 'ViT-B_16'
+    backbone = safe_name(arrays.get("backbone", "custom"))
+    if name is None:
+        name = safe_name(arrays.get("name", path.stem), "features")
+    return validate_feature_arrays(arrays, str(path), check_plain_name(name, "dataset name"), backbone)
 
 
 def cache_path(cache_root, dataset: str, backbone: str) -> Path:
-    return Path(cache_root) / f"{dataset}_{backbone}.pt"
+    return Path(cache_root) / (check_plain_name(f"{dataset}_{backbone}", "feature cache name") + ".pt")
 
 
 def load_cached_features(path, dataset: str, backbone: str) -> FeatureSet:

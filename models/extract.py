@@ -7,9 +7,10 @@ import torch
 from tqdm import tqdm
 
 from data.datasets import digits_features, image_splits
-from data.features import FeatureSet, cache_path, load_cached_features, save_features
+from data.features import FeatureSet, cache_path, load_cached_features, safe_name, save_features
 from models.backbones import backbone_tag, build_backbone, image_transform
 from utils.cli import UserError
+from utils.io import remove_stale_temporaries
 
 
 @torch.no_grad()
@@ -35,7 +36,9 @@ def cache_name(dataset: str, data_root) -> str:
         return dataset
     root = Path(data_root).resolve()
     digest = hashlib.blake2b(str(root).encode(), digest_size=4).hexdigest()
-    return f"imagefolder-{re.sub(r'[^A-Za-z0-9_.-]', '_', root.name)[:40]}-{digest}"
+    # the folder's characters are mapped as they always were (so existing caches keep their names);
+    # safe_name then guarantees a plain file name (it leaves this one unchanged)
+    return safe_name(f"imagefolder-{re.sub(r'[^A-Za-z0-9_.-]', '_', root.name)[:40]}-{digest}")
 
 
 def load_or_extract_features(dataset: str, arch: str, pretrained: bool, data_root, cache_root,
@@ -47,6 +50,7 @@ def load_or_extract_features(dataset: str, arch: str, pretrained: bool, data_roo
     path = cache_path(cache_root, cache_name(dataset, data_root), tag)
     if path.is_file():
         return load_cached_features(path, dataset, tag)
+    remove_stale_temporaries(path.parent)  # of an extraction killed while it wrote the cache
     train_set, test_set, num_classes = image_splits(dataset, Path(data_root), image_transform())
     model = build_backbone(arch, pretrained)
     log(f"extracting {tag} features of {dataset} ({len(train_set)} train, {len(test_set)} test) "

@@ -2,6 +2,7 @@
 
 Also the boolean flags: `--partial False` must mean False (the original parsed it with type=bool).
 """
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,23 @@ BAD_SETTINGS = [
     (["--rounds", "-1"], ["--rounds must be >= 0"]),
     (["--epochs", "ten"], ["--epochs", "invalid int value"]),
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    # seeds: numpy's RandomState (the validation split) takes [0, 2**32 - 1]
+    (["--manualSeed", "-1"], ["--manualSeed must be an integer in [0, 4294967295]", "got -1"]),
+    (["--manualSeed", str(2**32)], ["--manualSeed must be an integer in [0, 4294967295]", f"got {2**32}"]),
+    # non-finite floats: each refused by its own range check, naming the option and the value
+    (["--temperature", "inf"], ["--temperature must be > 0 and finite", "got inf"]),
+    (["--temperature", "nan"], ["--temperature must be > 0 and finite", "got nan"]),
+    (["--lr", "inf"], ["--lr must be positive and finite", "got inf"]),
+    (["--wd", "inf"], ["--wd must be >= 0 and finite", "got inf"]),
+    (["--momentum", "nan"], ["--momentum must lie in [0, 1)", "got nan"]),
+    (["--momentum", "inf"], ["--momentum must lie in [0, 1)", "got inf"]),
+    (["--gamma", "nan"], ["--gamma must lie in (0, 1]", "got nan"]),
+    (["--gamma", "inf"], ["--gamma must lie in (0, 1]", "got inf"]),
+    (["--label-smoothing", "nan"], ["--label-smoothing must lie in [0, 1)", "got nan"]),
+    (["--label-smoothing=-inf"], ["--label-smoothing must lie in [0, 1)", "got -inf"]),
+    (["--corruption", "inf"], ["--corruption inf is outside [0, 1]"]),
+    (["--val-split", "nan"], ["--val-split must lie in (0, 0.5]", "got nan"]),
+    (["--val-split", "inf"], ["--val-split must lie in (0, 0.5]", "got inf"]),
 ]
 
 
@@ -132,6 +150,20 @@ BAD_FEATURES = {
     "zero-width features": (with_(train_features=np.zeros((150, 0), np.float32),
                                   test_features=np.zeros((60, 0), np.float32)), ["is empty"]),
     "missing key": (with_(test_labels=None), ["lacks ['test_labels']", "Features-file format"]),
+    # class counts no run could use: refused before anything of size K is allocated
+    "huge label": (with_(train_labels=np.where(np.arange(150) == 7, 2**40, np.arange(150) % 3)),
+                   ["labels go up to 1099511627776", "1,099,511,627,777 classes", "at most 100,000 classes"]),
+    "huge num_classes": (with_(num_classes=np.array(10**9)),
+                         ["num_classes is 1000000000", "1,000,000,000 classes", "at most 100,000 classes"]),
+    "huge float num_classes": (with_(num_classes=np.array(1e9)), ["num_classes is 1000000000", "at most 100,000"]),
+    "more classes than training samples": (with_(num_classes=np.array(151)),
+                                           ["num_classes is 151", "more than its 150 training samples"]),
+    "all labels negative": (with_(train_labels=np.full(150, -5), test_labels=np.full(60, -2)),
+                            ["labels must lie in [0, K)", "found [-5, -2]"]),
+    "infinite float label": (with_(train_labels=np.where(np.arange(150) == 3, np.inf, np.arange(150) % 3)),
+                             ["integer class ids", "train_labels holds inf"]),
+    "NaN float label": (with_(test_labels=np.where(np.arange(60) == 3, np.nan, np.arange(60) % 3)),
+                        ["integer class ids", "test_labels holds nan"]),
 }
 
 
@@ -143,6 +175,50 @@ def test_inconsistent_features_file_is_one_line(cli, capsys, tmp_path, no_traini
     (save_npz if suffix == ".npz" else save_pt)(path, arrays)
     # the engine's progress bar may precede the error line (alone=False); the error must end stderr
     one_error(capsys, cli("--features", path, "--epochs", 1), f"features file {path}", *needles, alone=False)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_features_file_with_wrong_keys_lists_required_and_present_keys(cli, capsys, tmp_path, no_training, suffix):
+    arrays = blob_features()
+    renamed = {"X_train": arrays["train_features"], "y_train": arrays["train_labels"],
+               "X_test": arrays["test_features"], "y_test": arrays["test_labels"]}
+    path = tmp_path / f"feats{suffix}"
+    (save_npz if suffix == ".npz" else save_pt)(path, renamed)
+    one_error(capsys, cli("--features", path, "--epochs", 1), f"features file {path}",
+              "lacks ['train_features', 'train_labels', 'test_features', 'test_labels']",
+              "it must hold ['train_features', 'train_labels', 'test_features', 'test_labels']",
+              "but has [X_test, X_train, y_test, y_train]", alone=False)
+
+
+def test_class_count_beyond_memory_is_refused_before_allocating(cli, capsys, tmp_path, no_training, monkeypatch):
+    """K = 3, d = 6 need about 1 KiB (48 K^2 + 32 K d bytes); a machine with 1000 bytes cannot run it."""
+    import data.features
+    monkeypatch.setattr(data.features, "_physical_memory", lambda: 1000)
+    path = save_npz(tmp_path / "feats.npz", blob_features())
+    one_error(capsys, cli("--features", path, "--epochs", 1),
+              f"features file {path}: labels go up to 2, i.e. 3 classes",
+              "K x K matrices and K x 6 weights need about 1008 bytes, more than the 1000 bytes of memory here",
+              alone=False)
+
+
+def test_huge_labels_never_reach_the_corruption_code(cli, capsys, tmp_path, monkeypatch):
+    """The bound holds before any K x K matrix: corruption_matrix_for is never called."""
+    import utils.engine
+    monkeypatch.setattr(utils.engine, "corruption_matrix_for", lambda *a: pytest.fail("K-sized work started"))
+    arrays = with_(num_classes=np.array(2**40))
+    path = save_pt(tmp_path / "feats.pt", arrays)
+    one_error(capsys, cli("--features", path, "--epochs", 1), "num_classes is 1099511627776", "at most 100,000",
+              alone=False)
+
+
+def test_val_split_with_a_single_sample_class_names_the_class(cli, capsys, tmp_path, no_training):
+    labels = np.arange(150) % 3
+    labels[labels == 2] = 0
+    labels[5] = 2  # class 2: one training sample
+    path = save_npz(tmp_path / "feats.npz", with_(train_labels=labels))
+    one_error(capsys, cli("--features", path, "--epochs", 1, "--val-split", 0.1),
+              "--val-split 0.1: class 2 has only 1 training sample", "at least 2 per class", "drop --val-split",
+              alone=False)
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".pt"])
@@ -223,7 +299,7 @@ def test_truncated_teacher_checkpoint_is_one_line_naming_it(cli, capsys):
     teacher = _truncate_teacher(cli)
     capsys.readouterr()
     for step in (["--dist", 1], ["--partial"]):
-        line = one_error(capsys, cli(*DIGITS, "--epochs", 2, *step), f"checkpoint {teacher}", "unreadable",
+        line = one_error(capsys, cli(*DIGITS, "--epochs", 2, *step), f"checkpoint {teacher}", "content hash differs",
                          "--dist 0", alone=False)
         assert "\n" not in line
 
@@ -327,7 +403,64 @@ def test_shell_sees_one_line_and_exit_2(tmp_path):
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("extra", [["--shard", "0/2"], ["--report-only"]])
+@pytest.mark.parametrize("extra", [["--shard", "0/2"], ["--report-only"], ["--allow-large-grid"]])
 def test_grid_only_options_without_config(cli, capsys, extra):
     one_error(capsys, cli(*DIGITS, "--epochs", 1, *extra), "--config")
     assert not cli.dirs()["results"].exists()
+
+
+# ---- names never escape their roots ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../../x", "ABS", "a/b", ".hidden", "..", "", "a b", "x" * 101])
+def test_dataset_name_with_features_must_be_a_plain_name(cli, capsys, tmp_path, no_training, name):
+    if name == "ABS":
+        name = str(tmp_path / "abs")  # absolute: would otherwise replace the checkpoint root
+    path = save_npz(tmp_path / "feats.npz", blob_features())
+    one_error(capsys, cli("--features", path, "-d", name, "--epochs", 1), f"-d {name!r} is not a plain name",
+              "letters, digits, '_', '-', '.', '+'", "not starting with '.'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.npz"]  # nothing written anywhere
+
+
+def files_under(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("backbone, mapped", [("../../evil", "_.._evil"), ("ViT-B/16", "ViT-B_16"),
+                                              ("ABS", None), ("..", "custom")])
+def test_backbone_and_name_of_a_features_file_are_mapped_to_plain_names(cli, tmp_path, monkeypatch, backbone,
+                                                                       mapped):
+    """Whatever the file says, every file the run writes lies under -c, --results or --cache-dir."""
+    if backbone == "ABS":  # an absolute path inside tmp_path, so that a regression cannot write elsewhere
+        backbone = str(tmp_path / "abs")
+        mapped = re.sub(r"[^A-Za-z0-9_.+-]", "_", backbone)[:100]  # '/' (and any odd character) -> '_'
+    work = tmp_path / "work" / "deep"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)  # relative escapes would land in tmp_path too, where the walk below sees them
+    arrays = blob_features()
+    arrays.update(backbone=np.array(backbone), name=np.array("../../../name"))
+    path = save_npz(tmp_path / "feats.npz", arrays)
+    assert cli("--features", path, "--rounds", 1, "--epochs", 2, "--lr", 0.05) == 0
+    roots = [cli.dirs()[k] for k in ("ckpt", "results", "cache")]
+    written = [p for p in files_under(tmp_path) if p != path]
+    assert written and all(any(root in p.parents for root in roots) for p in written), written
+    recs = cli.records()
+    assert {(r["dataset"], r["backbone"]) for r in recs} == {("feats", mapped)}
+    assert all(cli.run_folder(r).relative_to(cli.dirs()["ckpt"]).parts[:2] == ("feats", mapped) for r in recs)
+    # the file's own name is mapped the same way when it names the features (no -d, library use)
+    from data.features import load_features_file
+    loaded = load_features_file(path)
+    assert (loaded.name, loaded.backbone) == ("_.._.._name", mapped)
+
+
+def test_odd_file_stem_is_mapped_to_a_plain_dataset_name(cli, tmp_path):
+    path = save_npz(tmp_path / ".my feats.npz", blob_features())
+    assert cli("--features", path, "--epochs", 1, "--lr", 0.05) == 0
+    assert {r["dataset"] for r in cli.records()} == {"my_feats"}
+
+
+def test_safe_name_keeps_plain_names_and_maps_the_rest():
+    from data.features import check_plain_name, is_plain_name, safe_name
+    for plain in ("digits", "cifar100", "resnet18-random", "clip_vit.b+16", "imagefolder-pets-0a1b2c3d"):
+        assert is_plain_name(plain) and safe_name(plain) == plain and check_plain_name(plain, "-d") == plain
+    for text, mapped in (("a/b", "a_b"), ("../x", "_x"), ("...", "custom"), ("/abs", "_abs"), ("a\\b", "a_b"),
+                         ("\u00e9", "_"), ("x" * 300, "x" * 100)):
+        assert safe_name(text) == mapped and is_plain_name(mapped) and not is_plain_name(text)

@@ -308,3 +308,71 @@ def test_unreadable_image_names_the_file(cli, capsys, tmp_path):
     the_error(capsys, run_with(cli, *argv, data=folder), "could not read an image of imagefolder", str(bad),
               "remove or replace")
     assert not list(cli.dirs()["cache"].glob("*.pt"))  # nothing half-extracted was cached
+
+
+# ---- cache names stay plain file names inside --cache-dir --------------------------------------------
+@pytest.mark.parametrize("folder", ["pets", "we ird+näme", "...", ".hidden", "a" * 80, "x;rm -rf"])
+def test_image_folder_cache_name_is_a_plain_name_inside_the_cache(tmp_path, folder):
+    from data.features import cache_path, is_plain_name
+    root = tmp_path / folder
+    root.mkdir()
+    name = models.extract.cache_name("imagefolder", root)
+    assert is_plain_name(name) and name.startswith("imagefolder-")
+    assert cache_path(tmp_path / "cache", name, "resnet18-random").parent == tmp_path / "cache"
+    if folder == "pets":  # plain folder names keep the cache name they always had
+        assert name.startswith("imagefolder-pets-") and len(name) == len("imagefolder-pets-") + 8
+
+
+@pytest.mark.parametrize("dataset, backbone", [("../x", "resnet18"), ("cifar10", "../../y"), ("/abs", "r"),
+                                               ("a", "b/c")])
+def test_cache_path_refuses_names_that_leave_the_cache(tmp_path, dataset, backbone):
+    from data.features import cache_path
+    from utils.cli import UserError
+    with pytest.raises(UserError, match="feature cache name .* is not a plain name"):
+        cache_path(tmp_path, dataset, backbone)
+
+
+# ---- validation split: classes too small to stratify ---------------------------------------------------
+def test_stratified_split_names_every_single_sample_class():
+    from data.splits import stratified_val_split
+    from utils.cli import UserError
+    labels = np.array([0] * 10 + [1] * 10 + [2] + [3])
+    with pytest.raises(UserError, match=r"--val-split 0.2: classes 2, 3 have only 1 training sample.*drop --val-split"):
+        stratified_val_split(labels, 0.2, 0)
+
+
+def test_stratified_split_that_sklearn_cannot_make_is_one_line():
+    """Ten classes of two samples each, 10% held out: 2 validation samples cannot cover 10 classes."""
+    from data.splits import stratified_val_split
+    from utils.cli import UserError
+    with pytest.raises(UserError) as info:
+        stratified_val_split(np.repeat(np.arange(10), 2), 0.1, 0)
+    assert "--val-split 0.1 cannot split the 20 training samples of 10 classes by class" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_stratified_split_is_unchanged_for_good_labels():
+    from data.splits import stratified_val_split
+    labels = np.arange(200) % 7
+    want_train, want_val = train_test_split(np.arange(200), test_size=0.1, random_state=3, stratify=labels)
+    train, val = stratified_val_split(labels, 0.1, 3)
+    assert train.tolist() == sorted(want_train.tolist()) and val.tolist() == sorted(want_val.tolist())
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int32, np.bool_])
+def test_labels_of_every_integer_type_are_read(tmp_path, dtype):
+    arrays = blob_features(num_classes=2)
+    arrays.update(train_labels=arrays["train_labels"].astype(dtype), test_labels=arrays["test_labels"].astype(dtype))
+    f = load_features_file(write_features(tmp_path / "f.npz", arrays, "npz"))
+    assert f.train_y.dtype == torch.int64 and f.num_classes == 2
+    assert f.train_y.tolist() == blob_features(num_classes=2)["train_labels"].tolist()
+
+
+def test_huge_unsigned_label_is_refused_in_one_line(tmp_path):
+    from utils.cli import UserError
+    arrays = blob_features()
+    labels = arrays["train_labels"].astype(np.uint64)
+    labels[4] = np.uint64(2**64 - 1)  # would wrap to -1 if cast to int64 first
+    arrays["train_labels"] = labels
+    with pytest.raises(UserError, match="labels go up to 18446744073709551615.*at most 100,000 classes"):
+        load_features_file(write_features(tmp_path / "f.npz", arrays, "npz"))

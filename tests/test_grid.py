@@ -191,11 +191,20 @@ def test_two_concurrent_processes_share_one_store(tmp_path, reference):
 
 # ---- (e): shards ------------------------------------------------------------------------------
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
-def test_shards_partition_the_jobs(count):
-    jobs = list(range(7))
+def test_shards_partition_the_jobs_and_keep_a_shared_teacher_in_one_shard(count):
+    from utils.engine import FeatureSource
+    from utils.runs import RunConfig
+    source = FeatureSource("digits")
+    # the test and last chains of a seed share their teacher; a temperature does not change it either
+    jobs = [(source, RunConfig("digits", "pixels", seed=seed, selection=sel, temperature=t))
+            for seed in range(7) for sel in ("test", "last") for t in (1.0, 2.0)]
     shards = [shard_jobs(jobs, f"{i}/{count}") for i in range(count)]
-    assert sorted(j for s in shards for j in s) == jobs
+    assert sorted(jobs.index(j) for s in shards for j in s) == list(range(len(jobs)))
     assert shard_jobs(jobs, f"0/{count}") == shards[0]  # deterministic
+    for shard in shards:
+        seeds = {cfg.seed for _, cfg in shard}
+        assert len(shard) == 4 * len(seeds)  # all four chains of each of its seeds
+    assert sorted(len(s) for s in shards)[-1] - sorted(len(s) for s in shards)[0] <= 4  # balanced
 
 
 def test_two_shards_cover_the_grid_exactly_once(cli, spy, tmp_path, reference):
@@ -349,7 +358,8 @@ def the_error(cli, capsys, text, *needles, extra=(), names_file=True):
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_recipe_seed_out_of_range_names_the_range(cli, capsys, no_training, seed):
     the_error(cli, capsys, _swap("manualSeed: [0, 1]", f"manualSeed: [0, {seed}]"),
-              f"manualSeed={seed}", f"--manualSeed must be an integer in [0, 4294967295] (0 <= seed < 2**32), got {seed}")
+              f"manualSeed={seed}",
+              f"--manualSeed must be an integer in [0, 4294967295] (0 <= seed < 2**32), got {seed}")
 
 
 def test_recipe_with_a_key_given_twice_is_refused(cli, capsys, no_training):

@@ -346,3 +346,135 @@ def test_printout_shows_theory_and_closed_form_beside_the_solution(tmp_path, cap
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and "|" in line]
     assert [int(r.split("|")[0]) for r in rows] == [0, 1, 2]
     assert all(not math.isnan(float(r.split("|")[4])) for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: bad input is one line naming the fix (exit code 2), and nothing is written
+# ----------------------------------------------------------------------------------------------
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+BAD_CONFIG = {
+    "list for one value": ("options: {k: [2, 3]}\n", ["options.k", "expected one value", "[2, 3]"]),
+    "options not a mapping": ("options: 5\n", ["options must be a mapping", "5"]),
+    "sweep value wrong type": ("sweep: {k: [abc]}\n", ["sweep.k", "invalid int value: 'abc'"]),
+    "sweep value a mapping": ("sweep: {k: {a: 1}}\n", ["sweep.k", "expected one value", "{'a': 1}"]),
+    "sweep not a mapping": ("sweep: 5\n", ["sweep must be a mapping", "5"]),
+    "option choice": ("options: {solver: bogus}\n", ["options.solver", "invalid choice: 'bogus'", "exact"]),
+    "sweep int not integer": ("sweep: {k: 3.7}\n", ["sweep.k", "invalid int value: '3.7'"]),
+    "option int not integer": ("options: {max_dist: 2.5}\n", ["options.max_dist", "invalid int value: '2.5'"]),
+    "sweep bool for float": ("sweep: {eta: [0.1, true]}\n", ["sweep.eta", "invalid float value: 'True'"]),
+    "sweep bool for int": ("sweep: {seed: [false]}\n", ["sweep.seed", "invalid int value: 'False'"]),
+    "option bool for float": ("options: {lbd: true}\n", ["options.lbd", "invalid float value: 'True'"]),
+    "option without value": ("options: {k: }\n", ["options.k", "expected one value, got nothing"]),
+    "sweep without values": ("sweep: {eta: []}\n", ["sweep.eta", "no values"]),
+    "help is no option": ("options: {help: true}\n", ["unknown options ['help']"]),
+    "duplicate key": ("options: {k: 3}\nsweep: {eta: [0.1]}\noptions: {k: 2}\n", ["'options' is given twice", "line 3"]),
+    "duplicate nested key": ("sweep:\n  eta: [0.1]\n  eta: [0.2]\n", ["'eta' is given twice", "line 3"]),
+    "name escapes --out": ("name: ../evil\n", ["name '../evil'", "plain folder name"]),
+    "options.name escapes": ("options: {name: a/b}\n", ["options.name 'a/b'", "plain folder name"]),
+    "title not one value": ("title: [a, b]\n", ["title must be one value"]),
+}
+
+
+@pytest.mark.parametrize("text,needles", BAD_CONFIG.values(), ids=BAD_CONFIG.keys())
+def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, text, needles):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert cli(tmp_path, "--config", cfg, "--k", "2", "--n", "3", "--max_dist", "1", "--approx") == 2
+    line = one_error_line(capsys)
+    assert f"--config {cfg}" in line
+    for needle in needles:
+        assert needle in line
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_config_options_are_read_as_the_command_line_reads_them(tmp_path):
+    """YAML's '1e-3' is a string and 2 an int: both are read as --lbd=1e-3 and --c=... would be."""
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("name: ok+run-1.5\noptions: {k: 2, n: 3, max_dist: 1, approx: yes, lbd: 1e-3, c: 1, d: 0, "
+                   "save: false, max_newton: 5}\nsweep: {eta: 0.25, gram: [features]}\n")
+    assert cli(tmp_path, "--config", cfg) == 0
+    recs = [json.loads(line) for line in (tmp_path / "out" / "ok+run-1.5" / "records.jsonl").read_text().splitlines()]
+    assert {(r["k"], r["n"], r["lbd"], r["c"], r["d"], r["eta"], r["gram"], r["mode"]) for r in recs} == \
+        {(2, 3, 1e-3, 1.0, 0.0, 0.25, "features", "linear")}
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lbd", "-1e-5", "--lbd must be > 0 (the weight decay, e.g. --lbd 1e-5), got -1e-05"),
+    ("--epsilon", "-1e-3", "--epsilon must lie in [0, 1] (the noise level of G), got -0.001"),
+    ("--eta", "-1E-9", "--eta must lie in [0, 1] (the corruption ratio), got -1e-09"),
+    ("--c", "-1.5e0", "--c must lie in [-1, 1] (a correlation), got -1.5"),
+    ("--d", "-2", "--d must lie in [-1, 1] (a correlation), got -2.0"),
+    ("--tol", "-1e-10", "--tol must be > 0 (e.g. --tol 1e-10), got -1e-10"),
+    ("--seed", "-1", "--seed must be >= 0, got -1"),
+    ("--k", "-3", "--k must be >= 2 (number of classes), got -3"),
+    ("--n", "-1", "--n must be >= 1 (samples per class), got -1"),
+    ("--max_dist", "-1", "--max_dist must be >= 1 (distillation rounds), got -1"),
+    ("--max_iter", "-5", "--max_iter must be >= 1 (Adam steps), got -5"),
+    ("--max-newton", "-1", "--max-newton must be >= 1, got -1"),
+    ("--threads", "-2", "--threads must be >= 0 (0 keeps torch's default), got -2"),
+])
+def test_negative_numbers_are_read_then_validated(tmp_path, capsys, flag, value, message):
+    assert cli(tmp_path, flag, value) == 2
+    assert one_error_line(capsys) == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_numbers_in_any_notation_are_values_not_options():
+    a = numerical_solving.build_parser().parse_args(["--c", "-1e-1", "--d", "-.5", "--lbd", "-inf", "--eta", "-NaN"])
+    assert (a.c, a.d, a.lbd) == (-0.1, -0.5, -math.inf) and math.isnan(a.eta)
+
+
+@pytest.mark.parametrize("flag", ["--lbd", "--c", "--d", "--eta", "--epsilon", "--tol"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_floats_are_refused(tmp_path, capsys, flag, value):
+    assert cli(tmp_path, flag, value) == 2
+    assert one_error_line(capsys) == f"error: {flag} must be a finite number, got {float(value)}"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sweep,needle", [("eta=0.1,inf", "--eta must be a finite number, got inf"),
+                                          ("k=3.7", "--sweep 'k=3.7': invalid int value: '3.7'"),
+                                          ("gram=bogus", "--sweep 'gram=bogus': invalid choice: 'bogus'")])
+def test_bad_sweep_values_on_the_command_line(tmp_path, capsys, sweep, needle):
+    assert cli(tmp_path, "--sweep", sweep) == 2
+    assert needle in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("name", ["../../x", "ABS", "a/b", "..", ".hidden", "a b"])
+def test_name_is_a_plain_folder_under_out(tmp_path, capsys, name):
+    root = tmp_path / "deep" / "er"
+    root.mkdir(parents=True)
+    name = str(tmp_path / "abs") if name == "ABS" else name       # an absolute path (stays inside tmp_path)
+    rc = run_main(numerical_solving.main, ["--k", "2", "--n", "3", "--max_dist", "1", "--approx", "--name", name,
+                                           "--out", str(root / "out")])
+    assert rc == 2
+    assert one_error_line(capsys) == (f"error: --name {name!r} is not a plain folder name: use letters, digits, "
+                                      "'_', '-', '.', '+' (no '/', not starting with '.'), e.g. --name my_sweep")
+    assert [p for p in tmp_path.rglob("*")] == [tmp_path / "deep", root]        # nothing written anywhere
+
+
+def test_config_name_cannot_escape_out(tmp_path, capsys):
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text("name: ../evil\noptions: {k: 2, n: 3, max_dist: 1, approx: true}\n")
+    assert cli(tmp_path, "--config", cfg) == 2
+    assert f"--config {cfg}: name '../evil' is not a plain folder name" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.yaml"]
+
+
+@pytest.mark.parametrize("save", ["True", "False"])
+@pytest.mark.parametrize("under", ["file/out", "file"])
+def test_out_under_a_regular_file_is_one_line_and_nothing_is_written(tmp_path, capsys, under, save):
+    (tmp_path / "file").write_text("keep me\n")
+    out = tmp_path / under
+    rc = run_main(numerical_solving.main, ["--k", "2", "--n", "3", "--max_dist", "1", "--approx", "--save", save,
+                                           "--out", str(out)])
+    assert rc == 2
+    assert one_error_line(capsys) == (f"error: --out {out}: cannot write or read {tmp_path / 'file'}: Not a directory; "
+                                      "a part of that path is a file, not a directory: choose another path")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "keep me\n"

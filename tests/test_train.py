@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.losses import distillation_targets, pll_candidates
-from utils.train import (Hyper, NonFiniteLoss, Targets, TrainData, evaluate, shuffled_positions, topk_hits,
-                         train_heads)
+from utils.train import (Hyper, NonFiniteLoss, Snapshot, Targets, TrainData, batched_products_match_lone, evaluate,
+                         shuffled_positions, topk_hits, train_heads)
 
 N, D, K, N_TRAIN, N_TEST = 120, 6, 4, 90, 50
 
@@ -71,25 +71,63 @@ def make_targets(kind, data, num_runs):
     return Targets("partial", pll_candidates(logits))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["hard", "soft", "partial"])
-def test_batched_runs_equal_runs_done_alone(kind):
-    data = make_data(3, val=True)
-    targets = make_targets(kind, data, 3)
-    hp = ([0.1, 0.03, 0.2], [1e-3, 0.0, 5e-2], [0.9, 0.5, 0.0], [0.98, 0.9, 1.0])
-    seeds = [11, 22, 33]
-    init = init_weights(3)
-    together = train_heads(data, targets, init, hyper(*hp), 4, 16, seeds)
-    for r in range(3):
-        alone = train_heads(select(data, r), select_targets(targets, r), init[r:r + 1],
-                            hyper(*[[v[r]] for v in hp]), 4, 16, [seeds[r]])
-        torch.testing.assert_close(together.weight[r], alone.weight[0], atol=1e-6, rtol=1e-5)
-        for name in ("test_acc", "test_top2", "train_acc", "train_acc_true", "val_acc"):
-            assert [h[name] for h in together.history[r]] == [h[name] for h in alone.history[0]], name
-        for name in ("train_loss", "test_loss"):
-            got = [h[name] for h in together.history[r]]
-            assert got == pytest.approx([h[name] for h in alone.history[0]], rel=1e-5, abs=1e-6)
-        assert int(together.best_test.epoch[r]) == int(alone.best_test.epoch[0])
-        assert int(together.best_val.epoch[r]) == int(alone.best_val.epoch[0])
+@pytest.mark.parametrize("shape", ["tiny", "wide"])
+def test_batched_runs_equal_runs_done_alone_bit_for_bit(kind, threads, shape, monkeypatch):
+    """Every number of a run is the same bits whatever runs share its batch ('wide': products big
+    enough for the BLAS's own kernels, with a last batch of another size)."""
+    global D, K
+    if shape == "wide":
+        monkeypatch.setattr(__import__(__name__), "D", 96)
+        monkeypatch.setattr(__import__(__name__), "K", 24)
+    torch.set_num_threads(threads)
+    try:
+        if threads > 1 and not batched_products_match_lone([16, 10], D, K):
+            pytest.skip(f"this BLAS rounds batch items differently at {threads} threads: the engine trains on "
+                        "1 thread then (test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact)")
+        data = make_data(3, val=True)
+        targets = make_targets(kind, data, 3)
+        hp = ([0.1, 0.03, 0.2], [1e-3, 0.0, 5e-2], [0.9, 0.5, 0.0], [0.98, 0.9, 1.0])
+        seeds = [11, 22, 33]
+        init = init_weights(3)
+        together = train_heads(data, targets, init, hyper(*hp), 4, 16, seeds)
+        for r in range(3):
+            alone = train_heads(select(data, r), select_targets(targets, r), init[r:r + 1],
+                                hyper(*[[v[r]] for v in hp]), 4, 16, [seeds[r]])
+            assert torch.equal(together.weight[r], alone.weight[0])
+            assert torch.equal(together.momentum[r], alone.momentum[0])
+            assert together.history[r] == alone.history[0]
+            for snap in ("best_test", "best_val"):
+                a, b = getattr(together, snap), getattr(alone, snap)
+                assert int(a.epoch[r]) == int(b.epoch[0]) and torch.equal(a.weight[r], b.weight[0])
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact(monkeypatch):
+    import utils.engine as engine
+    said = []
+    monkeypatch.setattr(engine, "_DEFAULT_THREADS", 2)
+    monkeypatch.setattr(engine, "_EXACT_AT_DEFAULT", {})
+    cpu = torch.device("cpu")
+    try:
+        assert engine.set_cpu_threads(cpu, [128, 80], 64, 10, said.append) == 1  # small: one thread anyway
+        monkeypatch.setattr(engine, "batched_products_match_lone", lambda *a: True)
+        assert engine.set_cpu_threads(cpu, [128, 80], 512, 100, said.append) == 2
+        assert torch.get_num_threads() == 2 and said == []
+        monkeypatch.setattr(engine, "_EXACT_AT_DEFAULT", {})
+        monkeypatch.setattr(engine, "batched_products_match_lone", lambda *a: False)
+        assert engine.set_cpu_threads(cpu, [128, 80], 512, 100, said.append) == 1
+        assert engine.set_cpu_threads(cpu, [128, 80], 512, 100, said.append) == 1  # said once per shape
+        assert len(said) == 1 and "training on 1 thread" in said[0]
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_the_blas_probe_finds_batch_items_equal_to_lone_products_on_one_thread():
+    torch.set_num_threads(1)
+    assert batched_products_match_lone([128, 81], 64, 10) and batched_products_match_lone([32], 512, 100)
 
 
 def _reference_sgd(data, init, lr, wd, mom, gamma, epochs, batch, seed, loss_of=None):
@@ -214,6 +252,17 @@ def test_best_snapshot_is_the_first_maximum_of_test_accuracy():
     assert torch.equal(state.best_test.weight[0], seen[best - 1][0])
     m = evaluate(data, state.best_test.weight)
     assert float(m["test_acc"][0]) == pytest.approx(max(accs))
+
+
+def test_a_tie_keeps_the_first_maximum():
+    start = torch.zeros(2, K, D)
+    snap = Snapshot.empty(start)
+    snap.update(torch.tensor([50.0, 60.0]), 1, start + 1, start)
+    snap.update(torch.tensor([50.0, 55.0]), 2, start + 2, start)   # run 0 ties its best: kept
+    assert snap.epoch.tolist() == [1, 1] and torch.equal(snap.weight, start + 1)
+    snap.update(torch.tensor([50.5, 60.0]), 3, start + 3, start)   # run 0 improves, run 1 ties
+    assert snap.epoch.tolist() == [3, 1]
+    assert torch.equal(snap.weight[0], start[0] + 3) and torch.equal(snap.weight[1], start[1] + 1)
 
 
 def test_nan_loss_raises_with_epoch_and_run():

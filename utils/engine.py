@@ -180,6 +180,8 @@ class ChainRunner:
         self.opts, self.log = opts, log
         self.store = ResultsStore(opts.results_root)
         self.done_here = set()  # keys trained by this process (so --overwrite retrains each once)
+        # runs this process trained, found finished, and completed from final checkpoints
+        self.counts = {"trained": 0, "found": 0, "completed": 0}
 
     # ---- planning -------------------------------------------------------------------------
     def run(self, jobs, steps) -> list:
@@ -319,8 +321,26 @@ class ChainRunner:
         if self.opts.overwrite and key not in self.done_here:
             return None
         if self.store.has(key):
-            return self.store.get(key)
-        return self._complete_from_final(run_dir(self.opts.checkpoint_root, cfg, step, fid), key)
+            self.counts["found"] += 1
+            record = self.store.get(key)
+            self._tidy_finished(run_dir(self.opts.checkpoint_root, cfg, step, fid))
+            return record
+        record = self._complete_from_final(run_dir(self.opts.checkpoint_root, cfg, step, fid), key)
+        if record is not None:
+            self.counts["completed"] += 1
+        return record
+
+    def _tidy_finished(self, folder) -> None:
+        """Remove what a process killed after a run's record, before its last clean-up, left behind:
+        the periodic state and its lease (unless a live process still holds it)."""
+        lease = folder / LEASE_NAME
+        if lease.exists():
+            holder = read_holder(lease)
+            if holder is not None and not holder.is_dead(self.opts.lease_timeout, time.time()):
+                return
+            _unlink(lease)
+        _unlink(folder / RESUME_FILE)
+        remove_stale_temporaries(folder)
 
     def _complete_from_final(self, folder, key):
         """Write the record of a run whose final checkpoints exist (a process was stopped between
@@ -528,6 +548,7 @@ class ChainRunner:
         record = {**payload, "checkpoints": checkpoints, "trained_by": f"{HOST}:{os.getpid()}",
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   **{name: run_facts[name] for name in ("wall_time_s", "batch_runs", "resumed_from_epoch")}}
+        self.counts["trained"] += 1
         return self._publish(folder, record)
 
     def _record_payload(self, cfg, step, fid, key, hist, state, r, setup, teacher_key, coverage, threads, fused):

@@ -14,17 +14,19 @@ Format (see recipe.MD and recipes/*.yaml):
 
 Values are read as the command line reads them (`corruption: 0` is the float of `--corruption 0`,
 `wd: 5e-5` the float of `--wd 5e-5`), so a grid run and the same run started by hand share one
-record. Options that choose runs may not also be given beside --config. `--shard I/N` trains chains
-I, I+N, ...; every shard then reports the whole grid from the store (what is finished so far).
+record. Options that choose runs may not also be given beside --config. A key given twice is
+refused, and so is a grid of more than MAX_CHAINS chains unless --allow-large-grid is passed.
+`--shard I/N` trains chains I, I+N, ...; every shard then reports the whole grid from the store (what
+is finished so far).
 """
 import itertools
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
-from utils.cli import UserError, one_line
+from utils.cli import UserError, load_yaml_file
+from utils.io import remove_stale_temporaries
 from utils.report import METRIC_DESCRIPTION
 from utils.runs import step_fields, step_settings
 
@@ -43,6 +45,9 @@ TOP_KEYS = {"name", "title", "rounds", "partial", "grid", "per_dataset", "report
 REPORT_KEYS = {"kind", "metric", "gain_etas", "title"}
 REPORT_KINDS = ("distillation", "ls_temperature")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # reports go to <results>/reports/<name>/
+# Most chains a recipe may expand to without --allow-large-grid (100,000 expand in ~3 s; checked by
+# counting before any value is parsed, so a grid of billions is refused at once).
+MAX_CHAINS = 100_000
 
 
 def _fail(path, message):
@@ -95,19 +100,33 @@ def _section(path, parser, name: str, body) -> dict:
     return out
 
 
-def load_grid(path) -> dict:
-    """Read and check a recipe; grid values come back as lists of the CLI's types (keys = option dests)."""
+def count_chains(grid: dict) -> int:
+    """How many chains `expand_grid` iterates over (before removing duplicates): the product of the
+    grid's list lengths, with each dataset's share multiplied by its per_dataset lists' lengths.
+    Works on a raw recipe too (a single value counts 1), so it can run before any value is parsed."""
+    def product(section) -> int:
+        n = 1
+        if isinstance(section, dict):
+            for value in section.values():
+                n *= len(value) if isinstance(value, list) else 1
+        return n
+
+    body = grid.get("grid") if isinstance(grid.get("grid"), dict) else {}
+    per_dataset = grid.get("per_dataset") if isinstance(grid.get("per_dataset"), dict) else {}
+    datasets = body.get("dataset", [None])
+    datasets = datasets if isinstance(datasets, list) else [datasets]
+    rest = product({k: v for k, v in body.items() if k != "dataset"})
+    names = {str(k): v for k, v in per_dataset.items()}
+    return rest * sum(product(names.get(str(d))) if d is not None else 1 for d in datasets)
+
+
+def load_grid(path, max_chains=MAX_CHAINS) -> dict:
+    """Read and check a recipe; grid values come back as lists of the CLI's types (keys = option dests).
+    A grid of more than `max_chains` chains is refused before its values are parsed (None: no limit)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}; see recipes/ for examples")
-    try:
-        grid = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        _fail(path, f"is not valid YAML{where} ({one_line(getattr(exc, 'problem', None) or exc)}); fix the syntax")
-    except (OSError, UnicodeDecodeError) as exc:
-        _fail(path, f"cannot be read as UTF-8 text ({one_line(exc)})")
+    grid = load_yaml_file(path, "recipe file")  # strict: a key given twice (`lr:` twice) is refused
     if not isinstance(grid, dict):
         _fail(path, "must be a mapping with at least a 'grid:' section")
     unknown = set(grid) - TOP_KEYS
@@ -115,6 +134,10 @@ def load_grid(path) -> dict:
         _fail(path, f"unknown key(s) {sorted(map(str, unknown))}; allowed: {sorted(TOP_KEYS)}")
     if "grid" not in grid:
         _fail(path, "needs a 'grid:' mapping of train_linear.py options")
+    chains = count_chains(grid)
+    if max_chains is not None and chains > max_chains:
+        _fail(path, f"its grid has {chains:,} chains (the product of its list lengths, per_dataset included), more "
+                    f"than {max_chains:,}; shrink the lists, split the recipe, or pass --allow-large-grid")
     parser = _parser()
     grid["grid"] = _section(path, parser, "grid", grid["grid"])
     if "dataset" not in grid["grid"] and "features" not in grid["grid"]:
@@ -189,9 +212,14 @@ def parse_shard(shard: str):
 
 
 def shard_jobs(jobs: list, shard: str) -> list:
-    """Deterministic shard I of N (0-based): whole chains, so a shard never waits on another."""
+    """Deterministic shard I of N (0-based). Chains that share their teacher (e.g. the same run
+    under several selection rules or temperatures) go to one shard, so each teacher is trained
+    once and a shard never waits on another; the teacher groups are dealt out round robin."""
     index, count = parse_shard(shard)
-    return jobs[index::count]
+    groups = {}
+    for source, cfg in jobs:
+        groups.setdefault((source, json.dumps(step_settings(cfg, "0", ""), sort_keys=True)), []).append((source, cfg))
+    return [job for group in list(groups.values())[index::count] for job in group]
 
 
 def _ident(settings: dict, step: str, with_backbone: bool) -> tuple:
@@ -235,7 +263,7 @@ def run_grid_command(args, opts) -> int:
                         "(set them in its grid:, rounds: or partial:)")
     if args.shard is not None:
         parse_shard(args.shard)
-    grid = load_grid(args.config)
+    grid = load_grid(args.config, max_chains=None if args.allow_large_grid else MAX_CHAINS)
 
     def make_job(settings):
         ns = parser.parse_args([])  # the CLI defaults, then the recipe's values
@@ -256,7 +284,11 @@ def run_grid_command(args, opts) -> int:
         print(f"recipe {grid['name']}: {part} configurations x {len(steps)} steps "
               f"({len(jobs) * len(steps)} runs) on {opts.device}")
         if jobs:
-            ChainRunner(opts).run(jobs, steps)
+            runner = ChainRunner(opts)
+            runner.run(jobs, steps)
+            counts = runner.counts
+            print(f"this process trained {counts['trained']} runs; {counts['found']} were already finished"
+                  + (f"; {counts['completed']} completed from their final checkpoints" if counts["completed"] else ""))
     # the whole grid's records, not only this shard's: the last shard to finish reports everything
     records = matching_records(ResultsStore(opts.results_root).records(), all_jobs, steps)
     if not records:
@@ -265,6 +297,7 @@ def run_grid_command(args, opts) -> int:
             return 0
         raise UserError(f"no results yet for recipe {grid['name']} in {opts.results_root}; run it without --report-only")
     out_dir = Path(opts.results_root) / "reports" / grid["name"]
+    remove_stale_temporaries(out_dir)  # of a report writer that was killed
     written = write_reports(records, out_dir, grid)
     print(f"{len(records)} of {len(all_jobs) * len(steps)} records -> " + ", ".join(str(p) for p in written))
     return 0
