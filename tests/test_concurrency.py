@@ -437,3 +437,18 @@ def test_what_a_kill_after_the_record_leaves_is_tidied_by_the_next_command(cli):
     (folder / f".log.jsonl.{HOST}.{dead_pid()}.x.tmp").write_text("half")
     assert cli(*DIGITS, "--epochs", 2, "--dist", 0) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "log.jsonl"]
+
+
+def test_the_heartbeat_runs_while_an_epoch_is_longer_than_the_timeout(tmp_path):
+    from utils.leases import Heartbeat
+    lease, _ = try_claim(tmp_path, stale_after=0.4)
+    first = read_holder(tmp_path / LEASE_NAME).heartbeat
+    with Heartbeat([lease], every=0.1) as beat:
+        time.sleep(0.6)  # one long "epoch": no call from the training loop
+        assert read_holder(tmp_path / LEASE_NAME).heartbeat > first
+        assert try_claim(tmp_path, stale_after=0.4)[0] is None  # still held, not stale
+        write_lease(tmp_path, 1, time.time(), host="other-node", token="new")  # taken over
+        time.sleep(0.3)
+        with pytest.raises(LeaseLost):
+            beat.check()
+    assert read_holder(tmp_path / LEASE_NAME).token == "new"  # the new holder's lease is untouched

@@ -33,7 +33,7 @@ from models.extract import load_or_extract_features
 from models.head import head_state_dict, init_head_weights
 from utils.cli import UserError
 from utils.io import HOST, atomic_torch_save, atomic_write_bytes, atomic_write_text, load_torch_file, remove_stale_temporaries
-from utils.leases import LEASE_NAME, LeaseLost, read_holder, try_claim
+from utils.leases import LEASE_NAME, Heartbeat, LeaseLost, read_holder, try_claim
 from utils.losses import distillation_targets, pll_candidates
 from utils.runs import (CHECKPOINT_OF_SELECTION, SCHEMA, ResultsStore, RunConfig, code_version, run_dir,
                         run_key, sha256_of, step_settings, teacher_step)
@@ -460,21 +460,21 @@ class ChainRunner:
         ebar = tqdm(total=epochs, initial=resume.epoch if resume else 0, desc=desc, unit="ep", leave=False,
                     disable=not self.opts.show_progress, dynamic_ncols=True)
         started = time.time()
-        beat_every = min(30.0, self.opts.lease_timeout / 4)
+        heartbeat = Heartbeat(leases, every=min(30.0, self.opts.lease_timeout / 4))
 
         def on_epoch(state: TrainState):
+            heartbeat.check()  # before a save: a run taken over by another process is theirs now
             last = state.history[0][-1]
             ebar.set_postfix(loss=f"{last['train_loss']:.3f}", test=f"{last['test_acc']:.2f}")
             ebar.update(1)
             if self.opts.save_every and state.epoch % self.opts.save_every == 0 and state.epoch < epochs:
                 self._save_partial(cfgs, step, fid, keys, state)
-            if time.time() - leases[0].last_beat > beat_every:
-                for lease in leases:
-                    lease.heartbeat()
 
         try:
-            state = train_heads(data, targets, init, hyper, epochs, batch, seeds, resume, on_epoch,
-                                fuse_shared_order=self.opts.fuse_shared_seeds)
+            with heartbeat:
+                state = train_heads(data, targets, init, hyper, epochs, batch, seeds, resume, on_epoch,
+                                    fuse_shared_order=self.opts.fuse_shared_seeds)
+            heartbeat.check()
         except NonFiniteLoss as exc:
             cfg = cfgs[exc.run]
             raise UserError(f"loss became NaN/inf at epoch {exc.epoch} of step {step} ({cfg.dataset}, lr={cfg.lr:g}, "

@@ -11,6 +11,7 @@ judged stale, and then claims the run as if it were free.
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,6 @@ class Lease:
     def __init__(self, folder: Path, token: str, started: float):
         self.path = Path(folder) / LEASE_NAME
         self.token, self.started = token, started
-        self.last_beat = started
 
     def _content(self, now: float) -> dict:
         return {"host": HOST, "pid": os.getpid(), "token": self.token, "started": self.started, "heartbeat": now}
@@ -79,9 +79,7 @@ class Lease:
         """Refresh the heartbeat; LeaseLost when another process has taken the run over."""
         if not self.still_mine():
             raise LeaseLost(str(self.path))
-        now = time.time()
-        atomic_write_json(self.path, self._content(now))
-        self.last_beat = now
+        atomic_write_json(self.path, self._content(time.time()))
 
     def release(self) -> None:
         if self.still_mine():
@@ -89,6 +87,42 @@ class Lease:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+class Heartbeat:
+    """Refreshes the heartbeat of leases from a background thread while a chunk trains, so that an
+    epoch longer than the lease timeout does not make the runs look abandoned. `check()` (called
+    between epochs) raises LeaseLost once another process has taken one of them over."""
+
+    def __init__(self, leases, every: float):
+        self.leases, self.every = list(leases), every
+        self.lost = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+
+    def _beat(self):
+        while not self._stop.wait(self.every):
+            try:
+                for lease in self.leases:
+                    lease.heartbeat()
+            except LeaseLost as exc:
+                self.lost = exc
+                return
+            except OSError:
+                continue  # a passing filesystem hiccup: try again at the next beat
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
 
 
 def _create(folder: Path) -> Optional[Lease]:
