@@ -7,7 +7,9 @@ One setting:  python numerical_solving.py                      (exact solver, 10
 The original: python numerical_solving.py --solver faithful     (Adam, as the paper's script)
 A sweep:      python numerical_solving.py --gram features --sweep eta=0.1,0.3,0.5,0.7
 """
+import contextlib
 import errno
+import hashlib
 import itertools
 import math
 import os
@@ -30,6 +32,9 @@ FLOATS = ("lbd", "c", "d", "eta", "epsilon")      # the float fields of a settin
 # argument"). This pattern also takes exponents and -inf/-nan, so the value is read and then validated.
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")   # a folder name that stays under --out
+DEFAULT_TOL, DEFAULT_MAX_NEWTON = 1e-10, 60
+RECORD_FILES = ("records.csv", "records.jsonl", "figure.png", "figure.pdf")   # what a run writes in its folder
+MAX_NAME = 200          # characters of a derived folder name (file systems allow 255 bytes)
 
 
 def build_parser() -> ArgumentParser:
@@ -57,14 +62,19 @@ def build_parser() -> ArgumentParser:
       help="sampled: each label flips with probability eta (original); exact: exactly eta n per class")
     n("--seed", type=int, default=0, help="seed of G's noise, the labels and Adam's starts")
     n("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:i")
-    n("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    n("--threads", type=int, default=0,
+      help="CPU threads for torch (0: one thread when solving on the CPU, which does not collapse when "
+           "another process holds a core; torch's default on a GPU). See docs/numerical_solving.md")
     n("--dtype", choices=("auto", "float32", "float64"), default="auto",
       help="auto: float64 for the exact solver, float32 (the original's) for the faithful one")
-    n("--tol", type=float, default=1e-10, help="exact solver: target of max|Y - F(Y)|")
-    n("--max-newton", type=int, default=60, help="exact softmax solver: most Newton steps of one solve (warm start, path start, landing)")
+    n("--tol", type=float, default=DEFAULT_TOL,
+      help="exact solver: target of max|Y - F(Y)| (linear mode: times max(1, max|Y|), relative to the outputs)")
+    n("--max-newton", type=int, default=DEFAULT_MAX_NEWTON, help="exact softmax solver: most Newton steps of one solve (warm start, path start, landing)")
     n("--out", default="outputs", help="root of the arrays, records and figures")
     n("--name", default=None, help="folder under --out for records.csv/jsonl and figure.png/pdf")
     add_bool_flag(new, "--save", default=True, help="save Y of every round as .npz (False: records only)")
+    add_bool_flag(new, "--overwrite", help="replace the records, figure and arrays of an earlier run with the same "
+                                           "output names (default: refuse and say what exists)")
     n("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
       help=f"solve a grid (repeatable: the product); KEY in {', '.join(SWEEPABLE)}")
     n("--config", default=None, metavar="YAML", help="options and sweep from a file (see recipes/theory/eta.yaml)")
@@ -124,7 +134,7 @@ def check_run(args) -> None:
     if args.max_newton < 1:
         raise UserError(f"--max-newton must be >= 1, got {args.max_newton}")
     if args.threads < 0:
-        raise UserError(f"--threads must be >= 0 (0 keeps torch's default), got {args.threads}")
+        raise UserError(f"--threads must be >= 0 (0: one thread on the CPU), got {args.threads}")
 
 
 def check_name(name: str, what: str) -> None:
@@ -168,6 +178,71 @@ def resolve_device(spec: str) -> torch.device:
                             "pass an index below that, or cpu")
         return device
     raise UserError(f"--device {spec!r}: use auto, cpu, cuda or cuda:i")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names, and no silent overwriting
+# ---------------------------------------------------------------------------------------------
+
+def options_tag(args, dtype, approx: bool) -> str:
+    """The run options that change the numbers, as a name suffix when not at their defaults
+    (the faithful solver's --max_iter always: its numbers depend on it)."""
+    parts = []
+    if args.solver == "faithful":
+        parts.append(f"iter{args.max_iter}")
+    else:
+        if args.tol != DEFAULT_TOL:
+            parts.append(f"tol{args.tol:g}")
+        if not approx and args.max_newton != DEFAULT_MAX_NEWTON:
+            parts.append(f"newton{args.max_newton}")
+    if dtype != th.resolve_dtype("auto", args.solver):
+        parts.append(str(dtype).replace("torch.", ""))
+    return "".join("_" + part for part in parts)
+
+
+def sweep_name(settings: list[th.Setting], grid: dict, solver: str, mode: str, options: str) -> str:
+    """`sweep_{keys}_{tag}`: the tag of the grid's settings with every swept key's values in its place
+    (joined by '+'), so mode, matrix variant and every fixed parameter are in the name. A grid too
+    long for a file name writes a swept key as `{count}values-{hash of the values}` instead."""
+    prefix = "sweep_" + "_".join(grid) + "_"
+    name = prefix + th.run_tag(settings[0], solver, mode, options, grid)
+    if len(name) > MAX_NAME:
+        short = {key: [f"{len(values)}values-{hashlib.sha1(repr(values).encode()).hexdigest()[:8]}"]
+                 for key, values in grid.items()}
+        name = prefix + th.run_tag(settings[0], solver, mode, options, short)
+    return name
+
+
+def refuse_to_overwrite(folder: Path, arrays: list[Path]) -> None:
+    """One line saying what an earlier run left at these names and how to proceed (exit code 2)."""
+    records = [folder / f for f in RECORD_FILES if (folder / f).exists()]
+    found = [p for p in arrays if p.exists()]
+    if not records and not found:
+        return
+    parts = []
+    if records:
+        parts.append(f"{folder} already holds an earlier run's {', '.join(p.name for p in records)}")
+    if found:
+        parts.append(f"{len(found)} array(s) of the same setting(s) already exist in {found[0].parent} "
+                     f"(e.g. {found[0].name})")
+    ways = ["pass --overwrite to replace them"]
+    if records:
+        ways.append("--name NAME" + (" --save False" if found else "") + " to write the new run elsewhere")
+    else:
+        ways.append("--save False to write only the records")
+    raise UserError("; ".join(parts) + ": " + ", or ".join(ways))
+
+
+def remove_stale_arrays(folder: Path, tags: list[str], rounds: int) -> None:
+    """--overwrite: an earlier run of the same setting with more rounds left arrays this run does
+    not rewrite; remove them, so the folder holds one run's arrays."""
+    if not folder.is_dir():
+        return
+    pattern = re.compile("^(" + "|".join(re.escape(tag) for tag in tags) + r")_(\d+)\.npz$")
+    for path in folder.iterdir():
+        match = pattern.match(path.name)
+        if match and int(match.group(2)) > rounds:
+            path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +424,25 @@ def round_line(r: dict, solver: str, approx: bool) -> str:
 # Main
 # ---------------------------------------------------------------------------------------------
 
+def tolerance_text(solver: str, approx: bool, tol: float, largest: float) -> str:
+    """What "reached its tolerance" means for this solver, in words (the linear one is relative)."""
+    if solver == "faithful":
+        return f"Adam's stopping rule ||Y - F(Y)||^2 < {th.ADAM_STOP_LOSS:g}"
+    if approx:
+        return (f"max|Y - F(Y)| <= {tol:g} x max(1, max|Y|), relative to the largest output, "
+                f"max|Y| <= {largest:.3g} here")
+    return f"max|Y - F(Y)| <= {tol:g}, absolute (the outputs are probabilities)"
+
+
+def divergence_headline(s: th.Setting, growth: float, sizes: list[float]) -> str:
+    return (f"DIVERGED: the rounds' outputs grow without bound: max|Y| = {sizes[0]:.3g} after round 1, "
+            f"{sizes[-1]:.3g} after round {len(sizes)}, x{growth:.3g} a round in the limit (the rounds continued "
+            f"on these numbers). G has eigenvalues with real part below -K N lambda / 2 = {-s.k * s.N * s.lbd / 2:.3g}, "
+            "along which a round multiplies by |s/(1+s)| > 1 (s = eigenvalue / (K N lambda)) instead of averaging: "
+            "these outputs are not probabilities and their accuracies mean nothing. A Gram matrix "
+            "(--gram features or --gram psd) has every |s/(1+s)| < 1.")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -364,27 +458,62 @@ def main(argv=None) -> int:
     check_run(args)
     settings = settings_from(args, grid)
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype = th.resolve_dtype(args.dtype, args.solver)
     out = Path(args.out)
-    name = args.name or named["name"] or (f"sweep_{'_'.join(grid)}_{args.solver}" if grid else th.run_tag(settings[0], args.solver))
-    folder = out / name
     mode = "linear" if args.approx else "softmax"
-    sweep = len(settings) > 1
+    options = options_tag(args, dtype, args.approx)
+    tags = [th.run_tag(s, args.solver, mode, options) for s in settings]
+    name = args.name or named["name"] or (sweep_name(settings, grid, args.solver, mode, options) if grid else tags[0])
+    folder = out / name
     check_writable(args.out, [folder] + ([out / mode] if args.save else []))
+    arrays = [out / mode / f"{tag}_{r}.npz" for tag in tags for r in range(args.max_dist + 1)] if args.save else []
+    if not args.overwrite:
+        refuse_to_overwrite(folder, arrays)
+    elif args.save:
+        remove_stale_arrays(out / mode, tags, args.max_dist)
+    with cpu_threads(args.threads or (1 if device.type == "cpu" else 0)):
+        return solve_all(args, settings, tags, grid, named, device, dtype, out, folder, mode)
 
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """CPU threads for the block (0: leave them), restored after (main() may run inside another
+    program, e.g. the tests): torch's, and the BLAS pools of scipy/numpy, which compute G's
+    diagnostics. The policy (default: one on the CPU): the solver's work is many small operations on
+    K-row matrices, and with two threads each operation waits for both; when another process holds
+    a core, the thread it preempts stalls every operation (2 threads were 5-7x slower than 1 on
+    2 cores with one busy process; measured in docs/numerical_solving.md, bench/bench_theory_threads.py)."""
+    if not count:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        from threadpoolctl import threadpool_limits       # installed with scikit-learn
+        blas = threadpool_limits(count, user_api="blas")
+    except ImportError:
+        blas = contextlib.nullcontext()
+    try:
+        with blas:
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def solve_all(args, settings, tags, grid, named, device, dtype, out: Path, folder: Path, mode: str) -> int:
     from tqdm import tqdm
 
+    sweep = len(settings) > 1
     bar = tqdm(total=len(settings) * args.max_dist, desc="rounds", disable=not sweep, dynamic_ncols=True)
     say = tqdm.write if sweep else print
-    records, started = [], time.perf_counter()
-    for s in settings:
+    records, started, diverged = [], time.perf_counter(), 0
+    where = f"{device}" + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else "")
+    for s, tag in zip(settings, tags):
         problem = th.build_problem(s, device, dtype)
         say("")
         say(f"setting: K={s.k} n={s.n} lambda={s.lbd:g} c={s.c:g} d={s.d:g} eta={s.eta:g} epsilon={s.epsilon:g} "
             f"seed={s.seed} gram={s.gram} labels={s.labels} | solver {args.solver} ({mode}), "
-            f"{str(dtype).replace('torch.', '')} on {device}")
+            f"{str(dtype).replace('torch.', '')} on {where}")
         say(f"G: {problem.kernel.description}")
         for line in th.describe_diagnostics(problem.diagnostics):
             say(line)
@@ -401,9 +530,8 @@ def main(argv=None) -> int:
                  "symmetric": problem.diagnostics["symmetric"], "device": str(device),
                  "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__}
         log = say if args.verbose else None
-        tag = th.run_tag(s, args.solver)
         setting_started = time.perf_counter()
-        done, noted = [], False
+        done, noted, sizes, growth = [], False, [], None
         for r in th.run_rounds(problem, solver=args.solver, approx=args.approx, rounds=args.max_dist,
                                max_iter=args.max_iter, tol=args.tol, max_newton=args.max_newton, log=log):
             say(round_line(r, args.solver, args.approx))
@@ -416,19 +544,33 @@ def main(argv=None) -> int:
             records.append(th.make_record(s, args.solver, args.approx, r, extra))
             if r["round"] > 0:
                 done.append(r["converged"])
+                sizes.append(r["Y"].abs().max().item())
+                growth = r["growth"] if r["growth"] is not None else growth
                 bar.update(1)
         total = time.perf_counter() - setting_started
         bad = done.count(False)
+        tolerance = tolerance_text(args.solver, args.approx, args.tol, max(sizes))
+        if growth is not None and growth > 1:          # measured on the rounds' numbers (exact linear solver)
+            diverged += 1
+            say(divergence_headline(s, growth, sizes))
+            status = (f"each round's linear solve is accurate ({tolerance}), but the rounds DIVERGE (above)" if not bad
+                      else f"{bad} round(s) did NOT reach the tolerance ({tolerance}), and the rounds DIVERGE (above)")
+        else:
+            status = (f"every round reached its tolerance ({tolerance})" if not bad
+                      else f"{bad} round(s) did NOT reach the tolerance ({tolerance})")
         say(f"solved {args.max_dist} rounds in {total:.2f}s (+{problem.seconds:.2f}s building G and diagnostics); "
-            + ("every round reached its tolerance" if not bad else f"{bad} round(s) did NOT reach the tolerance"))
+            + status)
         th.write_records(folder, records)     # after every setting: a killed sweep keeps what it solved
     bar.close()
     varying = [k for k in grid if len(grid[k]) > 1]
-    title = named["title"] or f"{args.solver} solver, {mode} mode, gram={settings[0].gram}" + (
-        "" if varying else f", eta={settings[0].eta:g}, lambda={settings[0].lbd:g}")
+    run = f"{args.solver} solver, {mode} mode" + ("" if "gram" in varying else f", gram={settings[0].gram}")
+    title = (f"{named['title']}\n({run})" if named["title"] else
+             run + ("" if varying else f", eta={settings[0].eta:g}, lambda={settings[0].lbd:g}"))
     paths = th.draw_figure(folder, records, varying, title)
-    print(f"\n{len(settings)} setting(s) in {time.perf_counter() - started:.2f}s; records: {folder}/records.csv "
-          f"(.jsonl); figure: {paths[0]} (.pdf)" + (f"; arrays: {out / mode}/" if args.save else ""))
+    print(f"\n{len(settings)} setting(s) in {time.perf_counter() - started:.2f}s"
+          + (f", {diverged} of them DIVERGED (see above)" if diverged else "")
+          + f"; records: {folder}/records.csv (.jsonl); figure: {paths[0]} (.pdf)"
+          + (f"; arrays: {out / mode}/" if args.save else ""))
     return 0
 
 

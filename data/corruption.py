@@ -107,9 +107,28 @@ def corrupt_labels(labels: torch.Tensor, transition: np.ndarray, seed: int) -> t
     return torch.from_numpy(noisy).to(labels.dtype)
 
 
-def corruption_matrix_for(ctype, eta, features, labels, num_classes):
-    """The transition matrix a run uses; `cc` derives superclasses from the train features."""
-    superclass_of = None
-    if ctype == "cc":
-        superclass_of = superclasses_from_correlation(class_correlation_map(features, labels, num_classes))
-    return transition_matrix(ctype, eta, num_classes, superclass_of)
+def superclasses_from_features(features, labels, num_classes) -> np.ndarray:
+    """Superclass id of every class, from the training features (what `cc` corruption uses)."""
+    return superclasses_from_correlation(class_correlation_map(features, labels, num_classes))
+
+
+def superclass_groups(superclass_of) -> list:
+    """The superclasses as sorted lists of class indices, ordered by their smallest class
+    (singletons included: such a class keeps its labels)."""
+    superclass_of = np.asarray(superclass_of)
+    groups = [np.flatnonzero(superclass_of == s).tolist() for s in np.unique(superclass_of)]
+    return sorted(groups, key=lambda g: g[0])
+
+
+def format_superclasses(groups, class_names=None) -> str:
+    """'{0, 6}, {1, 7}, {2}, ...' (class names instead of indices when given)."""
+    name = (lambda c: str(class_names[c])) if class_names is not None else str
+    return ", ".join("{" + ", ".join(name(c) for c in group) + "}" for group in groups)
+
+
+def corruption_matrix_for(ctype, eta, features, labels, num_classes, superclass_of=None):
+    """The transition matrix a run uses; `cc` derives superclasses from the train features (unless
+    `superclass_of`, computed from them already, is given)."""
+    if ctype == "cc" and superclass_of is None:
+        superclass_of = superclasses_from_features(features, labels, num_classes)
+    return transition_matrix(ctype, eta, num_classes, superclass_of if ctype == "cc" else None)

@@ -10,7 +10,7 @@ by `safe_name`, since they become parts of file paths).
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,9 @@ class FeatureSet:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    # how the features were made (backbone weights, preprocessing, package versions), as text:
+    # written into the features file so that a shared file says what it holds
+    provenance: dict = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -87,7 +90,8 @@ class FeatureSet:
     def to_file_dict(self) -> dict:
         return {"train_features": self.train_x, "train_labels": self.train_y,
                 "test_features": self.test_x, "test_labels": self.test_y,
-                "num_classes": self.num_classes, "backbone": self.backbone, "name": self.name}
+                "num_classes": self.num_classes, "backbone": self.backbone, "name": self.name,
+                **{key: str(value) for key, value in self.provenance.items()}}
 
 
 def _numeric_tensor(value, key: str, source: str) -> torch.Tensor:
@@ -236,3 +240,27 @@ def load_cached_features(path, dataset: str, backbone: str) -> FeatureSet:
 
 def save_features(path, features: FeatureSet) -> None:
     atomic_torch_save(path, features.to_file_dict())
+
+
+FEATURE_NORMS = ("none", "l2", "standardize")
+
+
+def normalize_features(features: FeatureSet, mode: str) -> FeatureSet:
+    """The features a probe sees under `--feature-norm` (labels, names and classes unchanged):
+    'none' as stored (the paper's); 'l2' every row divided by its Euclidean norm (zero rows stay
+    zero); 'standardize' every dimension centred and scaled by the mean and std of the TRAINING
+    rows only (a constant dimension is only centred), the same map applied to the test rows."""
+    if mode == "none":
+        return features
+    train, test = features.train_x.double(), features.test_x.double()
+    if mode == "l2":
+        unit = lambda x: x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # noqa: E731
+        train, test = unit(train), unit(test)
+    elif mode == "standardize":
+        mean, std = train.mean(0), train.std(0, unbiased=False)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        train, test = (train - mean) / std, (test - mean) / std
+    else:
+        raise UserError(f"unknown --feature-norm {mode!r}; choose from {', '.join(FEATURE_NORMS)}")
+    return FeatureSet(features.name, features.backbone, train.float(), features.train_y, test.float(),
+                      features.test_y, features.num_classes)

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.timm_backbones import build_timm_backbone, is_timm_arch, timm_model_name, timm_preprocessing, timm_tag
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_BACKBONE_SEED = 0   # initialisation of `--pretrained False` backbones
@@ -26,7 +28,53 @@ BACKBONES = {
 
 def backbone_tag(arch: str, pretrained: bool) -> str:
     """Name under which features are cached and reported ('-random' marks untrained weights)."""
+    if is_timm_arch(arch):
+        return timm_tag(arch, pretrained)
     return arch if pretrained else f"{arch}-random"
+
+
+def check_arch(arch: str) -> str:
+    """`arch` if it names a backbone (torchvision's, or any timm model as 'timm:<name>'), else a
+    one-line error."""
+    from utils.cli import UserError
+
+    if is_timm_arch(arch):
+        timm_model_name(arch)
+    elif arch not in BACKBONES:
+        raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(BACKBONES)}, or timm:<model name> "
+                        "for any timm model (e.g. timm:vit_base_patch14_dinov2.lvd142m)")
+    return arch
+
+
+def backbone_preprocessing(arch: str):
+    """(transform of one PIL image, its description): the model's own for timm, else the
+    original's 224x224 resize with ImageNet normalisation."""
+    if is_timm_arch(arch):
+        transform, description = timm_preprocessing(arch)
+        from torchvision import transforms as T
+
+        return T.Compose([T.Lambda(to_rgb), transform]), description
+    return image_transform(), {"input_size": [3, 224, 224], "resize": "224x224 (no crop)", "interpolation": "bilinear",
+                               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def load_backbone(arch: str, pretrained: bool = True) -> nn.Module:
+    """The frozen feature extractor of `arch` in eval mode (its output: one feature row per image)."""
+    if is_timm_arch(arch):
+        return build_timm_backbone(arch, pretrained, RANDOM_BACKBONE_SEED)[0]
+    return build_backbone(arch, pretrained)
+
+
+def weights_file(arch: str):
+    """(file name, URL) of the ImageNet weights torchvision loads for `arch` (into
+    torch.hub.get_dir()/checkpoints/), or None for an unknown architecture."""
+    import torchvision.models as tvm
+
+    spec = BACKBONES.get(arch)
+    if spec is None:
+        return None
+    url = getattr(tvm, spec.weights_enum).DEFAULT.url
+    return url.rsplit("/", 1)[-1], url
 
 
 def build_backbone(arch: str, pretrained: bool = True) -> nn.Module:

@@ -1,6 +1,9 @@
 """Feature extraction through a frozen backbone, and the cache that makes it happen once."""
 import hashlib
+import json
+import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -8,13 +11,36 @@ from tqdm import tqdm
 
 from data.datasets import digits_features, image_splits
 from data.features import FeatureSet, cache_path, load_cached_features, safe_name, save_features
-from models.backbones import backbone_tag, build_backbone, image_transform
+from models.backbones import backbone_preprocessing, backbone_tag, load_backbone, weights_file
 from utils.cli import UserError
 from utils.io import remove_stale_temporaries
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+_CAPPED_SAID = set()  # (asked, cores) already reported, so the notice is printed once
+
+
+def worker_count(asked: int, log=print) -> int:
+    """`asked` data loading workers, capped at the cores available (more only add processes that
+    compete for the same cores, and make the DataLoader warn); the cap is reported once."""
+    cores = available_cores()
+    if asked <= cores:
+        return asked
+    if (asked, cores) not in _CAPPED_SAID:
+        _CAPPED_SAID.add((asked, cores))
+        log(f"-j {asked}: only {cores} CPU core{'s' if cores > 1 else ''} available here, "
+            f"using {cores} data loading worker{'s' if cores > 1 else ''}")
+    return cores
+
+
 @torch.no_grad()
-def extract_features(model, dataset, device, batch_size: int, workers: int, desc: str):
+def extract_features(model, dataset, device, batch_size: int, workers: int, desc: str, show_bar: bool = True):
     """(features float32 (N, d), labels int64 (N,)) of `dataset`, in dataset order, on the CPU."""
     from torch.utils.data import DataLoader
 
@@ -22,10 +48,23 @@ def extract_features(model, dataset, device, batch_size: int, workers: int, desc
                         pin_memory=device.type == "cuda")
     model = model.to(device).eval()
     feats, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show_bar):
         feats.append(model(images.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(targets).long())
     return torch.cat(feats), torch.cat(labels)
+
+
+def package_versions() -> dict:
+    """Versions of the packages that made a features file (recorded inside it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "torchvision", "timm"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def cache_name(dataset: str, data_root) -> str:
@@ -41,27 +80,65 @@ def cache_name(dataset: str, data_root) -> str:
     return safe_name(f"imagefolder-{re.sub(r'[^A-Za-z0-9_.-]', '_', root.name)[:40]}-{digest}")
 
 
+def weights_note(arch: str, pretrained: bool) -> str:
+    """What a user without internet must provide after the dataset: the backbone's weights file
+    ('' when not needed or already in torch's cache)."""
+    found = weights_file(arch) if pretrained else None
+    if found is None:
+        return ""
+    name, url = found
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    if (folder / name).is_file():
+        return ""
+    return f"; next, the {arch} ImageNet weights are needed: {name} in {folder}/ (from {url})"
+
+
+def features_cache_path(dataset: str, arch: str, pretrained: bool, data_root, cache_root) -> Path:
+    """The cache file (a features file, README format) of `dataset` through `arch`."""
+    return cache_path(cache_root, cache_name(dataset, data_root), backbone_tag(arch, pretrained))
+
+
 def load_or_extract_features(dataset: str, arch: str, pretrained: bool, data_root, cache_root,
-                             device, batch_size: int, workers: int, log=print) -> FeatureSet:
-    """Features of `dataset` through `arch`: from the cache if present, else extracted and cached."""
+                             device, batch_size: int, workers: int, log=print, progress: str = "bars") -> FeatureSet:
+    """Features of `dataset` through `arch`: from the cache if present, else extracted and cached.
+    progress: 'bars' (progress bars), 'lines' (a line per split) or 'none'."""
     if dataset == "digits":
         return digits_features()
     tag = backbone_tag(arch, pretrained)
-    path = cache_path(cache_root, cache_name(dataset, data_root), tag)
+    path = features_cache_path(dataset, arch, pretrained, data_root, cache_root)
     if path.is_file():
         return load_cached_features(path, dataset, tag)
     remove_stale_temporaries(path.parent)  # of an extraction killed while it wrote the cache
-    train_set, test_set, num_classes = image_splits(dataset, Path(data_root), image_transform())
-    model = build_backbone(arch, pretrained)
-    log(f"extracting {tag} features of {dataset} ({len(train_set)} train, {len(test_set)} test) "
-        f"on {device}; cached at {path}")
     try:
-        train_x, train_y = extract_features(model, train_set, device, batch_size, workers, f"{dataset} train")
-        test_x, test_y = extract_features(model, test_set, device, batch_size, workers, f"{dataset} test")
+        transform, preprocessing = backbone_preprocessing(arch)
+        train_set, test_set, num_classes = image_splits(dataset, Path(data_root), transform)
+    except UserError as exc:
+        if dataset == "imagefolder":
+            raise
+        raise UserError(f"{exc}{weights_note(arch, pretrained)}") from None
+    model = load_backbone(arch, pretrained)
+    workers = worker_count(workers, log)
+    if progress != "none":
+        log(f"extracting {tag} features of {dataset} ({len(train_set)} train, {len(test_set)} test) "
+            f"on {device}; cached at {path}")
+
+    def extract(split, data):
+        started = time.time()
+        out = extract_features(model, data, device, batch_size, workers, f"{dataset} {split}",
+                               show_bar=progress == "bars")
+        if progress == "lines":
+            log(f"extracted {tag} features of {dataset} {split} ({len(data)} images) in {time.time() - started:.1f} s")
+        return out
+
+    try:
+        train_x, train_y = extract("train", train_set)
+        test_x, test_y = extract("test", test_set)
     except OSError as exc:  # unreadable or truncated image (PIL), also when raised in a loader worker
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise UserError(f"could not read an image of {dataset} ({(lines[-1] if lines else type(exc).__name__)[:200]}); "
                         "remove or replace that file and rerun") from None
-    features = FeatureSet(dataset, tag, train_x, train_y, test_x, test_y, num_classes)
+    features = FeatureSet(dataset, tag, train_x, train_y, test_x, test_y, num_classes,
+                          provenance={"arch": arch, "pretrained": pretrained, "preprocessing": json.dumps(preprocessing),
+                                      "versions": json.dumps(package_versions())})
     save_features(path, features)
     return features

@@ -41,7 +41,7 @@ BAD_SETTINGS = [
     (["-d", "cifar10", "--arch", "vgg16"], ["unknown --arch 'vgg16'", "resnet18", "resnet50", "vit_b_16"]),
     (["-d", "cifar10", "--depth", "20"], ["--depth 20", "18, 34 or 50"]),
     (["-d", "cifar10", "--depth", "deep"], ["--depth", "invalid int value"]),
-    (["--ctype", "uniform"], ["unknown --ctype 'uniform'", "sym", "asym", "cc"]),
+    (["--ctype", "uniform"], ["--ctype: invalid choice: 'uniform'", "sym", "asym", "cc"]),
     (["--corruption", "1.5"], ["--corruption 1.5", "[0, 1]"]),
     (["--corruption", "-0.1"], ["--corruption -0.1", "[0, 1]"]),
     (["--corruption", "nan"], ["--corruption", "[0, 1]"]),
@@ -464,3 +464,68 @@ def test_safe_name_keeps_plain_names_and_maps_the_rest():
     for text, mapped in (("a/b", "a_b"), ("../x", "_x"), ("...", "custom"), ("/abs", "_abs"), ("a\\b", "a_b"),
                          ("\u00e9", "_"), ("x" * 300, "x" * 100)):
         assert safe_name(text) == mapped and is_plain_name(mapped) and not is_plain_name(text)
+
+
+# ---- --help and the README's option tables -----------------------------------------------------
+def shown_default(action) -> str:
+    """An option's default as --help and the README show it ('-' when it has none)."""
+    help_text = action.help or ""
+    if "(default: " in help_text:  # a default the help text states itself, e.g. resnet<depth>
+        return help_text.split("(default: ")[1].split(";")[0].split(")")[0]
+    return "-" if action.default is None else str(action.default)
+
+
+def parser_options():
+    return [a for a in train_linear.build_parser()._actions if a.option_strings and a.dest != "help"]
+
+
+def test_help_shows_every_option_with_help_text_default_and_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_linear.build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    body = text[text.index("options: -h, --help"):]
+    actions = parser_options()
+    starts = []
+    for action in actions:  # where each option's entry starts, in order
+        starts.append(body.index(action.option_strings[0] + " ", starts[-1] + 1 if starts else 0))
+    for i, action in enumerate(actions):
+        entry = body[starts[i]:starts[i + 1] if i + 1 < len(starts) else len(body)]
+        assert action.help, f"{action.option_strings} has no help text"
+        if action.default is not None or "(default: " in action.help:
+            assert f"(default: {shown_default(action)}" in entry, (action.option_strings, entry)
+    for needle in ("--epochs EPOCHS epochs per step (default: 200)", "--train-batch TRAIN_BATCH training batch size "
+                   "(default: 128)", "--lr LR, --learning-rate LR initial learning rate (default: 0.0005)",
+                   "--momentum MOMENTUM SGD momentum (default: 0.9)", "--weight-decay WD, --wd WD weight decay "
+                   "(default: 0.0001)", "--ctype {sym,asym,cc}", "(default: cc)", "--quiet [BOOL]"):
+        assert needle in body, needle
+
+
+def readme_option_rows() -> dict:
+    """{option strings: default} of the README's two option tables (section "### Options")."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Options"):text.index("Boolean options accept")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] in ("Option", "---"):
+            continue
+        names = tuple(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", cells[0]))
+        assert names and names not in rows, line
+        rows[names] = cells[1].strip("`")
+    return rows
+
+
+def same_default(readme: str, action) -> bool:
+    shown = shown_default(action)
+    if isinstance(action.default, float) and not isinstance(action.default, bool):
+        return float(readme) == action.default
+    return readme == shown
+
+
+def test_readme_option_tables_list_the_parser_options_and_defaults():
+    rows = readme_option_rows()
+    actions = {tuple(a.option_strings): a for a in parser_options()}
+    assert set(rows) == set(actions), (set(rows) ^ set(actions))
+    for names, default in rows.items():
+        assert same_default(default, actions[names]), (names, default, shown_default(actions[names]))

@@ -1,5 +1,7 @@
 """Data in: features files, the datasets' split conventions, an image folder through a real (random)
 ResNet-18 with its cache, and the one-line errors of an offline machine."""
+import inspect
+import time
 import urllib.error
 import urllib.request
 
@@ -11,8 +13,9 @@ from sklearn.model_selection import train_test_split
 
 from conftest import DIGITS, blob_features, stderr_error_lines
 import train_linear
+import data.datasets
 import models.extract
-from data.datasets import digits_features, image_splits
+from data.datasets import TORCHVISION_FILES, digits_features, host_unreachable, image_splits
 from data.features import load_features_file, save_features
 from utils.cli import run_main
 
@@ -26,6 +29,19 @@ def the_error(capsys, rc, *needles) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def probes(monkeypatch):
+    """No test touches the network: the quick check of a download host answers "reachable" (so a
+    download is attempted, and fails through `offline`) and records which URLs it was asked about."""
+    asked = []
+
+    def reachable(url, within=data.datasets.REACHABLE_WITHIN_S):
+        asked.append(url)
+        return None
+    monkeypatch.setattr(data.datasets, "host_unreachable", reachable)
+    return asked
 
 
 @pytest.fixture
@@ -122,6 +138,22 @@ def test_flowers102_trains_on_the_official_test_split(monkeypatch, tmp_path):
     monkeypatch.setattr(tvd, "Flowers102", FakeFlowers)
     train, test, k = image_splits("flowers102", tmp_path, transform=None)
     assert (train.split, len(train), test.split, len(test), k) == ("test", 6149, "train", 1020, 102)
+    assert train.download and test.download  # nothing on disk: torchvision may download
+
+
+def test_dataset_on_disk_is_read_without_download_or_network_check(monkeypatch, tmp_path, probes):
+    import torchvision.datasets as tvd
+    monkeypatch.setattr(tvd, "Flowers102", FakeFlowers)
+    base = tmp_path / "flowers-102"
+    (base / "jpg").mkdir(parents=True)
+    for name in ("imagelabels.mat", "setid.mat"):
+        (base / name).write_bytes(b"")
+    train, test, _ = image_splits("flowers102", tmp_path, transform=None)
+    assert not train.download and not test.download and probes == []
+    (base / "jpg").rmdir()   # the archive instead of the folder: torchvision extracts it, no network check
+    (base / "102flowers.tgz").write_bytes(b"")
+    train, _, _ = image_splits("flowers102", tmp_path, transform=None)
+    assert train.download and probes == []
 
 
 def jpeg(path, colour=(200, 30, 30), size=8):
@@ -148,11 +180,12 @@ def labels_of(subset):
     return [subset[i][1] for i in range(len(subset))]
 
 
-def test_caltech101_drops_background_and_splits_80_20_with_seed_42(tmp_path):
+def test_caltech101_drops_background_and_splits_80_20_with_seed_42(tmp_path, probes):
     # torchvision's own Caltech101 class on a tiny on-disk copy (nothing to download)
     counts = {"BACKGROUND_Google": 4, "Faces": 6, "accordion": 7, "airplanes": 5}
     make_caltech101(tmp_path, counts)
     train, test, k = image_splits("caltech101", tmp_path, transform=None)
+    assert probes == []  # on disk: no network check
     assert k == 3 and train.dataset.categories == ["Faces", "accordion", "airplanes"]
     n = 6 + 7 + 5
     want_train, want_test = train_test_split(np.arange(n), test_size=0.2, random_state=42)
@@ -180,13 +213,107 @@ def test_caltech256_drops_clutter_and_splits_80_20_with_seed_42(tmp_path):
 # ---- offline: datasets and weights ------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "food101", "stanfordcars", "flowers102", "caltech101",
                                   "caltech256"])
-def test_dataset_that_cannot_be_downloaded_names_where_to_put_it(cli, capsys, offline, no_training, name):
+def test_dataset_that_cannot_be_downloaded_names_where_to_put_it(cli, capsys, offline, no_training, probes, name):
     root = cli.dirs()["data"]
+    spec = TORCHVISION_FILES[name]
     line = the_error(capsys, cli("-d", name, "--arch", "resnet18", "--pretrained", "False"),
-                     f"could not load {name} under {root}", f"place the torchvision-format files of {name} under "
-                                                            f"{root}", "--data-root")
+                     f"it needs the folder {root / spec.folder}/", "--data-root", "then rerun")
+    if spec.url is None:  # stanfordcars: torchvision cannot download it, so nothing was tried
+        assert f"{name} is not under {root}" in line and "cannot download it" in line and probes == []
+    else:
+        assert f"could not load {name} under {root} (URLError" in line
+        assert f"or the archive {root / spec.archive} (extracted on first use) from {spec.url}" in line
+        assert probes == [spec.url]
+    assert "ImageNet weights" not in line  # --pretrained False needs none
     assert "\n" not in line
+    assert not root.exists()  # no empty data root (or dataset folder) left behind
     assert not cli.dirs()["cache"].exists()
+
+
+def test_missing_cifar100_names_its_files_url_and_the_weights_needed_next(cli, capsys, offline, no_training,
+                                                                          monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    root = cli.dirs()["data"]
+    line = the_error(capsys, cli("-d", "cifar100"), f"could not load cifar100 under {root} (URLError",
+                     f"it needs the folder {root}/cifar-100-python/ or the archive {root}/cifar-100-python.tar.gz",
+                     "from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                     "next, the resnet34 ImageNet weights are needed: resnet34-b627a593.pth in "
+                     f"{tmp_path / 'torch_home' / 'hub' / 'checkpoints'}/",
+                     "https://download.pytorch.org/models/resnet34-b627a593.pth")
+    assert not root.exists()
+    # an existing data root is kept, and only the folders the failed download made are removed
+    root.mkdir(parents=True)
+    (root / "other").mkdir()
+    assert cli("-d", "caltech101", "--pretrained", "False") == 2
+    assert sorted(p.name for p in root.iterdir()) == ["other"]
+
+
+def test_unreachable_download_host_fails_at_once_without_downloading(cli, capsys, monkeypatch, no_training, probes):
+    def no_network(url, within=2.0):
+        probes.append(url)
+        return "no answer within 2 s"
+    monkeypatch.setattr(data.datasets, "host_unreachable", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("a download was attempted"))
+    root = cli.dirs()["data"]
+    the_error(capsys, cli("-d", "cifar10", "--pretrained", "False"),
+              f"cifar10 is not under {root} and its download host www.cs.toronto.edu cannot be reached "
+              "(no answer within 2 s)", f"{root}/cifar-10-batches-py/", f"{root}/cifar-10-python.tar.gz",
+              "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "download it on another machine")
+    assert probes == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+    assert not root.exists()
+
+
+def test_host_check_is_bounded_in_time(monkeypatch):
+    """Name lookup and connection can hang for a minute on a machine without network: the check
+    gives up after `within` seconds whatever the socket does (no real network used)."""
+    import socket
+    import threading
+
+    class Conn:
+        def close(self):
+            pass
+    gate = threading.Event()
+
+    def hang(*args, **kwargs):
+        gate.wait(10)
+        return Conn()
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
+    started = time.time()
+    assert host_unreachable("https://example.invalid/x.tar.gz", within=0.2) == "no answer within 0.2 s"
+    assert time.time() - started < 1.5
+    gate.set()
+
+    def refuse(address, timeout=None):
+        assert address == ("example.invalid", 443)
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert "Connection refused" in host_unreachable("https://example.invalid/x.tar.gz", within=0.5)
+
+    seen = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: seen.append(address) or Conn())
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"http": "http://proxy.local:3128"})
+    assert host_unreachable("http://example.invalid/x.tar.gz", within=0.5) is None
+    assert seen == [("proxy.local", 3128)]  # behind a proxy, the proxy is what must answer
+
+
+def test_dataset_files_are_torchvisions_own():
+    """Folder, archive and URL of each dataset are the ones torchvision's classes use."""
+    import torchvision.datasets as tvd
+    for name, cls in (("cifar10", tvd.CIFAR10), ("cifar100", tvd.CIFAR100)):
+        spec = TORCHVISION_FILES[name]
+        assert (spec.folder, spec.archive, spec.url) == (cls.base_folder, cls.filename, cls.url)
+    assert TORCHVISION_FILES["food101"].url == tvd.Food101._URL
+    assert TORCHVISION_FILES["food101"].archive == tvd.Food101._URL.rsplit("/", 1)[1]
+    flowers = TORCHVISION_FILES["flowers102"]
+    assert flowers.url == tvd.Flowers102._download_url_prefix + tvd.Flowers102._file_dict["image"][0]
+    assert {p.split("/")[-1] for p in flowers.archive_holds} == {f for f, _ in tvd.Flowers102._file_dict.values()}
+    for name, cls in (("caltech101", tvd.Caltech101), ("caltech256", tvd.Caltech256)):
+        spec, source = TORCHVISION_FILES[name], inspect.getsource(cls)
+        assert spec.url in source and spec.archive.split("/")[-1] in source
+        assert spec.folder.split("/")[-1] in source and name in source
+    cars = inspect.getsource(tvd.StanfordCars)
+    assert all(p.split("/")[-1] in cars for p in TORCHVISION_FILES["stanfordcars"].folder_holds)
 
 
 def make_image_folder(root, classes=("cat", "dog", "fox"), train=4, test=2, size=32):
@@ -251,7 +378,7 @@ def test_image_folder_chain_caches_features_and_reuses_them(cli, capsys, monkeyp
     assert {(r["dataset"], r["backbone"]) for r in first.values()} == {("imagefolder", "resnet18-random")}
 
     # second run: features come from the cache, not from the backbone
-    monkeypatch.setattr(models.extract, "build_backbone", lambda *a: pytest.fail("backbone built again"))
+    monkeypatch.setattr(models.extract, "load_backbone", lambda *a: pytest.fail("backbone built again"))
     assert run_with(cli, *argv, "--overwrite", data=folder) == 0
     assert spy.calls == [12, 6]
     assert {r["features_id"] for r in cli.records()} == {first["0"]["features_id"]}
@@ -286,7 +413,9 @@ def test_two_image_folders_do_not_share_a_cache(cli, monkeypatch, tmp_path):
 
 def test_image_folder_problems_are_one_line(cli, capsys, tmp_path, no_training):
     argv = ("-d", "imagefolder", "--arch", "resnet18", "--pretrained", "False", "-j", 0)
-    the_error(capsys, run_with(cli, *argv, data=tmp_path / "absent"), f"image folder {tmp_path / 'absent'} not found")
+    the_error(capsys, run_with(cli, *argv, data=tmp_path / "absent"), f"image folder {tmp_path / 'absent'} not found",
+              "-d imagefolder reads the images in --data-root DIR", "DIR/<class>/<images>",
+              "DIR/train/<class>/<images> and DIR/test/<class>/<images>")
     (tmp_path / "empty").mkdir()
     the_error(capsys, run_with(cli, *argv, data=tmp_path / "empty"), "image folder", "sub-folder")
     one = make_image_folder(tmp_path / "one", classes=("solo",), train=2, test=1, size=8)
@@ -298,6 +427,13 @@ def test_image_folder_problems_are_one_line(cli, capsys, tmp_path, no_training):
     for c in ("a", "b"):
         jpeg(flat / c / "0.jpg")
     the_error(capsys, run_with(cli, *argv, data=flat), "2 images", "too few", "DIR/train and DIR/test")
+    half = make_image_folder(tmp_path / "half", classes=("a", "b"), train=2, test=1, size=8)
+    for image in (half / "test").rglob("*.png"):
+        image.unlink()
+    for folder in sorted((half / "test").rglob("*"), reverse=True) + [half / "test"]:
+        folder.rmdir()
+    the_error(capsys, run_with(cli, *argv, data=half), f"image folder {half} has train/ but no test/",
+              f"give both {half}/train and {half}/test")
 
 
 def test_unreadable_image_names_the_file(cli, capsys, tmp_path):
@@ -376,3 +512,36 @@ def test_huge_unsigned_label_is_refused_in_one_line(tmp_path):
     arrays["train_labels"] = labels
     with pytest.raises(UserError, match="labels go up to 18446744073709551615.*at most 100,000 classes"):
         load_features_file(write_features(tmp_path / "f.npz", arrays, "npz"))
+
+
+# ---- data loading workers ---------------------------------------------------------------------------
+def test_workers_are_capped_at_the_cores_available_and_said_once(cli, capsys, monkeypatch, tmp_path):
+    asked = []
+    real = models.extract.extract_features
+
+    def spy(model, dataset, device, batch_size, workers, desc, **kwargs):
+        asked.append(workers)
+        return real(model, dataset, device, batch_size, 0, desc, **kwargs)  # no worker processes in a test
+    monkeypatch.setattr(models.extract, "extract_features", spy)
+    monkeypatch.setattr(models.extract.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(models.extract, "_CAPPED_SAID", set())
+    assert models.extract.available_cores() == 2
+    folder = make_image_folder(tmp_path / "imgs", classes=("a", "b"), train=2, test=1, size=8)
+    argv = ("-d", "imagefolder", "--arch", "resnet18", "--pretrained", "False", "--epochs", 1)
+    assert run_with(cli, *argv, "-j", 4, data=folder) == 0
+    assert asked == [2, 2]   # train and test extraction, each with 2 workers
+    out = capsys.readouterr().out
+    assert out.count("-j 4: only 2 CPU cores available here, using 2 data loading workers\n") == 1
+    assert run_with(cli, *argv, "-j", 2, "--overwrite", where="b", data=folder) == 0
+    assert asked == [2, 2, 2, 2] and "CPU cores" not in capsys.readouterr().out
+    said = []
+    assert models.extract.worker_count(9, said.append) == 2 and models.extract.worker_count(9, said.append) == 2
+    assert len(said) == 1   # once per process
+
+
+def test_cores_without_an_affinity_mask_come_from_cpu_count(monkeypatch):
+    monkeypatch.delattr(models.extract.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(models.extract.os, "cpu_count", lambda: 3)
+    assert models.extract.available_cores() == 3
+    monkeypatch.setattr(models.extract.os, "cpu_count", lambda: None)
+    assert models.extract.available_cores() == 1

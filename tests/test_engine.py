@@ -272,3 +272,82 @@ def test_run_keys_follow_what_changes_each_step():
     assert run_key(base, "1", "f") != run_key(hot, "1", "f")
     assert run_key(base, "0", "f") != run_key(RunConfig("digits", "pixels", seed=1), "0", "f")
     assert run_key(base, "0", "f") != run_key(base, "0", "g")    # other features, other run
+
+
+# ---- what a command prints: progress off a terminal, --quiet, finished runs, superclasses -------------
+STEP_LINE = r"^step (0|1|p): 1 run of digits trained in \d+\.\d s \(epoch 3/3\)$"
+
+
+def test_off_a_terminal_one_line_per_step_and_no_bars(cli, capsys):
+    """capsys's stderr is not a terminal (as under Slurm, nohup or CI): no progress bars, one line
+    per finished step instead."""
+    import re
+    assert cli(*DIGITS, "--rounds", 1, "--epochs", 3) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "█" not in out + err and "|" not in out + err
+    steps = [line for line in out.splitlines() if re.match(STEP_LINE, line)]
+    assert [line.split(":")[0] for line in steps] == ["step 0", "step 1", "step p"]
+    assert err == ""
+
+
+def test_quiet_prints_no_progress_but_the_table(cli, capsys):
+    assert cli(*DIGITS, "--rounds", 1, "--epochs", 3, "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "█" not in out + err and err == ""
+    assert " trained in " not in out
+    assert "1 (Teacher)" in out and "PLL candidate sets" in out and "realised corruption" in out
+
+
+def test_on_a_terminal_bars_leave_printed_lines_whole(cli, capsys, monkeypatch):
+    """With bars drawn on a terminal, the engine's own lines go through the bars (tqdm.write), so
+    each is one clean line on stdout, and no per-step lines are printed."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli(*DIGITS, "--rounds", 1, "--epochs", 3) == 0
+    out = capsys.readouterr().out
+    assert "\r" in terminal.getvalue() and "runs" in terminal.getvalue()  # the bars were drawn there
+    assert "\r" not in out and " trained in " not in out
+    assert out.splitlines()[0].startswith("superclasses of digits (cc): {")
+    assert "1 (Teacher)" in out
+
+
+def test_rerun_says_the_runs_were_already_finished(cli, capsys):
+    assert cli(*DIGITS, "--rounds", 1, "--epochs", 3) == 0
+    first = capsys.readouterr().out
+    assert "already finished" not in first
+    assert cli(*DIGITS, "--rounds", 1, "--epochs", 3) == 0
+    again = capsys.readouterr().out
+    records = cli.dirs()["results"] / "records"
+    assert f"3 runs already finished (records in {records}/); --overwrite retrains\n" in again
+    table = lambda text: text[text.index("digits / pixels"):]  # noqa: E731
+    assert table(again) == table(first)  # the same table, from the records
+    assert cli(*DIGITS, "--epochs", 3, "--dist", 1, "--quiet") == 0
+    assert f"1 run already finished (records in {records}/); --overwrite retrains\n" in capsys.readouterr().out
+    assert cli(*DIGITS, "--epochs", 3, "--dist", 1, "--overwrite") == 0
+    assert "already finished" not in capsys.readouterr().out
+
+
+def test_superclasses_are_printed_once_and_recorded_for_cc_only(cli, capsys):
+    from data.corruption import superclass_groups, superclasses_from_features
+    f = digits_features()
+    groups = superclass_groups(superclasses_from_features(f.train_x, f.train_y, f.num_classes))
+    assert sorted(c for g in groups for c in g) == list(range(10)) and len(groups) > 1
+    text = ", ".join("{" + ", ".join(map(str, g)) + "}" for g in groups)
+    assert cli(*DIGITS, "--rounds", 1, "--epochs", 2) == 0
+    out = capsys.readouterr().out
+    assert out.count("superclasses of digits (cc): ") == 1 and f"superclasses of digits (cc): {text}\n" in out
+    recs = cli.by_step()
+    assert all(r["superclasses"] == groups for r in recs.values())
+    # the realised corruption moved labels only inside those superclasses
+    superclass = {c: i for i, g in enumerate(groups) for c in g}
+    noisy = corrupt_labels(f.train_y, corruption_matrix_for("cc", 0.5, f.train_x, f.train_y, 10), 0)
+    assert all(superclass[int(a)] == superclass[int(b)] for a, b in zip(noisy, f.train_y))
+    assert cli(*DIGITS, "--epochs", 2, "--ctype", "sym", where="sym") == 0
+    assert "superclasses of" not in capsys.readouterr().out
+    assert "superclasses" not in cli.records("sym")[0]

@@ -416,3 +416,35 @@ def test_chain_count_equals_what_expansion_iterates(tmp_path):
     assert count_chains(grid) == len(jobs) == 4 * (1 + 6 + 1)
     import yaml
     assert count_chains(yaml.safe_load(text)) == len(jobs)  # the raw recipe counts the same
+
+
+# ---- what a grid command prints -------------------------------------------------------------------
+def test_grid_summaries_count_distinct_runs_and_finished_ones(cli, tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    assert cli("--config", recipe, "--shard", "0/2") == 0
+    out = capsys.readouterr().out
+    assert "recipe tiny: shard 0/2: 2 of 4 configurations x 3 steps: 6 runs on cpu\n" in out
+    assert "this process trained 6 runs\n" in out
+    assert "12 runs, of which 6 not finished yet -> " in out
+    assert out.count("superclasses of digits (cc): {") == 1  # once, for every eta and seed of the dataset
+    assert cli("--config", recipe) == 0
+    out = capsys.readouterr().out
+    records = cli.dirs()["results"] / "records"
+    assert (f"this process trained 6 runs; 6 runs already finished (records in {records}/); "
+            "--overwrite retrains\n") in out
+    assert "12 runs, all finished -> " in out
+
+
+def test_grid_summaries_name_teachers_shared_by_several_chains(cli, tmp_path, capsys):
+    text = RECIPE.replace("corruption: [0, 0.5]", "corruption: 0.5")
+    text = text.replace("manualSeed: [0, 1]", "temperature: [1, 2]")
+    recipe = write_recipe(tmp_path, text.replace("partial: true", "partial: false"), name="temps.yaml")
+    assert cli("--config", recipe) == 0
+    out = capsys.readouterr().out
+    assert "2 configurations x 2 steps: 3 runs (1 teacher shared by several chains) on cpu\n" in out
+    assert "3 runs (1 teacher shared by several chains), all finished -> " in out
+    recipe = write_recipe(tmp_path, text, name="temps_pll.yaml")
+    assert cli("--config", recipe) == 0
+    out = capsys.readouterr().out
+    assert "4 runs (1 teacher and 1 PLL student shared by several chains), all finished -> " in out
+    assert "this process trained 1 run; 3 runs already finished" in out  # the PLL student is new

@@ -417,7 +417,7 @@ def test_config_options_are_read_as_the_command_line_reads_them(tmp_path):
     ("--max_dist", "-1", "--max_dist must be >= 1 (distillation rounds), got -1"),
     ("--max_iter", "-5", "--max_iter must be >= 1 (Adam steps), got -5"),
     ("--max-newton", "-1", "--max-newton must be >= 1, got -1"),
-    ("--threads", "-2", "--threads must be >= 0 (0 keeps torch's default), got -2"),
+    ("--threads", "-2", "--threads must be >= 0 (0: one thread on the CPU), got -2"),
 ])
 def test_negative_numbers_are_read_then_validated(tmp_path, capsys, flag, value, message):
     assert cli(tmp_path, flag, value) == 2
@@ -478,3 +478,147 @@ def test_out_under_a_regular_file_is_one_line_and_nothing_is_written(tmp_path, c
     assert one_error_line(capsys) == (f"error: --out {out}: cannot write or read {tmp_path / 'file'}: Not a directory; "
                                       "a part of that path is a file, not a directory: choose another path")
     assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "keep me\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Output names: every setting that changes the numbers is in them, and nothing is overwritten
+# silently
+# ----------------------------------------------------------------------------------------------
+
+SMALL = ["--k", "3", "--n", "6", "--lbd", "1e-3", "--max_dist", "1"]
+
+
+def test_default_and_approx_write_to_different_folders(tmp_path):
+    assert cli(tmp_path, *SMALL) == 0
+    assert cli(tmp_path, *SMALL, "--approx") == 0
+    out = tmp_path / "out"
+    base = "3_6_0.001_0.4_0.1_0.5_0.05_seed0_original_sampled_exact"
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{base}_linear", f"{base}_softmax", "linear", "softmax"])
+    for mode in ("softmax", "linear"):                   # each run kept its own records and figure
+        recs = [json.loads(line) for line in (out / f"{base}_{mode}" / "records.jsonl").read_text().splitlines()]
+        assert {r["mode"] for r in recs} == {mode} and (out / f"{base}_{mode}" / "figure.png").exists()
+        assert sorted(p.name for p in (out / mode).iterdir()) == [f"{base}_{mode}_0.npz", f"{base}_{mode}_1.npz"]
+
+
+def test_names_carry_the_run_options_that_change_the_numbers():
+    parse = numerical_solving.build_parser().parse_args
+    s = th.Setting()
+
+    def tag(*argv):
+        a = parse(list(argv))
+        mode = "linear" if a.approx else "softmax"
+        dtype = th.resolve_dtype(a.dtype, a.solver)
+        return th.run_tag(s, a.solver, mode, numerical_solving.options_tag(a, dtype, a.approx))
+
+    base = "4_500_1e-05_0.4_0.1_0.5_0.05_seed0_original_sampled"
+    assert tag() == tag("--dtype", "float64") == f"{base}_exact_softmax"
+    assert tag("--approx", "--max-newton", "5") == f"{base}_exact_linear"          # unused in linear mode
+    assert tag("--tol", "1e-8", "--max-newton", "5") == f"{base}_exact_softmax_tol1e-08_newton5"
+    assert tag("--solver", "faithful") == f"{base}_faithful_softmax_iter100000"
+    assert tag("--solver", "faithful", "--max_iter", "30", "--dtype", "float64") == \
+        f"{base}_faithful_softmax_iter30_float64"
+
+
+def test_sweep_folder_names_include_mode_and_variant(tmp_path):
+    sweep = ["--sweep", "eta=0.1,0.3", "--save", "False", "--epsilon", "0.1"]
+    assert cli(tmp_path, *SMALL, *sweep, "--gram", "features", "--approx") == 0
+    assert cli(tmp_path, *SMALL, *sweep, "--gram", "features") == 0
+    assert cli(tmp_path, *SMALL, "--sweep", "gram=psd,features", "--sweep", "seed=0,1", "--save", "False") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "sweep_eta_3_6_0.001_0.4_0.1_0.1+0.3_0.1_seed0_features_sampled_exact_linear",
+        "sweep_eta_3_6_0.001_0.4_0.1_0.1+0.3_0.1_seed0_features_sampled_exact_softmax",
+        "sweep_gram_seed_3_6_0.001_0.4_0.1_0.5_0.05_seed0+1_psd+features_sampled_exact_softmax"]
+    settings = [th.Setting(eta=e / 1000) for e in range(100)]
+    long = numerical_solving.sweep_name(settings, {"eta": [s.eta for s in settings]}, "exact", "softmax", "")
+    assert len(long) <= numerical_solving.MAX_NAME and "_100values-" in long and long.endswith("_exact_softmax")
+
+
+def test_the_recipe_folder_is_derived_from_its_settings():
+    options, grid, named = numerical_solving.load_config("recipes/theory/eta.yaml", numerical_solving.build_parser())
+    assert named["name"] is None and options["gram"] == "features" and grid == {"eta": [0.1, 0.3, 0.5, 0.7]}
+    settings = [th.Setting(gram="features", eta=eta) for eta in grid["eta"]]
+    assert numerical_solving.sweep_name(settings, grid, "exact", "softmax", "") == \
+        "sweep_eta_4_500_1e-05_0.4_0.1_0.1+0.3+0.5+0.7_0.05_seed0_features_sampled_exact_softmax"
+
+
+def test_a_rerun_into_an_existing_folder_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
+    argv = [*SMALL, "--approx", "--max_dist", "3"]
+    assert cli(tmp_path, *argv) == 0
+    out = tmp_path / "out"
+    folder = out / "3_6_0.001_0.4_0.1_0.5_0.05_seed0_original_sampled_exact_linear"
+    before = {p: p.read_bytes() for p in [*folder.iterdir(), *(out / "linear").iterdir()]}
+    capsys.readouterr()
+    assert cli(tmp_path, *argv) == 2                                   # the same run again: refused
+    line = one_error_line(capsys)
+    assert f"{folder} already holds an earlier run's records.csv, records.jsonl, figure.png, figure.pdf" in line
+    assert f"4 array(s) of the same setting(s) already exist in {out / 'linear'}" in line
+    assert "pass --overwrite to replace them, or --name NAME --save False to write the new run elsewhere" in line
+    assert cli(tmp_path, *argv, "--name", "mine") == 2                 # the arrays would still collide
+    assert "--save False to write only the records" in one_error_line(capsys)
+    assert {p: p.read_bytes() for p in before} == before and not (out / "mine").exists()
+    assert cli(tmp_path, *argv, "--name", "mine", "--save", "False") == 0
+    assert (out / "mine" / "records.csv").exists()
+    # --overwrite with fewer rounds: records replaced, the earlier run's extra arrays removed
+    assert cli(tmp_path, *SMALL, "--approx", "--overwrite") == 0
+    assert len((folder / "records.csv").read_text().splitlines()) == 1 + 2
+    assert sorted(p.name[-6:] for p in (out / "linear").iterdir()) == ["_0.npz", "_1.npz"]
+
+
+# ----------------------------------------------------------------------------------------------
+# --approx: the tolerance is relative, and divergence is the headline
+# ----------------------------------------------------------------------------------------------
+
+def test_round_growth_is_the_largest_shrink_factor_of_the_round_map():
+    K, N, lbd = 2, 40, 1e-2
+    knl = K * N * lbd                                          # s = g / knl; |s/(1+s)| > 1 iff g < -knl/2
+    Q, _ = torch.linalg.qr(torch.randn(N, N, generator=th.generator(1), dtype=F64))
+    for g_min, diverges in ((0.2 * knl, False), (-0.3 * knl, False), (-0.55 * knl, True), (-0.8 * knl, True)):
+        g = torch.linspace(1.0, 5.0, N, dtype=F64)
+        g[0] = g_min
+        kernel = th.Kernel(Q @ torch.diag(g) @ Q.T)
+        T0 = th.one_hot(torch.arange(N) % K, K)
+        sol = th.linear_rounds(kernel, T0, lbd, rounds=3)
+        mu = (g / knl) / (1 + g / knl)
+        assert sol[0].growth == pytest.approx(mu.abs().max().item(), rel=0.05), g_min
+        assert (sol[0].growth > 1) == diverges and ("grow" in sol[0].note) == diverges
+
+
+def test_approx_on_the_original_matrix_headlines_the_divergence(tmp_path, capsys):
+    assert cli(tmp_path, "--approx", "--max_dist", "3", "--save", "False") == 0     # the option table's defaults
+    out = capsys.readouterr().out
+    assert "every round reached its tolerance" not in out
+    assert "DIVERGED: the rounds' outputs grow without bound" in out and "x9.2 a round" in out
+    assert "relative to the largest output" in out and "but the rounds DIVERGE" in out
+    assert "1 setting(s) in" in out and "1 of them DIVERGED" in out
+    lines = out.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("DIVERGED"))) < \
+        lines.index(next(x for x in lines if x.startswith("solved 3 rounds")))        # the headline comes first
+
+
+def test_approx_on_a_gram_matrix_converges_and_says_what_the_tolerance_is(tmp_path, capsys):
+    assert cli(tmp_path, "--approx", "--gram", "features", "--n", "250", "--max_dist", "3", "--save", "False") == 0
+    out = capsys.readouterr().out
+    assert "DIVERGED" not in out and "grow" not in out
+    assert "every round reached its tolerance (max|Y - F(Y)| <= 1e-10 x max(1, max|Y|), relative to the " \
+           "largest output" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,threads", [([], 1), (["--threads", "2"], 2)])
+def test_cpu_solve_uses_one_thread_unless_told_and_restores_the_count(tmp_path, capsys, monkeypatch, flag, threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return {info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
+
+    seen, diagnostics = [], th.gram_diagnostics
+    monkeypatch.setattr(th, "gram_diagnostics", lambda G: seen.append((torch.get_num_threads(), blas_threads()))
+                        or diagnostics(G))
+    before = (torch.get_num_threads(), blas_threads())
+    assert cli(tmp_path, *SMALL, "--approx", "--device", "cpu", "--save", "False", *flag) == 0
+    assert f"float64 on cpu, {threads} thread(s)" in capsys.readouterr().out
+    assert seen == [(threads, {threads})]                # torch and scipy's BLAS (G's diagnostics) alike
+    assert (torch.get_num_threads(), blas_threads()) == before

@@ -44,6 +44,19 @@ def add_bool_flag(parser, *names, default=False, help=""):
                         metavar="BOOL", help=help)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows every option's default: "(default: X)" is appended to its help text, unless the
+    text already names its default (a `None` default means "not set" and is not shown)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or "%(default)" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse exits with code 2 and a usage dump; we keep code 2 but print one line."""
 

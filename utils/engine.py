@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.corruption import corrupt_labels, corruption_matrix_for
-from data.features import FeatureSet, load_features_file
+from data.corruption import corrupt_labels, corruption_matrix_for, format_superclasses, superclass_groups, \
+    superclasses_from_features
+from data.features import FeatureSet, load_features_file, normalize_features
 from data.splits import stratified_val_split
 from models.backbones import backbone_tag
 from models.extract import load_or_extract_features
@@ -71,7 +73,10 @@ class EngineOptions:
     max_batch_runs: int = 64     # most runs trained in one batched computation
     save_every: int = 25         # epochs between resumable `last` checkpoints (0: only at the end)
     overwrite: bool = False      # retrain runs whose record exists
-    show_progress: bool = True
+    show_progress: bool = True   # False: as progress="none"
+    # "auto": progress bars when stderr is a terminal, else one line per finished chunk of runs;
+    # "bars", "lines", or "none" (no progress output; warnings and errors still appear)
+    progress: str = "auto"
     lease_timeout: float = 600.0  # s without a heartbeat after which another process takes a run over
     poll_seconds: float = 5.0     # between looks at runs that other processes hold
     fuse_shared_seeds: bool = False  # opt-in wider matmuls for runs sharing batches (not bit-exact everywhere)
@@ -87,6 +92,25 @@ class LabelSetup:
     val_rows: Optional[torch.Tensor]
     val_labels: Optional[torch.Tensor]
     realised: float
+    superclasses: Optional[list] = None  # cc corruption: the superclasses (lists of class indices)
+
+
+def say(message) -> None:
+    """print() that leaves progress bars intact: tqdm.write clears the bars, prints, redraws them."""
+    tqdm.write(str(message))
+
+
+def progress_mode(opts: EngineOptions) -> str:
+    """'bars', 'lines' or 'none' (see EngineOptions.progress)."""
+    if not opts.show_progress or opts.progress == "none":
+        return "none"
+    if opts.progress in ("bars", "lines"):
+        return opts.progress
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        tty = False
+    return "bars" if tty else "lines"
 
 
 # Below this many multiply-adds per run and step, extra CPU threads cost more in synchronisation
@@ -120,10 +144,11 @@ def load_source(source: FeatureSource, opts: EngineOptions, log) -> FeatureSet:
     if source.features_path:
         return load_features_file(source.features_path, name=source.dataset)
     return load_or_extract_features(source.dataset, source.arch, source.pretrained, opts.data_root,
-                                    opts.cache_root, opts.device, opts.test_batch, opts.workers, log)
+                                    opts.cache_root, opts.device, opts.test_batch, opts.workers, log,
+                                    progress=progress_mode(opts))
 
 
-def make_label_setup(features: FeatureSet, transition, cfg: RunConfig) -> LabelSetup:
+def make_label_setup(features: FeatureSet, transition, cfg: RunConfig, superclasses=None) -> LabelSetup:
     noisy_all = corrupt_labels(features.train_y, transition, cfg.seed)
     rows = np.arange(len(features.train_y))
     val_rows = val_labels = None
@@ -133,7 +158,8 @@ def make_label_setup(features: FeatureSet, transition, cfg: RunConfig) -> LabelS
         val_labels = (features.train_y if cfg.val_clean else noisy_all)[val_rows]
     rows = torch.from_numpy(rows)
     true, noisy = features.train_y[rows], noisy_all[rows]
-    return LabelSetup(rows, noisy, true, val_rows, val_labels, float((noisy != true).double().mean()) * 100)
+    return LabelSetup(rows, noisy, true, val_rows, val_labels, float((noisy != true).double().mean()) * 100,
+                      superclasses if cfg.ctype == "cc" else None)
 
 
 def _seed_for(seed: int, step: str, purpose: int) -> int:
@@ -176,8 +202,11 @@ def _unlink(path) -> None:
 
 
 class ChainRunner:
-    def __init__(self, opts: EngineOptions, log=print):
-        self.opts, self.log = opts, log
+    def __init__(self, opts: EngineOptions, log=None):
+        # log: messages always shown (warnings, superclasses); progress: dropped with progress "none"
+        self.opts, self.log = opts, log or say
+        self.mode = progress_mode(opts)
+        self.superclasses_shown = set()  # features fingerprints whose superclasses were printed
         self.store = ResultsStore(opts.results_root)
         self.done_here = set()  # keys trained by this process (so --overwrite retrains each once)
         # runs this process trained, found finished, and completed from final checkpoints
@@ -189,7 +218,7 @@ class ChainRunner:
         Returns the records of every (job, step), trained now or found in the store."""
         groups = defaultdict(list)
         for source, cfg in jobs:
-            groups[(source, cfg.epochs, cfg.train_batch, cfg.val_split)].append(cfg)
+            groups[(source, cfg.epochs, cfg.train_batch, cfg.val_split, cfg.feature_norm)].append(cfg)
         remove_stale_temporaries(self.store.records_dir)
         records = []
         bar = None
@@ -198,12 +227,28 @@ class ChainRunner:
                 features = load_source(source, self.opts, self.log)
                 if bar is None:  # after the first load, so a bad features file prints only its error
                     bar = tqdm(total=len(jobs) * len(steps), desc="runs", unit="run",
-                               disable=not self.opts.show_progress, dynamic_ncols=True)
+                               disable=self.mode != "bars", dynamic_ncols=True)
                 records += self._run_group(features, configs, steps, bar)
         finally:
             if bar is not None:
                 bar.close()
         return records
+
+    def progress(self, message) -> None:
+        """A progress message (e.g. waiting for other processes): not shown with progress 'none'."""
+        if self.mode != "none":
+            self.log(message)
+
+    def _superclasses(self, features, fid, configs):
+        """The superclasses of cc corruption (None without cc configurations), printed once per dataset."""
+        if not any(cfg.ctype == "cc" for cfg in configs):
+            return None, None
+        superclass_of = superclasses_from_features(features.train_x, features.train_y, features.num_classes)
+        groups = superclass_groups(superclass_of)
+        if fid not in self.superclasses_shown:
+            self.superclasses_shown.add(fid)
+            self.log(f"superclasses of {features.name} (cc): {format_superclasses(groups)}")
+        return superclass_of, groups
 
     def _run_group(self, features, configs, steps, bar):
         fid = features.fingerprint()
@@ -213,16 +258,21 @@ class ChainRunner:
                 raise UserError(f"--val-split {cfg.val_split} leaves fewer validation samples than the "
                                 f"{features.num_classes} classes of {features.name}; use a larger fraction")
         device = self.opts.device
-        feats_dev = features.train_x.to(device)
-        test_dev = (features.test_x.to(device), features.test_y.to(device))
+        # the probe sees the --feature-norm transform; run keys (fid) and the corruption (cc
+        # superclasses) depend on the stored features only
+        probed = normalize_features(features, configs[0].feature_norm)
+        feats_dev = probed.train_x.to(device)
+        test_dev = (probed.test_x.to(device), probed.test_y.to(device))
         transitions, setups = {}, {}
+        superclass_of, groups = self._superclasses(features, fid, configs)
         for cfg in configs:
             if (cfg.ctype, cfg.eta) not in transitions:
                 transitions[cfg.ctype, cfg.eta] = corruption_matrix_for(cfg.ctype, cfg.eta, features.train_x,
-                                                                       features.train_y, features.num_classes)
+                                                                       features.train_y, features.num_classes,
+                                                                       superclass_of)
             label_key = (cfg.ctype, cfg.eta, cfg.seed, cfg.val_split, cfg.val_clean)
             if label_key not in setups:
-                setups[label_key] = make_label_setup(features, transitions[cfg.ctype, cfg.eta], cfg)
+                setups[label_key] = make_label_setup(features, transitions[cfg.ctype, cfg.eta], cfg, groups)
         setup_of = lambda c: setups[(c.ctype, c.eta, c.seed, c.val_split, c.val_clean)]  # noqa: E731
         records = []
         for step in steps:
@@ -276,7 +326,7 @@ class ChainRunner:
             message = (f"step {step}: waiting for {len(held)} run(s) that other processes are training "
                        f"({', '.join(sorted(set(held))[:3])}{', ...' if len(set(held)) > 3 else ''})")
             if message != said:
-                self.log(message)
+                self.progress(message)
                 said = message
             time.sleep(self.opts.poll_seconds)
 
@@ -458,7 +508,7 @@ class ChainRunner:
         threads = set_cpu_threads(device, [min(batch, num_train), num_train % batch or batch], features.dim, k, self.log)
         desc = f"step {step}: {len(cfgs)} run{'s' if len(cfgs) > 1 else ''} of {features.name}"
         ebar = tqdm(total=epochs, initial=resume.epoch if resume else 0, desc=desc, unit="ep", leave=False,
-                    disable=not self.opts.show_progress, dynamic_ncols=True)
+                    disable=self.mode != "bars", dynamic_ncols=True)
         started = time.time()
         heartbeat = Heartbeat(leases, every=min(30.0, self.opts.lease_timeout / 4))
 
@@ -489,6 +539,9 @@ class ChainRunner:
             records.append(self._finish_run(cfg, step, fid, keys[r], r, state, setups[r], teacher_keys[r],
                                             coverage[r], run_facts))
             bar.update(1)
+        if self.mode == "lines":  # off a terminal: one line per finished chunk instead of bars
+            resumed = f", resumed from epoch {resume.epoch}" if resume else ""
+            self.log(f"{desc} trained in {time.time() - started:.1f} s (epoch {state.epoch}/{epochs}{resumed})")
         return records
 
     @staticmethod
@@ -570,4 +623,6 @@ class ChainRunner:
             for name in ("test_acc", "test_top2", "test_confidence", "test_entropy"):
                 record[f"{name}_{suffix}"] = row.get(name)
         record["val_acc_byval"] = hist[chosen["byval"] - 1]["val_acc"] if chosen["byval"] else None
+        if setup.superclasses is not None:  # cc corruption: the superclasses labels moved within
+            record["superclasses"] = setup.superclasses
         return record

@@ -22,6 +22,7 @@ is finished so far).
 import itertools
 import json
 import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +38,7 @@ GRID_KEYS = {
     "ctype": "ctype", "corruption": "corruption", "manualSeed": "manualSeed", "lr": "lr", "learning_rate": "lr",
     "wd": "wd", "weight_decay": "wd", "momentum": "momentum", "gamma": "gamma", "epochs": "epochs",
     "train_batch": "train_batch", "label_smoothing": "label_smoothing", "temperature": "temperature",
-    "selection": "selection", "val_split": "val_split", "val_clean": "val_clean",
+    "selection": "selection", "val_split": "val_split", "val_clean": "val_clean", "feature_norm": "feature_norm",
 }
 # Options that choose runs or steps: with --config the recipe says them, so the command line must not.
 RUN_OPTIONS = sorted(set(GRID_KEYS.values()) | {"dist", "last", "rounds", "partial"})
@@ -248,6 +249,27 @@ def matching_records(records: list, jobs: list, steps: list) -> list:
     return out
 
 
+def distinct_runs(jobs: list, steps: list) -> tuple:
+    """(how many distinct runs the jobs' chains need, which of them serve several chains and at which
+    step): a teacher is one run however many chains (temperatures, selection rules) learn from it.
+    Runs are told apart as `matching_records` tells records apart."""
+    uses = Counter(_ident(step_settings(cfg, step, ""), step, not source.features_path)
+                   for source, cfg in jobs for step in steps)
+    shared = [ident[-1][1] for ident, n in uses.items() if n > 1]
+    return len(uses), shared
+
+
+def runs_phrase(count: int, shared: list) -> str:
+    """'240 runs (30 teachers shared by several chains)'; `shared`: the step of each shared run."""
+    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+    text = plural(count, "run")
+    kinds = Counter("teacher" if step == "0" else "PLL student" if step == "p" else "student" for step in shared)
+    if kinds:
+        parts = [plural(kinds[kind], kind) for kind in ("teacher", "student", "PLL student") if kinds[kind]]
+        text += f" ({' and '.join(parts)} shared by several chains)"
+    return text
+
+
 def run_grid_command(args, opts) -> int:
     """`train_linear.py --config YAML`: train what is missing, then write the reports."""
     import train_linear as cli
@@ -281,14 +303,14 @@ def run_grid_command(args, opts) -> int:
     jobs = shard_jobs(all_jobs, args.shard) if args.shard is not None else all_jobs
     if not args.report_only:
         part = f"shard {args.shard}: {len(jobs)} of {len(all_jobs)}" if args.shard is not None else str(len(jobs))
-        print(f"recipe {grid['name']}: {part} configurations x {len(steps)} steps "
-              f"({len(jobs) * len(steps)} runs) on {opts.device}")
+        print(f"recipe {grid['name']}: {part} configurations x {len(steps)} steps: "
+              f"{runs_phrase(*distinct_runs(jobs, steps))} on {opts.device}")
         if jobs:
             runner = ChainRunner(opts)
             runner.run(jobs, steps)
-            counts = runner.counts
-            print(f"this process trained {counts['trained']} runs; {counts['found']} were already finished"
-                  + (f"; {counts['completed']} completed from their final checkpoints" if counts["completed"] else ""))
+            trained = runner.counts["trained"]
+            print(f"this process trained {trained} run{'s' if trained != 1 else ''}"
+                  + "".join(f"; {note}" for note in [cli.finished_note(runner.counts, opts.results_root)] if note))
     # the whole grid's records, not only this shard's: the last shard to finish reports everything
     records = matching_records(ResultsStore(opts.results_root).records(), all_jobs, steps)
     if not records:
@@ -298,6 +320,9 @@ def run_grid_command(args, opts) -> int:
         raise UserError(f"no results yet for recipe {grid['name']} in {opts.results_root}; run it without --report-only")
     out_dir = Path(opts.results_root) / "reports" / grid["name"]
     remove_stale_temporaries(out_dir)  # of a report writer that was killed
-    written = write_reports(records, out_dir, grid)
-    print(f"{len(records)} of {len(all_jobs) * len(steps)} records -> " + ", ".join(str(p) for p in written))
+    written = write_reports(records, out_dir, grid, checkpoint_root=opts.checkpoint_root)
+    needed, shared = distinct_runs(all_jobs, steps)
+    missing = max(needed - len(records), 0)
+    state = "all finished" if not missing else f"of which {missing} not finished yet"
+    print(f"{runs_phrase(needed, shared)}, {state} -> " + ", ".join(str(p) for p in written))
     return 0

@@ -1,17 +1,22 @@
-"""Tables and figures of a recipe grid, from its result records only (no features, no checkpoints).
+"""Tables and figures of a recipe grid, from its result records (and, for the training-curve
+figure only, each run's `log.jsonl` under the checkpoint root).
 
-`write_reports(records, out_dir, grid)` dispatches on `grid['report']['kind']`:
+`write_reports(records, out_dir, grid, checkpoint_root=None)` dispatches on `grid['report']['kind']`:
 - `distillation` (the paper's): per group of settings, an appendix-style table (rows "1 (Teacher)",
-  2, ..., PLL; columns = corruption rates; mean +- std over seeds; best per column in bold) as
-  Markdown and LaTeX, the grid's records as CSV, and the distillation-gain bar figure.
+  2, ..., PLL; columns = corruption rates; mean +- std over seeds; the best per column, and every
+  value within one std of it, in bold) as Markdown and LaTeX, the grid's records as CSV, the
+  distillation-gain bar figure and the training-curve figure (test accuracy per epoch).
 - `ls_temperature` (companion study): per group and corruption rate, the teacher and the student
   of every temperature under each label-smoothing alpha, top-1 / top-2, confidence and entropy.
 
-Std is the population std over seeds (numpy's default, ddof=0), so one seed gives 0; every caption
-states n. A cell without any finished run shows "-".
+Steps are named as in the paper everywhere (tables, figures, legends): "1 (Teacher)", 2, 3, ...,
+PLL (`utils.runs.step_label`). Std is the sample std over seeds (ddof=1); with one seed there is
+none and a cell shows its mean alone. Every caption states n and the std convention. A cell
+without any finished run shows "-".
 """
 import csv
 import io
+import json
 import math
 import textwrap
 from collections import defaultdict
@@ -20,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.io import atomic_save_figure, atomic_write_text
-from utils.runs import SUFFIX_OF_SELECTION, step_fields, step_label
+from utils.runs import (SUFFIX_OF_SELECTION, config_from_settings, run_dir, step_fields, step_label,
+                        with_key_neutral_settings)
 
 MISSING = "-"
 DEFAULT_GAIN_ETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -37,6 +43,12 @@ NOT_GROUPING = ("seed", "eta")
 CSV_FIRST = ("key", "dataset", "backbone", "ctype", "eta", "seed", "step", "lr", "wd", "epochs",
              "label_smoothing", "temperature", "selection", "val_split", "test_acc_bytest", "test_acc_last",
              "test_acc_byval")
+# Measured float columns of records.csv and their decimals (the float32 numbers of a run carry noise
+# such as 95.00000762939453): percentages to 4 decimals, entropies (nats) to 6. Every other column
+# (settings such as lr 5e-5, integers, strings, wall time) is written as recorded.
+CSV_DECIMALS = {"test_acc": 4, "test_top2": 4, "test_confidence": 4, "val_acc": 4, "best_train_acc": 4,
+                "realised_corruption": 4, "teacher_top2_coverage": 4, "test_entropy": 6}
+STD_WORDS = "sample std, ddof=1"
 
 
 def metric_field(metric: str, quantity: str = "test_acc") -> str:
@@ -66,12 +78,19 @@ def _value(record: dict, field: str):
 
 
 def _stats(values: list):
-    """(mean, std, n) of the non-missing values; None when there are none."""
+    """(mean, std, n) of the non-missing values, std the sample std (ddof=1) and None when n = 1;
+    None when there are no values."""
     vals = [v for v in values if v is not None]
     if not vals:
         return None
     arr = np.asarray(vals, dtype=np.float64)
-    return float(arr.mean()), float(arr.std()), len(vals)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(vals) > 1 else None), len(vals)
+
+
+def _pm(stat, pm: str = "±", digits: int = 2) -> str:
+    """'mean ± std' of a (mean, std, n) triple; the mean alone when there is no std (n = 1)."""
+    mean, std, _ = stat
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} {pm} {std:.{digits}f}"
 
 
 def _fmt_eta(eta) -> str:
@@ -138,9 +157,24 @@ def _slug(text: str) -> str:
 
 
 # ---- the distillation table ----------------------------------------------------------------
+def _bold_steps(cells: dict, steps: list, eta: float) -> set:
+    """Steps whose cell at `eta` is bold: the best displayed mean, and every displayed mean within
+    one std of it, the std being the larger of the two cells' (none with one seed: then only ties)."""
+    present = [(s, c) for s in steps if (c := cells[s, eta]) is not None]
+    if not present:
+        return set()
+    _, best = max(present, key=lambda sc: round(sc[1][0], 2))
+    bold = set()
+    for s, c in present:
+        spread = max(round(c[1] or 0.0, 2), round(best[1] or 0.0, 2))
+        if round(best[0], 2) - round(c[0], 2) <= spread + 1e-9:
+            bold.add(s)
+    return bold
+
+
 def distillation_table(members: list, metric: str) -> dict:
     """Cells of one appendix table: {'etas', 'steps', 'cells': {(step, eta): (mean, std, n) | None},
-    'best': {eta: best displayed mean}, 'n': most seeds in a cell}."""
+    'best': {eta: best displayed mean}, 'bold': {eta: steps shown in bold}, 'n': most seeds in a cell}."""
     etas = sorted({float(r["eta"]) for r in members})
     steps = sorted({r["step"] for r in members}, key=_step_order)
     values = defaultdict(list)
@@ -151,19 +185,19 @@ def distillation_table(members: list, metric: str) -> dict:
     for e in etas:
         means = [round(c[0], 2) for s in steps if (c := cells[s, e]) is not None]
         best[e] = max(means) if means else None
+    bold = {e: _bold_steps(cells, steps, e) for e in etas}
     n = max((c[2] for c in cells.values() if c is not None), default=0)
-    return {"etas": etas, "steps": steps, "cells": cells, "best": best, "n": n}
+    return {"etas": etas, "steps": steps, "cells": cells, "best": best, "bold": bold, "n": n}
 
 
-def _cell_text(cell, best, n_max: int, bold, pm: str) -> str:
+def _cell_text(cell, is_bold: bool, n_max: int, bold, pm: str) -> str:
     if cell is None:
         return MISSING
-    mean, std, n = cell
-    text = f"{mean:.2f} {pm} {std:.2f}"
-    if round(mean, 2) == best:
+    text = _pm(cell, pm)
+    if is_bold:
         text = bold(text)
-    if n < n_max:
-        text += f" (n={n})"
+    if cell[2] < n_max:
+        text += f" (n={cell[2]})"
     return text
 
 
@@ -171,16 +205,22 @@ def _caption(title: str, metric: str, n: int, what: str) -> str:
     if n == 0:
         why = " (best-by-validation needs val_split > 0)" if metric == "val" else ""
         return f"{title}: {what}. No run has the {METRIC_DESCRIPTION[metric]}{why}; '-' = no value."
-    return (f"{title}: {what}. Cells: mean ± std over n = {n} seed{'s' if n != 1 else ''} (population std, "
-            f"ddof=0) of the {METRIC_DESCRIPTION[metric]}; best per column in bold; '-' = no finished run, "
-            f"(n=k) = only k seeds finished.")
+    if n == 1:
+        cells = f"the {METRIC_DESCRIPTION[metric]} of n = 1 seed (one seed: no std)"
+        bold = "the best per column in bold (ties all bold)"
+    else:
+        cells = f"mean ± std over n = {n} seeds ({STD_WORDS}) of the {METRIC_DESCRIPTION[metric]}"
+        bold = ("in bold, the best mean per column and every mean within one std of it (the larger of the two "
+                "cells' stds): values that one std does not tell apart")
+    return (f"{title}: {what}. Steps: 1 = teacher, 2, 3, ... = distillation rounds, PLL = partial-label student. "
+            f"Cells: {cells}; {bold}; '-' = no finished run, (n=k) = only k seeds finished (no std when k = 1).")
 
 
 def _table_markdown(table: dict, caption: str) -> str:
     head = "| step | " + " | ".join(f"eta = {_fmt_eta(e)}" for e in table["etas"]) + " |"
     lines = [f"*{caption}*", "", head, "|" + " --- |" * (len(table["etas"]) + 1)]
     for s in table["steps"]:
-        cells = [_cell_text(table["cells"][s, e], table["best"][e], table["n"], lambda t: f"**{t}**", "±")
+        cells = [_cell_text(table["cells"][s, e], s in table["bold"][e], table["n"], lambda t: f"**{t}**", "±")
                  for e in table["etas"]]
         lines.append(f"| {step_label(s)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -201,7 +241,7 @@ def _table_latex(table: dict, caption: str, label: str) -> str:
              r"\label{tab:" + label + "}", r"\begin{tabular}{" + cols + "}", r"\toprule",
              "Step & " + " & ".join(rf"$\eta={_fmt_eta(e)}$" for e in table["etas"]) + r" \\", r"\midrule"]
     for s in table["steps"]:
-        cells = [_cell_text(table["cells"][s, e], table["best"][e], table["n"], lambda t: r"\textbf{" + t + "}",
+        cells = [_cell_text(table["cells"][s, e], s in table["bold"][e], table["n"], lambda t: r"\textbf{" + t + "}",
                             r"$\pm$") for e in table["etas"]]
         lines.append(_latex_escape(step_label(s)) + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
@@ -218,8 +258,25 @@ def records_csv(records: list) -> str:
     order = sorted(records, key=lambda r: (str(r.get("dataset")), str(r.get("ctype")), float(r.get("eta", 0)),
                                            int(r.get("seed", 0)), _step_order(r["step"]), r["key"]))
     for r in order:
-        writer.writerow(["" if r.get(c) is None else r[c] for c in columns])
+        writer.writerow([_csv_value(c, r.get(c)) for c in columns])
     return buf.getvalue()
+
+
+def _csv_decimals(column: str):
+    for prefix, digits in CSV_DECIMALS.items():
+        if column == prefix or column.startswith(prefix + "_"):
+            return digits
+    return None
+
+
+def _csv_value(column: str, value):
+    """A record's value as written to records.csv: measured floats rounded (CSV_DECIMALS), the rest as is."""
+    if value is None:
+        return ""
+    digits = _csv_decimals(column)
+    if digits is not None and isinstance(value, float) and math.isfinite(value):
+        return repr(round(value, digits))
+    return value
 
 
 # ---- the gain figure -------------------------------------------------------------------------
@@ -247,21 +304,24 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
     nrows = math.ceil(count / ncols)
     fig_width = max(4.6 * ncols, 7.0)
     seeds = len({r["seed"] for _, m in groups for r in m})
-    lines = [title, f"Distillation gain (pp) = student minus the same seed's teacher; mean and std over {seeds} "
-                    f"seed{'s' if seeds != 1 else ''}", f"Number: {METRIC_DESCRIPTION[metric]}"]
+    spread = f"mean and std ({STD_WORDS}) over {seeds} seeds" if seeds > 1 else "1 seed (no std)"
+    shared = "; one y-axis for all panels" if len(groups) > 1 else ""
+    lines = [title, f"Distillation gain (pp) = student step minus the same seed's teacher (step 1); {spread}{shared}",
+             f"Number: {METRIC_DESCRIPTION[metric]}"]
     text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in lines)
     # Fixed room in inches: caption above, panels of 2.6 in plus their titles and axis labels, legend below.
     caption_in, legend_in, panel_in, gap_in = 0.17 * (text.count("\n") + 1) + 0.2, 0.4, 2.6, 0.9
     height = caption_in + legend_in + nrows * panel_in + nrows * gap_in
-    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False)
-    fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=0.3,
+    # One y-axis for every panel: separate scales would make unlike panels look alike.
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False, sharey=True)
+    fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=0.12,
                         top=1 - (caption_in + 0.3) / height, bottom=(legend_in + 0.6) / height,
                         hspace=gap_in / panel_in)
     steps = sorted({r["step"] for _, m in groups for r in m if r["step"] != "0"}, key=_step_order)
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(steps), 1)))
     for ax in axes.flat[len(groups):]:
         ax.axis("off")
-    for ax, (settings, members) in zip(axes.flat, groups):
+    for index, (ax, (settings, members)) in enumerate(zip(axes.flat, groups)):
         present = sorted({float(r["eta"]) for r in members})
         etas = [e for e in present if any(math.isclose(e, g) for g in gain_etas)]
         gains = distillation_gains(members, metric, etas)
@@ -269,26 +329,162 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
         for i, step in enumerate(steps):
             xs = [j + (i - (len(steps) - 1) / 2) * bar for j in range(len(etas))]
             stats = [gains.get((step, e)) for e in etas]
-            ax.bar(xs, [s[0] if s else np.nan for s in stats], bar, yerr=[s[1] if s else 0 for s in stats],
-                   capsize=2, color=colours[i], label="PLL" if step == "p" else f"t = {step}")
+            ax.bar(xs, [s[0] if s else np.nan for s in stats], bar, yerr=[(s[1] or 0.0) if s else 0.0 for s in stats],
+                   capsize=2, color=colours[i], label=step_label(step))
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(etas)), [_fmt_eta(e) for e in etas])
         ax.set_xlabel("corruption rate eta")
-        ax.set_ylabel("gain over teacher (pp)")
+        if index % ncols == 0:
+            ax.set_ylabel("gain over teacher (pp)")
         ax.set_title(_group_title(settings, members), fontsize=8)
         if not etas:
             ax.text(0.5, 0.5, "no runs at the gain etas", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
+    if handles:  # below the panels, never on the bars
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9,
+                   title="step (1 = teacher)", title_fontsize=9)
     written = atomic_save_figure(fig, out_dir / "gain", bbox_inches="tight")
     plt.close(fig)
     return written
 
 
+# ---- the training-curve figure ---------------------------------------------------------------
+CURVE_FILES = ("curves.png", "curves.pdf")
+
+
+def curve_etas(present, gain_etas) -> list:
+    """The two corruption rates of the curve figure: the lowest and the highest of the gain etas
+    present in the grid (of all present etas when none of the gain etas is), one if only one."""
+    chosen = sorted(e for e in present if any(math.isclose(e, g) for g in gain_etas)) or sorted(present)
+    return chosen[:1] + chosen[-1:] if len(chosen) > 1 else chosen
+
+
+def curve_steps(members: list) -> list:
+    """Teacher, last distillation round and PLL, those present."""
+    rounds = sorted({r["step"] for r in members if r["step"] not in ("0", "p")}, key=_step_order)
+    present = {r["step"] for r in members}
+    return [s for s in ["0"] + rounds[-1:] + ["p"] if s in present]
+
+
+def log_path(checkpoint_root, record: dict) -> Path:
+    """Where a run's per-epoch log lives: its checkpoint folder, derived from its record."""
+    return run_dir(checkpoint_root, config_from_settings(record), record["step"], record["features_id"]) / "log.jsonl"
+
+
+def read_test_curve(path: Path):
+    """Test accuracy per epoch from a log.jsonl, or None when the file is missing or unreadable."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        curve = np.asarray([float(row["test_acc"]) for row in rows], dtype=np.float64)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return curve if curve.size else None
+
+
+def training_curves(groups: list, gain_etas, checkpoint_root):
+    """({(group index, eta, step): [per-seed curves]}, etas, missing log paths) of the curve figure."""
+    present = sorted({float(r["eta"]) for _, m in groups for r in m})
+    etas = curve_etas(present, gain_etas)
+    curves, missing = {}, []
+    for index, (_, members) in enumerate(groups):
+        for eta in etas:
+            for step in curve_steps(members):
+                runs = [r for r in members if r["step"] == step and math.isclose(float(r["eta"]), eta)]
+                for r in sorted(runs, key=lambda r: r["seed"]):
+                    path = log_path(checkpoint_root, r) if "features_id" in r else None
+                    curve = read_test_curve(path) if path is not None else None
+                    if curve is None:
+                        missing.append(path or r.get("key"))
+                    else:
+                        curves.setdefault((index, eta, step), []).append(curve)
+    return curves, etas, missing
+
+
+def _mean_curve(curves: list):
+    width = max(len(c) for c in curves)
+    stack = np.full((len(curves), width), np.nan)
+    for i, c in enumerate(curves):
+        stack[i, :len(c)] = c
+    return np.nanmean(stack, axis=0)
+
+
+def curves_figure(groups: list, title: str, gain_etas, out_dir: Path, checkpoint_root) -> list:
+    """curves.png / .pdf: test accuracy per epoch (mean over seeds) of the teacher, the last round
+    and PLL at two corruption rates, one row of panels per group, with each step's mean best-by-test
+    accuracy as a dashed line, so the gap between the best-by-test and the last-epoch number shows.
+    Without the logs (no checkpoint root, a store copied without its checkpoints) the figure is
+    skipped with one printed line, and a curve figure left by an earlier report is removed."""
+    stale = [out_dir / name for name in CURVE_FILES if (out_dir / name).exists()]
+    curves, etas, missing = training_curves(groups, gain_etas, checkpoint_root) if checkpoint_root else ({}, [], [])
+    if checkpoint_root is None or missing or not curves:
+        why = ("no checkpoint root given" if checkpoint_root is None else
+               f"{len(missing)} run(s) have no readable log.jsonl under {checkpoint_root}, e.g. {missing[0]}" if missing
+               else "no runs")
+        for path in stale:
+            path.unlink()
+        print(f"training curves skipped ({why})" + (f"; removed the stale {', '.join(p.name for p in stale)}"
+                                                      if stale else ""))
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    nrows, ncols = len(groups), len(etas)
+    fig_width = max(4.8 * ncols, 7.0)
+    seeds = len({r["seed"] for _, m in groups for r in m})
+    lines = [title, f"Test accuracy per epoch, mean over {seeds} seed{'s' if seeds != 1 else ''}. Solid: the curve, "
+                    "whose end is the last-epoch number; dashed: the mean of each run's best-by-test accuracy "
+                    "(the paper's number). Their distance is what choosing the epoch on the test set adds. "
+                    "The y-range leaves out the first 5% of epochs."]
+    text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in lines)
+    caption_in, legend_in, panel_in, gap_in = 0.17 * (text.count("\n") + 1) + 0.2, 0.4, 2.3, 0.8
+    height = caption_in + legend_in + nrows * panel_in + nrows * gap_in
+    # Panels of one corruption rate share their y-axis (rows are comparable); rates differ too much.
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False, sharey="col")
+    fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=0.2,
+                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + 0.6) / height,
+                        hspace=gap_in / panel_in)
+    colours = {"0": "black", "p": "tab:orange"}
+    labels = {}
+    shown = defaultdict(list)  # per column: the values the y-range must hold
+    for row, (settings, members) in enumerate(groups):
+        for col, eta in enumerate(etas):
+            ax = axes[row, col]
+            for step in curve_steps(members):
+                runs = curves.get((row, eta, step))
+                if not runs:
+                    continue
+                colour = colours.get(step, "tab:blue")
+                mean = _mean_curve(runs)
+                best = float(np.mean([c.max() for c in runs]))
+                ax.plot(np.arange(1, len(mean) + 1), mean, color=colour, linewidth=1.1)
+                ax.axhline(best, color=colour, linestyle="--", linewidth=0.9)
+                # the y-range leaves out the first 5% of epochs (the start-up transient)
+                shown[col] += [best, *mean[max(1, len(mean) // 20):]]
+                labels.setdefault(step_label(step), colour)
+            ax.set_title(f"{_group_title(settings, members)}, eta = {_fmt_eta(eta)}", fontsize=8)
+            ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel("test accuracy (%)")
+    for col, values in shown.items():
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        margin = max(0.08 * (high - low), 0.5)
+        axes[0, col].set_ylim(low - margin, high + margin)
+    fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
+    order = list(labels)  # teacher, last round, PLL
+    handles = [Line2D([], [], color=labels[lab]) for lab in order]
+    handles += [Line2D([], [], color="grey"), Line2D([], [], color="grey", linestyle="--")]
+    fig.legend(handles, order + ["per epoch (mean)", "best-by-test (mean)"], loc="lower center",
+               ncol=len(handles), frameon=False, fontsize=9, title="step (1 = teacher)", title_fontsize=9)
+    written = atomic_save_figure(fig, out_dir / "curves", bbox_inches="tight")
+    plt.close(fig)
+    return written
+
+
 # ---- kinds -----------------------------------------------------------------------------------
-def distillation_report(records: list, out_dir: Path, grid: dict) -> list:
+def distillation_report(records: list, out_dir: Path, grid: dict, checkpoint_root=None) -> list:
     opts = _report_options(grid)
     metric, title = opts["metric"], opts["title"]
     groups = group_records(records)
@@ -305,6 +501,7 @@ def distillation_report(records: list, out_dir: Path, grid: dict) -> list:
                atomic_write_text(out_dir / "records.csv", records_csv(records))]
     gain_etas = opts.get("gain_etas") or DEFAULT_GAIN_ETAS
     written += gain_figure(groups, metric, title, [float(e) for e in gain_etas], out_dir)
+    written += curves_figure(groups, title, [float(e) for e in gain_etas], out_dir, checkpoint_root)
     return written
 
 
@@ -335,17 +532,19 @@ def ls_temperature_table(members: list, metric: str, eta: float) -> dict:
     return {"alphas": alphas, "rows": rows}
 
 
-def _pair(cell, a: str, b: str, digits=2) -> str:
+def _pair(cell, a: str, b: str, digits=2, n_max: int = 0) -> str:
+    """'a ± std / b ± std' of one cell (no std with one seed), '(n=k)' when it has fewer seeds than others."""
     if cell is None or cell[a] is None:
         return MISSING
-    second = MISSING if cell[b] is None else f"{cell[b][0]:.{digits}f}"
-    return f"{cell[a][0]:.2f} / {second}"
+    second = MISSING if cell[b] is None else _pm(cell[b], digits=digits)
+    n = cell[a][2]
+    return f"{_pm(cell[a])} / {second}" + (f" (n={n})" if n < n_max else "")
 
 
 def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
     opts = _report_options(grid)
     metric, title = opts["metric"], opts["title"]
-    md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}, mean over seeds; the teacher's "
+    md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}, mean ± std ({STD_WORDS}) over seeds; the teacher's "
           "columns are its label-smoothing alpha, each student learns from the teacher of its column.", ""]
     tex = [f"% {title}: tables written by utils/report.py; needs \\usepackage{{booktabs}}", ""]
     for settings, members in group_records(records, exclude=("label_smoothing", "temperature")):
@@ -354,8 +553,10 @@ def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
             table = ls_temperature_table(members, metric, eta)
             n = max((c["test_acc"][2] for _, cells in table["rows"] for c in cells.values()
                      if c is not None and c["test_acc"] is not None), default=0)
+            spread = f"mean ± std ({STD_WORDS}) over n = {n} seeds" if n > 1 else "n = 1 seed (one seed: no std)"
             caption = (f"{title}: {name}, eta = {_fmt_eta(eta)}. Top-1 / top-2 (%) and mean confidence (%) / "
-                       f"entropy (nats), mean over {n} seed{'s' if n != 1 else ''}, of the {METRIC_DESCRIPTION[metric]}.")
+                       f"entropy (nats), {spread}, of the {METRIC_DESCRIPTION[metric]}; '-' = no finished run, "
+                       "(n=k) = only k seeds finished.")
             head = "| | " + " | ".join(f"alpha = {a:g}: top-1 / top-2 | alpha = {a:g}: conf. / entropy"
                                          for a in table["alphas"]) + " |"
             md += [f"## {name}, eta = {_fmt_eta(eta)}", "", f"*{caption}*", "", head,
@@ -367,7 +568,8 @@ def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
             for label, cells in table["rows"]:
                 parts = []
                 for a in table["alphas"]:
-                    parts += [_pair(cells[a], "test_acc", "test_top2"), _pair(cells[a], "test_confidence", "test_entropy", 3)]
+                    parts += [_pair(cells[a], "test_acc", "test_top2", n_max=n),
+                              _pair(cells[a], "test_confidence", "test_entropy", 3, n_max=n)]
                 md.append(f"| {label} | " + " | ".join(parts) + " |")
                 tex.append(_latex_escape(label) + " & " + " & ".join(parts) + r" \\")
             md.append("")
@@ -380,8 +582,13 @@ def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
 REPORTS = {"distillation": distillation_report, "ls_temperature": ls_temperature_report}
 
 
-def write_reports(records: list, out_dir, grid: dict) -> list:
-    """Write the report files of `grid['report']['kind']` under out_dir; return their paths."""
+def write_reports(records: list, out_dir, grid: dict, checkpoint_root=None) -> list:
+    """Write the report files of `grid['report']['kind']` under out_dir; return their paths.
+    `checkpoint_root` is where the runs' log.jsonl files are (the training-curve figure reads them;
+    without it, or without the logs, that figure is skipped with one printed line)."""
     kind = _report_options(grid)["kind"]
     assert kind in REPORTS, f"report kind {kind!r} has no writer (load_grid validates kinds)"
-    return REPORTS[kind](list(records), Path(out_dir), grid)
+    records = [with_key_neutral_settings(r) for r in records]  # a record without feature_norm: 'none'
+    if kind == "distillation":
+        return distillation_report(records, Path(out_dir), grid, checkpoint_root)
+    return REPORTS[kind](records, Path(out_dir), grid)

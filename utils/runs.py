@@ -44,11 +44,15 @@ class RunConfig:
     selection: str = "test"
     val_split: float = 0.0
     val_clean: bool = False
+    feature_norm: str = "none"
 
 
 # Settings each kind of step depends on (its own training plus, for students, its teacher chain).
 _TEACHER_FIELDS = ("dataset", "backbone", "ctype", "eta", "seed", "lr", "wd", "momentum", "gamma", "epochs",
-                   "train_batch", "label_smoothing", "val_split", "val_clean")
+                   "train_batch", "label_smoothing", "val_split", "val_clean", "feature_norm")
+# Settings added after stores existed: at this value they stay out of run keys and records, so the
+# runs of those stores keep their keys (a record without the field has this value).
+_KEY_NEUTRAL = {"feature_norm": "none"}
 _STUDENT_FIELDS = _TEACHER_FIELDS + ("temperature", "selection")
 _PLL_FIELDS = _TEACHER_FIELDS + ("selection",)  # top-2 indices do not depend on the temperature
 
@@ -57,8 +61,14 @@ def step_fields(step: str):
     return _TEACHER_FIELDS if step == "0" else _PLL_FIELDS if step == "p" else _STUDENT_FIELDS
 
 
+def with_key_neutral_settings(record: dict) -> dict:
+    """A record with the settings that runs at their key-neutral value do not store, filled in."""
+    return {**_KEY_NEUTRAL, **record}
+
+
 def step_settings(cfg: RunConfig, step: str, features_id: str) -> dict:
-    settings = {name: getattr(cfg, name) for name in step_fields(step)}
+    settings = {name: getattr(cfg, name) for name in step_fields(step)
+                if _KEY_NEUTRAL.get(name, object()) != getattr(cfg, name)}
     settings.update(step=step, features_id=features_id)
     return settings
 

@@ -31,6 +31,7 @@ from utils import softmax_solver as ss
 GRAMS = ("original", "psd", "features")
 LABEL_NOISE = ("sampled", "exact")
 SOLVERS = ("exact", "faithful")
+ADAM_STOP_LOSS = 1e-5      # the original's stopping rule: ||Y - F(Y)||^2 below this
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,15 +278,21 @@ class Solve:
     note: str = ""
     work: int = 0          # products with G (exact softmax) or Adam steps
     folds: int | None = None   # exact softmax on the weight-decay path: times the branch turned back
+    growth: float | None = None    # exact linear: the rounds' growth factor per round in the limit (> 1: divergence)
 
 
 def linear_rounds(kernel: Kernel, T0: torch.Tensor, lbd: float, rounds: int, tol: float = 1e-10) -> list[Solve]:
     """All rounds of (2) in closed form: Y (I + S) = J/K + T S with S = G/(K N lambda); one LU of
-    (I + S) serves every round (a round is one triangular solve)."""
+    (I + S) serves every round (a round is one triangular solve). Every Solve carries the rounds'
+    growth factor (`round_growth`): above 1 the rounds diverge, and each round's note says so."""
     K, N = T0.shape
     S = kernel.G / (K * N * lbd)
     A = torch.eye(N, dtype=S.dtype, device=S.device) + S
     LU, piv = torch.linalg.lu_factor(A.T.contiguous())   # we solve Y A = B, i.e. A^T Y^T = B^T
+
+    def times_round_map(X):                              # X S (I + S)^-1
+        return torch.linalg.lu_solve(LU, piv, (X @ S).T.contiguous()).T.contiguous()
+
     out, T = [], T0
     for _ in range(rounds):
         B = 1.0 / K + T @ S
@@ -294,17 +301,44 @@ def linear_rounds(kernel: Kernel, T0: torch.Tensor, lbd: float, rounds: int, tol
         # rounding makes the residual proportional to the size of Y, so the tolerance is relative
         # once the outputs leave [0, 1] (they do when the rounds amplify, see below)
         scale = max(1.0, Y.abs().max().item())
-        ok = res <= tol * scale
-        note = ""
-        if scale > 10:
-            note = (f"outputs grow round after round (max|Y| = {scale:.3g}): G has eigenvalues with real part "
-                    f"below -K N lambda / 2 = {-K * N * lbd / 2:.3g}, along which a round multiplies by "
-                    "|s/(1+s)| > 1 instead of averaging (G is not PSD)")
-        if not ok:
-            note = f"residual {res:.2e} above {tol:.0e} x max(1, max|Y|): I + G/(K N lambda) is ill-conditioned. " + note
-        out.append(Solve(Y, res, 1, ok, note.strip()))
+        out.append(Solve(Y, res, 1, res <= tol * scale))
         T = Y
+    growth = round_growth(times_round_map, out[0].Y - T0) if out else 0.0
+    for sol in out:
+        scale = max(1.0, sol.Y.abs().max().item())
+        note = ""
+        if growth > 1:
+            note = (f"outputs grow round after round (max|Y| = {scale:.3g}, x{growth:.3g} a round in the limit): "
+                    f"G has eigenvalues with real part below -K N lambda / 2 = {-K * N * lbd / 2:.3g}, along which "
+                    "a round multiplies by |s/(1+s)| > 1 instead of averaging (G is not PSD)")
+        if not sol.converged:
+            note = (f"residual {sol.residual:.2e} above {tol:.0e} x max(1, max|Y|): "
+                    f"I + G/(K N lambda) is ill-conditioned. " + note)
+        sol.note, sol.growth = note.strip(), growth
     return out
+
+
+def round_growth(times_round_map, D: torch.Tensor, steps: int = 40) -> float:
+    """How much a linear round multiplies the outputs' change in the limit, measured on the numbers:
+    Y_{t+1} - Y_t = (Y_t - Y_{t-1}) S (I + S)^-1, so continuing that map is the power iteration of
+    the round map. It starts from the first round's change D = Y_1 - T0 plus a fixed random
+    direction of the same size (rounding excites every direction sooner or later, so one the labels
+    hardly touch counts too); the geometric mean of its growth over the second half of `steps`
+    estimates the largest |s/(1+s)| (s = eigenvalue of G / (K N lambda)). Below 1 the rounds
+    converge (a Gram matrix: every |s/(1+s)| < 1); above 1 the outputs grow without bound."""
+    R = torch.randn(D.shape, generator=generator(0), dtype=torch.float64).to(D)
+    norm = D.norm().item()
+    X = R / R.norm() + (D / norm if norm > 0 and math.isfinite(norm) else 0.0)
+    logs = []
+    for _ in range(steps):
+        X = times_round_map(X)
+        norm = X.norm().item()
+        if not norm > 0 or not math.isfinite(norm):
+            return 0.0 if norm == 0 else math.inf
+        logs.append(math.log(norm))
+        X = X / norm
+    tail = logs[len(logs) // 2:]
+    return math.exp(sum(tail) / len(tail))
 
 
 def jacobian_solvers(kernel: Kernel, K: int, seed: int) -> dict:
@@ -341,7 +375,7 @@ def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, solvers: di
 
 
 def faithful_adam(kernel: Kernel, T: torch.Tensor, lbd: float, approx: bool, max_iter: int,
-                  gen: torch.Generator, stop_loss: float = 1e-5) -> Solve:
+                  gen: torch.Generator, stop_loss: float = ADAM_STOP_LOSS) -> Solve:
     """The original solver: minimise ||Y - F(Y)||^2 over Y with Adam (lr 1e-2 in linear mode, 1e-3
     in softmax mode) from a random column-normalised Y, projecting after every step (clamp at 1e-6,
     renormalise columns), until the loss is below 1e-5 or after max_iter steps. The projection
@@ -517,7 +551,7 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
     T0_cpu = T0.detach().to("cpu", torch.float64)
     yield {"round": 0, "Y": T0, "acc": accuracies(T0, true, given), "cf_acc": accuracies(T0, true, given),
            "residual": 0.0, "iterations": 0, "work": 0, "converged": True, "seconds": 0.0, "note": "given labels",
-           "cf_gap": 0.0, "folds": None}
+           "cf_gap": 0.0, "folds": None, "growth": None}
     gen = generator(sub_seeds(s.seed)["adam"])
     T, B = T0, None
     linear = None
@@ -542,7 +576,7 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
         Ycf = closed_form_outputs(T0_cpu, true, s.k, s.n, s.c, s.d, s.lbd, t)
         yield {"round": t, "Y": sol.Y, "acc": accuracies(sol.Y, true, given), "cf_acc": accuracies(Ycf, true, given),
                "residual": sol.residual, "iterations": sol.iterations, "work": sol.work, "converged": sol.converged,
-               "seconds": seconds, "note": sol.note, "folds": sol.folds,
+               "seconds": seconds, "note": sol.note, "folds": sol.folds, "growth": sol.growth,
                "cf_gap": (sol.Y.detach().to("cpu", torch.float64) - Ycf).abs().max().item()}
         T = sol.Y.detach()
 
@@ -551,11 +585,23 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
 # Files a run writes (all through the atomic writers)
 # ----------------------------------------------------------------------------------------------
 
-def run_tag(s: Setting, solver: str) -> str:
+def name_value(value) -> str:
+    """A setting's value as run names write it (floats in %g: 1e-05, 0.4)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_tag(s: Setting, solver: str, mode: str = "softmax", options: str = "", grid: dict | None = None) -> str:
     """The original's name `{K}_{n}_{lbd}_{c}_{d}_{eta}_{epsilon}` plus what the original left out
-    (seed, matrix variant, label noise, solver), so runs never overwrite each other."""
-    return (f"{s.k}_{s.n}_{s.lbd:g}_{s.c:g}_{s.d:g}_{s.eta:g}_{s.epsilon:g}"
-            f"_seed{s.seed}_{s.gram}_{s.labels}_{solver}")
+    (seed, matrix variant, label noise, solver, mode `softmax`/`linear`, and `options`: the run
+    options that change the numbers when not at their defaults), so different runs never share a
+    name. `grid`: a sweep's values per key, written in that key's place joined by '+'."""
+    grid = grid or {}
+
+    def f(key):
+        return "+".join(name_value(v) for v in grid.get(key, [getattr(s, key)]))
+
+    return (f"{f('k')}_{f('n')}_{f('lbd')}_{f('c')}_{f('d')}_{f('eta')}_{f('epsilon')}"
+            f"_seed{f('seed')}_{f('gram')}_{f('labels')}_{solver}_{mode}{options}")
 
 
 def save_round_array(path: Path, Y: torch.Tensor, true: torch.Tensor, given: torch.Tensor, round_: int, info: dict):
