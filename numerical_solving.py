@@ -63,8 +63,8 @@ def build_parser() -> ArgumentParser:
     n("--seed", type=int, default=0, help="seed of G's noise, the labels and Adam's starts")
     n("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:i")
     n("--threads", type=int, default=0,
-      help="CPU threads for torch (0: one thread when solving on the CPU, which does not collapse when "
-           "another process holds a core; torch's default on a GPU). See docs/numerical_solving.md")
+      help="CPU threads (torch's and the BLAS's). 0: one for the exact solver on the CPU (two collapse when "
+           "another process holds a core), torch's default otherwise. See docs/numerical_solving.md")
     n("--dtype", choices=("auto", "float32", "float64"), default="auto",
       help="auto: float64 for the exact solver, float32 (the original's) for the faithful one")
     n("--tol", type=float, default=DEFAULT_TOL,
@@ -471,7 +471,7 @@ def main(argv=None) -> int:
         refuse_to_overwrite(folder, arrays)
     elif args.save:
         remove_stale_arrays(out / mode, tags, args.max_dist)
-    with cpu_threads(args.threads or (1 if device.type == "cpu" else 0)):
+    with cpu_threads(args.threads or (1 if device.type == "cpu" and args.solver == "exact" else 0)):
         return solve_all(args, settings, tags, grid, named, device, dtype, out, folder, mode)
 
 
@@ -479,10 +479,13 @@ def main(argv=None) -> int:
 def cpu_threads(count: int):
     """CPU threads for the block (0: leave them), restored after (main() may run inside another
     program, e.g. the tests): torch's, and the BLAS pools of scipy/numpy, which compute G's
-    diagnostics. The policy (default: one on the CPU): the solver's work is many small operations on
-    K-row matrices, and with two threads each operation waits for both; when another process holds
-    a core, the thread it preempts stalls every operation (2 threads were 5-7x slower than 1 on
-    2 cores with one busy process; measured in docs/numerical_solving.md, bench/bench_theory_threads.py)."""
+    diagnostics. The policy (`--threads 0`): one thread for the exact solver on the CPU. Its work is
+    many small operations on K-row matrices, each of which waits for every thread; when another
+    process holds a core, the thread it preempts stalls every operation (on 2 cores with one busy
+    process, 2 threads were 2-7x slower than 1, which loses at most its idle 1.9x). The faithful
+    solver keeps torch's default: a few large products per Adam step, 2.9x faster on 2 threads
+    idle and no collapse measured, and its float32 trajectory (its printed numbers) depends on the
+    thread count. Measured: docs/numerical_solving.md, bench/bench_theory_threads.py."""
     if not count:
         yield
         return

@@ -607,8 +607,10 @@ def test_approx_on_a_gram_matrix_converges_and_says_what_the_tolerance_is(tmp_pa
 # Threads
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,threads", [([], 1), (["--threads", "2"], 2)])
+@pytest.mark.parametrize("flag,threads", [([], 1), (["--threads", "2"], 2), (["--solver", "faithful", "--max_iter", "3"], 0)],
+                         ids=["exact-default", "threads-2", "faithful-default"])
 def test_cpu_solve_uses_one_thread_unless_told_and_restores_the_count(tmp_path, capsys, monkeypatch, flag, threads):
+    """The exact solver runs on one CPU thread by default; the faithful one keeps torch's count (0 here)."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
 
     def blas_threads():
@@ -619,6 +621,7 @@ def test_cpu_solve_uses_one_thread_unless_told_and_restores_the_count(tmp_path, 
                         or diagnostics(G))
     before = (torch.get_num_threads(), blas_threads())
     assert cli(tmp_path, *SMALL, "--approx", "--device", "cpu", "--save", "False", *flag) == 0
-    assert f"float64 on cpu, {threads} thread(s)" in capsys.readouterr().out
-    assert seen == [(threads, {threads})]                # torch and scipy's BLAS (G's diagnostics) alike
+    expected = (threads, {threads}) if threads else before     # torch and scipy's BLAS (G's diagnostics) alike
+    assert f" on cpu, {expected[0]} thread(s)" in capsys.readouterr().out
+    assert seen == [expected]
     assert (torch.get_num_threads(), blas_threads()) == before
