@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers4", action="store_true", help="also time the baseline with 4 DataLoader workers")
     p.add_argument("--profile", type=int, default=0, metavar="R", help="profile one trainer epoch at R runs")
     p.add_argument("--repeats", type=int, default=5, help="repeats of each matmul timing")
+    p.add_argument("--contention", action="store_true",
+                   help="also time R=1 and R=8, idle and with one busy process per core started by this bench: "
+                        "1 thread, the default thread count, and the engine's choice (ThreadTuner)")
     return p
 
 
@@ -158,7 +161,7 @@ def run_inputs(data: TrainData, runs, device):
     return Targets("hard", data.noisy_labels, smoothing=vec(0.0)), init, Hyper(vec(0.05), vec(5e-4), vec(0.9), vec(0.98))
 
 
-def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fused=False) -> float:
+def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fused=False, tuner=None) -> float:
     """Min seconds of one epoch (train + test eval) of train_heads with `runs` runs at once, each
     with its own shuffle seed or all with one (`fused`: as --fuse-shared-seeds trains them)."""
     targets, init, hyper = run_inputs(data, runs, device)
@@ -171,7 +174,8 @@ def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fuse
     sync(device)
     stamps.append(time.perf_counter())
     seeds = [0] * runs if shared_seed else list(range(runs))
-    train_heads(data, targets, init, hyper, epochs, BATCH, seeds, on_epoch=on_epoch, fuse_shared_order=fused)
+    train_heads(data, targets, init, hyper, epochs, BATCH, seeds, on_epoch=on_epoch, fuse_shared_order=fused,
+                tuner=tuner)
     return min(b - a for a, b in zip(stamps, stamps[1:]))
 
 
@@ -183,6 +187,42 @@ def profile_epoch(data, runs, device):
     with profile(activities=activities) as prof:
         train_heads(data, targets, init, hyper, 1, BATCH, list(range(runs)))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def contention(train_x, train_y, test_x, test_y, k, epochs, device, default_threads):
+    """R = 1 and 8 at 1 thread, at the default count, and under the engine's choice, first on the
+    machine as it is, then with one busy process per core (each stops by itself after 10 minutes,
+    and is killed at the end)."""
+    import subprocess
+
+    from utils.engine import cpu_thread_plan
+
+    loop = "import time\nt = time.time()\nwhile time.time() - t < 600: pass"
+    busy = []
+    try:
+        for with_busy in (False, True):
+            if with_busy:
+                busy = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(os.cpu_count() or 1)]
+                time.sleep(1)
+            what = f"with {len(busy)} busy process(es) on the cores" if busy else "as the machine is"
+            print(f"\n(d) thread choice, {what} (load average {load_average()})")
+            print(f"  {'R':>3} {'1 thread':>9} {f'{default_threads} threads':>10} {'default':>9}  default / best")
+            for runs in (1, 8):
+                data = make_data(train_x, train_y, test_x, test_y, k, runs, device)
+                sec = {}
+                for threads in sorted({1, default_threads}):
+                    torch.set_num_threads(threads)
+                    sec[threads] = trainer_epoch(data, runs, epochs, device)
+                _, tuner = cpu_thread_plan(device, [BATCH], data.features.shape[1], k, lambda line: None,
+                                           [len(data.test_labels)])
+                chosen = trainer_epoch(data, runs, epochs, device, tuner=tuner)
+                print(f"  {runs:>3} {sec[1]:>9.3f} {sec[default_threads]:>10.3f} {chosen:>9.3f}  "
+                      f"{chosen / min(sec.values()):.2f}x (threads kept per epoch: {tuner.chosen if tuner else 1})")
+                torch.set_num_threads(default_threads)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv=None) -> int:
@@ -283,6 +323,8 @@ def main(argv=None) -> int:
             exact = at["shared", runs, threads]
             print(f"  cost of bit-exact batching, shared seeds, R={runs}, {threads} thread(s): {exact:.3f} s/epoch "
                   f"exact vs {sec:.3f} fused ({exact / sec - 1:+.0%})")
+    if args.contention and device.type == "cpu":
+        contention(train_x, train_y, test_x, test_y, k, args.epochs, device, default_threads)
     if args.profile:
         print(f"\nprofile of one epoch at R = {args.profile}")
         profile_epoch(make_data(train_x, train_y, test_x, test_y, k, args.profile, device), args.profile, device)

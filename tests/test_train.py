@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.losses import distillation_targets, pll_candidates
-from utils.train import (Hyper, NonFiniteLoss, Snapshot, Targets, TrainData, batched_products_match_lone, evaluate,
-                         shuffled_positions, topk_hits, train_heads)
+from utils.train import (Hyper, NonFiniteLoss, Snapshot, Targets, ThreadTuner, TrainData, batched_products_match_lone,
+                         evaluate, products_thread_invariant, shuffled_positions, topk_hits, train_heads)
 
 N, D, K, N_TRAIN, N_TEST = 120, 6, 4, 90, 50
 
@@ -109,20 +109,88 @@ def test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact(monkey
     import utils.engine as engine
     said = []
     monkeypatch.setattr(engine, "_DEFAULT_THREADS", 2)
-    monkeypatch.setattr(engine, "_EXACT_AT_DEFAULT", {})
+    monkeypatch.setattr(engine, "_FREE_THREADS", {})
     cpu = torch.device("cpu")
     try:
-        assert engine.set_cpu_threads(cpu, [128, 80], 64, 10, said.append) == 1  # small: one thread anyway
+        assert engine.cpu_thread_plan(cpu, [128, 80], 64, 10, said.append) == (1, None)  # small: one thread
         monkeypatch.setattr(engine, "batched_products_match_lone", lambda *a: True)
-        assert engine.set_cpu_threads(cpu, [128, 80], 512, 100, said.append) == 2
-        assert torch.get_num_threads() == 2 and said == []
-        monkeypatch.setattr(engine, "_EXACT_AT_DEFAULT", {})
-        monkeypatch.setattr(engine, "batched_products_match_lone", lambda *a: False)
-        assert engine.set_cpu_threads(cpu, [128, 80], 512, 100, said.append) == 1
-        assert engine.set_cpu_threads(cpu, [128, 80], 512, 100, said.append) == 1  # said once per shape
-        assert len(said) == 1 and "training on 1 thread" in said[0]
+        monkeypatch.setattr(engine, "products_thread_invariant", lambda *a: True)
+        threads, tuner = engine.cpu_thread_plan(cpu, [128, 80], 512, 100, said.append)
+        assert threads == 2 and tuner.counts == (2, 1) and torch.get_num_threads() == 2 and said == []
+        for probe in ("batched_products_match_lone", "products_thread_invariant"):
+            monkeypatch.setattr(engine, "_FREE_THREADS", {})
+            monkeypatch.setattr(engine, probe, lambda *a: False)
+            assert engine.cpu_thread_plan(cpu, [128, 80], 512, 100, said.append) == (1, None)
+            assert engine.cpu_thread_plan(cpu, [128, 80], 512, 100, said.append) == (1, None)  # said once
+        assert len(said) == 2 and all("training on 1 thread" in line for line in said)
     finally:
         torch.set_num_threads(1)
+
+
+class FakeClock:
+    """Steps take `seconds[threads]` each, whatever the machine does."""
+
+    def __init__(self, seconds):
+        self.seconds, self.now = seconds, 0.0
+
+    def __call__(self):
+        self.now += self.seconds[torch.get_num_threads()]
+        return self.now
+
+
+@pytest.mark.parametrize("seconds, best", [({2: 1.0, 1: 0.2}, 1), ({2: 0.2, 1: 0.3}, 2)])
+def test_the_tuner_keeps_the_faster_thread_count_and_tries_again_now_and_then(seconds, best):
+    tuner = ThreadTuner(2, trial_steps=3, retune_every=3, clock=FakeClock(seconds))
+    try:
+        used = []
+        for epoch in range(4):
+            for step in range(12):
+                tuner.before_step(step)
+                used.append(torch.get_num_threads())
+            tuner.end_epoch()
+            assert torch.get_num_threads() == 2  # evaluation at the fixed count
+        trials = [2] * 4 + [1] * 4 + [best] * 4
+        assert used[:12] == trials and used[12:36] == [best] * 24 and used[36:] == trials  # epoch 3 tries again
+        assert tuner.chosen == [best] * 4
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_an_epoch_much_slower_than_the_last_makes_the_tuner_try_again():
+    seconds = {2: 0.1, 1: 0.2}
+    tuner = ThreadTuner(2, trial_steps=1, retune_every=100, clock=FakeClock(seconds), tune_evaluation=True)
+    try:
+        used = []
+        for epoch in range(5):
+            if epoch == 3:
+                seconds[2] = 1.0  # another process took a core
+            for step in range(6):
+                tuner.before_step(step)
+                used.append(torch.get_num_threads())
+            tuner.end_epoch()
+        assert tuner.chosen == [2, 2, 2, 2, 1] and torch.get_num_threads() == 1  # evaluation follows
+        assert used[24:] == [2, 2, 1, 1, 1, 1]
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "wide"])
+def test_tuned_threads_change_no_number(shape, monkeypatch):
+    if shape == "wide":
+        monkeypatch.setattr(__import__(__name__), "D", 96)
+        monkeypatch.setattr(__import__(__name__), "K", 24)
+    if not products_thread_invariant([8, 2], D, K, 2):
+        pytest.skip("this BLAS rounds products differently at 2 threads: the engine never tunes there "
+                    "(test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact)")
+    data = make_data(3, val=True)
+    targets = make_targets("partial", data, 3)
+    hp = hyper([0.1, 0.03, 0.2], [1e-3, 0.0, 5e-2], [0.9, 0.5, 0.0], [0.98, 0.9, 1.0])
+    torch.set_num_threads(2)  # the tuner evaluates at its fixed count (2): so does the plain run
+    plain = train_heads(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3])
+    clock = FakeClock({2: 1.0, 1: 0.1})  # one thread "wins" the trials
+    tuned = train_heads(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3], tuner=ThreadTuner(2, 2, clock=clock))
+    torch.set_num_threads(1)
+    assert torch.equal(plain.weight, tuned.weight) and plain.history == tuned.history
 
 
 def test_the_blas_probe_finds_batch_items_equal_to_lone_products_on_one_thread():

@@ -39,8 +39,9 @@ from utils.leases import LEASE_NAME, Heartbeat, LeaseLost, read_holder, try_clai
 from utils.losses import distillation_targets, pll_candidates
 from utils.runs import (CHECKPOINT_OF_SELECTION, SCHEMA, ResultsStore, RunConfig, code_version, run_dir,
                         run_key, sha256_of, step_settings, teacher_step)
-from utils.train import (Hyper, NonFiniteLoss, Snapshot, TrainData, Targets, TrainState, batched_products_match_lone,
-                         head_logits, train_heads)
+from utils.train import (Hyper, NonFiniteLoss, Snapshot, TrainData, Targets, TrainState, ThreadTuner,
+                         batched_products_match_lone, evaluation_thread_invariant, head_logits,
+                         products_thread_invariant, train_heads)
 
 STEP_CODE_PLL = 1000
 RESUME_FILE = "resume.pt"      # periodic state of a run in training; never a teacher
@@ -114,30 +115,42 @@ def progress_mode(opts: EngineOptions) -> str:
 
 
 # Below this many multiply-adds per run and step, extra CPU threads cost more in synchronisation
-# than they save (and collapse when another process holds the cores): one thread is faster. The
-# choice depends on one run's shape only, never on how many runs share the batch, so a run gets the
-# same thread count (and the same bits) alone or batched.
+# than they save: one thread is faster. Above it, more threads are faster on a quiet machine and
+# several times slower when another process holds a core, so a ThreadTuner picks, every epoch, the
+# faster of one thread and the default count. That is allowed only where the BLAS gives the same bits
+# at any thread count and for a run alone or batched (probed once per shape); elsewhere training
+# stays on one thread, which keeps every run's numbers independent of its batch and of the load.
 SMALL_STEP_MACS = 4_000_000
 _DEFAULT_THREADS = torch.get_num_threads()
-_EXACT_AT_DEFAULT = {}  # (batch sizes, d, K) -> whether batched products match lone ones at default threads
+_FREE_THREADS = {}  # (batch sizes, d, K) -> whether the thread count may change (see above)
+_FREE_EVAL_THREADS = {}  # (evaluation rows, d, K) -> the same for evaluation
 
 
-def set_cpu_threads(device: torch.device, batch_sizes, dim: int, num_classes: int, log=print) -> int:
-    """Set and return the training thread count for runs of this shape (0 on a GPU)."""
+def cpu_thread_plan(device: torch.device, batch_sizes, dim: int, num_classes: int, log=print, eval_rows=()):
+    """(largest thread count, ThreadTuner for the training steps (and evaluation of `eval_rows`
+    test/validation rows, where that is free too) or None) for runs of this shape; sets torch's
+    thread count. (0, None) on a GPU."""
     if device.type != "cpu":
-        return 0
-    threads = 1
-    if max(batch_sizes) * dim * num_classes >= SMALL_STEP_MACS and _DEFAULT_THREADS > 1:
-        shape = (tuple(sorted(set(batch_sizes))), dim, num_classes)
-        if shape not in _EXACT_AT_DEFAULT:
-            torch.set_num_threads(_DEFAULT_THREADS)
-            _EXACT_AT_DEFAULT[shape] = batched_products_match_lone(shape[0], dim, num_classes)
-            if not _EXACT_AT_DEFAULT[shape]:
-                log(f"this BLAS rounds batched products differently from lone ones at {_DEFAULT_THREADS} "
-                    "threads: training on 1 thread, so every run gives the same numbers alone or batched")
-        threads = _DEFAULT_THREADS if _EXACT_AT_DEFAULT[shape] else 1
-    torch.set_num_threads(threads)
-    return threads
+        return 0, None
+    if max(batch_sizes) * dim * num_classes < SMALL_STEP_MACS or _DEFAULT_THREADS == 1:
+        torch.set_num_threads(1)
+        return 1, None
+    shape = (tuple(sorted(set(batch_sizes))), dim, num_classes)
+    if shape not in _FREE_THREADS:
+        torch.set_num_threads(_DEFAULT_THREADS)
+        _FREE_THREADS[shape] = (batched_products_match_lone(shape[0], dim, num_classes)
+                                and products_thread_invariant(shape[0], dim, num_classes, _DEFAULT_THREADS))
+        if not _FREE_THREADS[shape]:
+            log(f"this BLAS rounds products differently with {_DEFAULT_THREADS} threads (or batched): training "
+                "on 1 thread, so every run gives the same numbers alone, batched or resumed")
+    if not _FREE_THREADS[shape]:
+        torch.set_num_threads(1)
+        return 1, None
+    eval_shape = (tuple(sorted(set(eval_rows))), dim, num_classes)
+    if eval_shape not in _FREE_EVAL_THREADS:
+        _FREE_EVAL_THREADS[eval_shape] = evaluation_thread_invariant(eval_shape[0], dim, num_classes, _DEFAULT_THREADS)
+    torch.set_num_threads(_DEFAULT_THREADS)
+    return _DEFAULT_THREADS, ThreadTuner(_DEFAULT_THREADS, tune_evaluation=_FREE_EVAL_THREADS[eval_shape])
 
 
 def load_source(source: FeatureSource, opts: EngineOptions, log) -> FeatureSet:
@@ -505,7 +518,9 @@ class ChainRunner:
         resume = self._stack_resume([ck for _, ck in resumes], device) if resumes[0] else None
         epochs, batch = cfgs[0].epochs, cfgs[0].train_batch
         num_train = data.train_rows.shape[1]
-        threads = set_cpu_threads(device, [min(batch, num_train), num_train % batch or batch], features.dim, k, self.log)
+        eval_rows = [len(features.test_y)] + ([data.val_rows.shape[1]] if has_val else [])
+        threads, tuner = cpu_thread_plan(device, [min(batch, num_train), num_train % batch or batch], features.dim, k,
+                                         self.log, eval_rows)
         desc = f"step {step}: {len(cfgs)} run{'s' if len(cfgs) > 1 else ''} of {features.name}"
         ebar = tqdm(total=epochs, initial=resume.epoch if resume else 0, desc=desc, unit="ep", leave=False,
                     disable=self.mode != "bars", dynamic_ncols=True)
@@ -523,7 +538,7 @@ class ChainRunner:
         try:
             with heartbeat:
                 state = train_heads(data, targets, init, hyper, epochs, batch, seeds, resume, on_epoch,
-                                    fuse_shared_order=self.opts.fuse_shared_seeds)
+                                    fuse_shared_order=self.opts.fuse_shared_seeds, tuner=tuner)
             heartbeat.check()
         except NonFiniteLoss as exc:
             cfg = cfgs[exc.run]

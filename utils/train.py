@@ -12,6 +12,7 @@ row-wise with the same per-element code whatever the batch. The one exception is
 (`fuse_shared_order`): runs that share their mini-batches multiply them as one wider product,
 faster but rounded differently from the same run alone on some BLAS builds.
 """
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -167,40 +168,49 @@ def head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([x @ w.T for x, w in zip(features, weight)])
 
 
+def _test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The test metrics of ONE run: logits (1, N, K), labels (1, N). Evaluated run by run so that
+    every sum over the N rows has the same shape (and so the same bits) whatever the batch."""
+    top1, top2 = topk_hits(logits, labels)
+    n = labels.shape[1]
+    log_p = torch.log_softmax(logits, dim=-1)
+    probs = log_p.exp()
+    return {"test_loss": -log_p.gather(-1, labels.unsqueeze(-1)).mean((1, 2)),
+            "test_acc": top1 * (100.0 / n), "test_top2": top2 * (100.0 / n),
+            # calibration view of the "diffusion" effect: mean max-probability (%) and entropy (nats)
+            "test_confidence": probs.amax(-1).mean(-1) * 100,
+            "test_entropy": -(probs * log_p).sum(-1).mean(-1)}
+
+
 @torch.no_grad()
 def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch.Tensor] = None) -> dict:
     """Per run: test loss, top-1/top-2 accuracy (percent), confidence and entropy; val accuracy when a
     val split exists."""
     logits = head_logits(data.test_features, weight)
-    labels = data.test_labels.expand(logits.shape[:2])
-    top1, top2 = topk_hits(logits, labels)
-    n = labels.shape[1]
-    log_p = torch.log_softmax(logits, dim=-1)
-    probs = log_p.exp()
-    out = {"test_loss": -log_p.gather(-1, labels.unsqueeze(-1)).mean((1, 2)),
-           "test_acc": top1 * (100.0 / n), "test_top2": top2 * (100.0 / n),
-           # calibration view of the "diffusion" effect: mean max-probability (%) and entropy (nats)
-           "test_confidence": probs.amax(-1).mean(-1) * 100,
-           "test_entropy": -(probs * log_p).sum(-1).mean(-1)}
+    labels = data.test_labels.unsqueeze(0)
+    runs = [_test_metrics(logits[r:r + 1], labels) for r in range(logits.shape[0])]
+    out = {name: torch.cat([run[name] for run in runs]) for name in runs[0]}
     if data.val_rows is not None:
         if val_features is None:
             val_features = data.features[data.val_rows]
         val_logits = head_logits(val_features, weight)
-        top1, _ = topk_hits(val_logits, data.val_labels)
-        out["val_acc"] = top1 * (100.0 / data.val_rows.shape[1])
+        hits = [topk_hits(val_logits[r:r + 1], data.val_labels[r:r + 1])[0] for r in range(val_logits.shape[0])]
+        out["val_acc"] = torch.cat(hits) * (100.0 / data.val_rows.shape[1])
     return out
 
 
 @torch.no_grad()
 def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hyper: Hyper, epochs: int,
                 batch_size: int, shuffle_seeds, resume: Optional[TrainState] = None,
-                on_epoch: Optional[Callable[[TrainState], None]] = None, fuse_shared_order: bool = False
-                ) -> TrainState:
+                on_epoch: Optional[Callable[[TrainState], None]] = None, fuse_shared_order: bool = False,
+                tuner: Optional["ThreadTuner"] = None) -> TrainState:
     """Train R heads for `epochs` epochs (from `resume.epoch` if given) and return the final state.
 
     `on_epoch(state)` runs after every epoch (progress bars, periodic checkpoints).
     `fuse_shared_order`: runs that see the same mini-batches share one wider matmul (see
-    `shared_order_group_size`); faster, but a run's rounding may then depend on its batch."""
+    `shared_order_group_size`); faster, but a run's rounding may then depend on its batch.
+    `tuner`: chooses the CPU thread count of the training steps epoch by epoch (ThreadTuner); only
+    for a BLAS whose products do not depend on the thread count (`products_thread_invariant`)."""
     device = data.features.device
     num_runs, num_train = data.train_rows.shape
     arange_r = torch.arange(num_runs, device=device)[:, None]
@@ -229,7 +239,9 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
         rows_all = group_rows.gather(1, positions_all)
         loss_sum = torch.zeros(num_runs, device=device, dtype=torch.float64)
         hits = torch.zeros(4, num_runs, device=device, dtype=torch.long)
-        for start in range(0, num_train, batch_size):
+        for step, start in enumerate(range(0, num_train, batch_size)):
+            if tuner is not None:
+                tuner.before_step(step)
             batch_rows = rows_all[:, start:start + batch_size]
             b = batch_rows.shape[1]
             # index_select on flat indices is ~4x faster than advanced indexing for this gather
@@ -254,6 +266,8 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
         bad = ~torch.isfinite(train_loss)
         if bad.any():
             raise NonFiniteLoss(epoch + 1, int(bad.nonzero()[0]))
+        if tuner is not None:
+            tuner.end_epoch()  # the thread count of evaluation (fixed, unless it cannot change a number)
         metrics = evaluate(data, weight, val_features)
         state.best_test.update(metrics["test_acc"], epoch + 1, weight, momentum)
         if state.best_val is not None:
@@ -292,3 +306,117 @@ def batched_products_match_lone(batch_sizes, dim: int, num_classes: int, runs=(2
                         torch.equal(backward[one], base[one].clone().baddbmm_(g[one].transpose(1, 2), x[one]))):
                     return False
     return True
+
+
+class ThreadTuner:
+    """The faster of one thread and `threads` for the training steps of a chunk of runs.
+
+    On a quiet machine more threads are faster; when another process holds a core they can be
+    several times slower (a step waits for its slowest thread). So an epoch now and then times its
+    first steps with each count (after one warm-up step each) and keeps the faster; the other
+    epochs use the kept count, and time themselves: an epoch 1.5 times slower than the last one
+    (the load changed) makes the next epoch try both counts again. Trials cost little: a few steps
+    every `retune_every` epochs. Evaluation uses the kept count when `tune_evaluation` (its numbers
+    do not depend on the thread count either), else `threads`. Only valid where the thread count
+    changes no result (`products_thread_invariant`): the choice changes speed, never numbers."""
+
+    def __init__(self, threads: int, trial_steps: int = 3, retune_every: int = 10, clock=time.perf_counter,
+                 tune_evaluation=False):
+        self.counts = (threads, 1)
+        self.trial, self.retune_every, self.clock = trial_steps, retune_every, clock
+        self.tune_evaluation = tune_evaluation
+        self.chosen = []  # per epoch: the thread count kept after its trials (or carried over)
+        self._epoch, self._kept, self._last_epoch_time, self._retune = 0, None, None, True
+        self._times, self._started, self._epoch_started = {}, None, None
+
+    def before_step(self, step: int) -> None:
+        now = self.clock()
+        if step == 0:
+            self._epoch_started = now
+        if not self._retune:
+            if step == 0:
+                torch.set_num_threads(self._kept)
+            return
+        if self._started is not None:
+            self._times.setdefault(self._current, []).append(now - self._started)
+            self._started = None
+        block = step // (self.trial + 1)
+        if block < len(self.counts):
+            self._current = self.counts[block]
+            torch.set_num_threads(self._current)
+            if step % (self.trial + 1):  # the first step of a block warms up the new count
+                self._started = now
+        elif block == len(self.counts) and step % (self.trial + 1) == 0:
+            self._kept = min(self.counts, key=lambda c: sum(self._times.get(c, [float("inf")])))
+            torch.set_num_threads(self._kept)
+
+    def end_epoch(self) -> None:
+        now = self.clock()
+        if self._retune:
+            if self._kept is None or len(self._times) < len(self.counts):  # an epoch shorter than its trials
+                self._kept = self.counts[0]
+            self.chosen.append(self._kept)
+            self._retune = False
+        else:
+            self.chosen.append(self._kept)
+            elapsed = now - self._epoch_started
+            self._retune = self._last_epoch_time is not None and elapsed > 1.5 * self._last_epoch_time
+            self._last_epoch_time = elapsed
+        self._epoch += 1
+        if self._epoch % self.retune_every == 0:
+            self._retune = True
+        if self._retune:
+            self._last_epoch_time = None
+        self._times, self._started = {}, None
+        torch.set_num_threads(self._kept if self.tune_evaluation else self.counts[0])
+
+
+# Up to this many test (or validation) rows, torch reduces a run's evaluation sums on one thread
+# whatever the thread count (its grain size); beyond, the split of a sum could follow the count.
+SERIAL_REDUCTION_ROWS = 32_768
+
+
+@torch.no_grad()
+def evaluation_thread_invariant(rows, dim: int, num_classes: int, threads: int) -> bool:
+    """Whether evaluating `rows` samples (one (rows x d)(d x K) product per run, then per-run sums)
+    gives the same bits at `threads` CPU threads as at one."""
+    if not rows or max(rows) > SERIAL_REDUCTION_ROWS:
+        return False
+    gen = torch.Generator().manual_seed(2)
+    before = torch.get_num_threads()
+    try:
+        for n in sorted(set(rows)):
+            x, w = torch.randn(n, dim, generator=gen), torch.randn(num_classes, dim, generator=gen)
+            results = []
+            for count in (1, threads):
+                torch.set_num_threads(count)
+                results.append(x @ w.T)
+            if not torch.equal(*results):
+                return False
+        return True
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def products_thread_invariant(batch_sizes, dim: int, num_classes: int, threads: int, runs=(1, 2, 8, 64)) -> bool:
+    """Whether the trainer's products (one item alone or in a batch) give the same bits at
+    `threads` CPU threads as at one: then the thread count is free to change between steps and
+    processes without changing any number. True for MKL's AVX-512 code here; its AVX2 code splits a
+    lone product across threads and rounds it differently."""
+    gen = torch.Generator().manual_seed(1)
+    before = torch.get_num_threads()
+    try:
+        for b in sorted(set(batch_sizes)):
+            for r in runs:
+                x, w = torch.randn(r, b, dim, generator=gen), torch.randn(r, num_classes, dim, generator=gen)
+                g, base = torch.randn(r, b, num_classes, generator=gen), torch.randn(r, num_classes, dim, generator=gen)
+                results = []
+                for count in (1, threads):
+                    torch.set_num_threads(count)
+                    results.append((torch.bmm(x, w.transpose(1, 2)), base.clone().baddbmm_(g.transpose(1, 2), x)))
+                if not all(torch.equal(a, b) for a, b in zip(*results)):
+                    return False
+        return True
+    finally:
+        torch.set_num_threads(before)
