@@ -625,3 +625,18 @@ def test_cpu_solve_uses_one_thread_unless_told_and_restores_the_count(tmp_path, 
     assert f" on cpu, {expected[0]} thread(s)" in capsys.readouterr().out
     assert seen == [expected]
     assert (torch.get_num_threads(), blas_threads()) == before
+
+
+def test_theory_figure_draws_the_closed_form_as_points_and_keeps_the_legend_off_the_data():
+    from utils.theory import theory_figure
+    base = {name: 0 for name in th.RECORD_FIELDS}
+    records = [{**base, "round": t, "clean": 90.0 + t, "noisy": 10.0 * t, "cf_clean": 91.0, "cf_noisy": 12.0 * t}
+               for t in range(4)]
+    fig = theory_figure(records, [], "title")
+    for ax in fig.axes:
+        solved, closed = ax.get_lines()
+        assert solved.get_linestyle() == "-" and closed.get_linestyle() == "None" and closed.get_marker() == "x"
+    legend = fig.axes[1].get_legend()
+    fig.canvas.draw()
+    box = legend.get_window_extent().transformed(fig.axes[1].transAxes.inverted())
+    assert box.x0 >= 1.0  # to the right of the axes: on no data

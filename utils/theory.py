@@ -653,15 +653,26 @@ def setting_label(rec: dict, varying: list[str]) -> str:
 
 
 def draw_figure(folder: Path, records: list[dict], varying: list[str], title: str) -> list[Path]:
+    """The figure of `theory_figure`, saved as folder/figure.png and .pdf."""
+    import matplotlib.pyplot as plt
+
+    from utils.io import atomic_save_figure
+
+    fig = theory_figure(records, varying, title)
+    paths = atomic_save_figure(fig, folder / "figure", bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def theory_figure(records: list[dict], varying: list[str], title: str):
     """The paper's picture for this experiment: accuracy of clean and of noisy samples against the
-    distillation round, one line per setting (solid: solved fixed point, dashed: closed form)."""
+    distillation round, one colour per setting: the solved fixed point (dots joined by a line) and
+    the closed form (crosses only: it exists at whole rounds). The legend sits outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-
-    from utils.io import atomic_save_figure
 
     groups: dict = {}
     for rec in records:
@@ -676,7 +687,8 @@ def draw_figure(folder: Path, records: list[dict], varying: list[str], title: st
         label = setting_label(recs[0], varying)
         for ax, part in zip(axes, ("clean", "noisy")):
             ax.plot(rounds, [r[part] for r in recs], "-o", color=color, ms=3, label=label)
-            ax.plot(rounds, [r["cf_" + part] for r in recs], "--", color=color, alpha=0.6)
+            ax.plot(rounds, [r["cf_" + part] for r in recs], linestyle="none", marker="x", ms=5, color=color,
+                    alpha=0.7)
     for ax, part in zip(axes, ("clean", "noisy")):
         ax.set_title(f"{part} samples (given label {'correct' if part == 'clean' else 'corrupted'})")
         ax.set_xlabel("distillation round (0 = given labels)")
@@ -684,9 +696,8 @@ def draw_figure(folder: Path, records: list[dict], varying: list[str], title: st
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy against the true class (%)")
-    axes[1].legend(fontsize=8, title="solid: solved, dashed: closed form", title_fontsize=8)
+    axes[1].legend(fontsize=8, title="dots: solved; crosses: closed form", title_fontsize=8, loc="upper left",
+                   bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    paths = atomic_save_figure(fig, folder / "figure")
-    plt.close(fig)
-    return paths
+    return fig
