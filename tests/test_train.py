@@ -105,6 +105,34 @@ def test_batched_runs_equal_runs_done_alone_bit_for_bit(kind, threads, shape, mo
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("kind", ["hard", "soft", "partial"])
+def test_runs_sharing_their_batches_equal_runs_done_alone_bit_for_bit(kind, monkeypatch):
+    """Two blocks of three runs with one seed and the same rows each (a grid's rates of one seed):
+    their mini-batches are gathered once per block, and each run still gets its lone bits."""
+    monkeypatch.setattr(__import__(__name__), "D", 96)
+    monkeypatch.setattr(__import__(__name__), "K", 24)
+    data = make_data(6)
+    same = data.train_rows[:1].expand(6, -1).clone()
+    data = TrainData(data.features, same, data.noisy_labels, data.true_labels, data.test_features,
+                     data.test_labels, num_classes=K)
+    logits = torch.bmm(data.features[data.train_rows],
+                       torch.randn(6, K, D, generator=torch.Generator().manual_seed(9)).transpose(1, 2))
+    targets = {"hard": Targets("hard", data.noisy_labels, smoothing=torch.tensor([0.0, 0.2, 0.05, 0.0, 0.1, 0.0])),
+               "soft": Targets("soft", distillation_targets(logits, torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 3.0])),
+                               temperature=torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 3.0])),
+               "partial": Targets("partial", pll_candidates(logits))}[kind]
+    hp = ([0.1, 0.03, 0.2, 0.05, 0.1, 0.01], [1e-3, 0.0, 5e-2, 1e-4, 0.0, 1e-3], [0.9] * 6, [0.98] * 6)
+    seeds = [5, 5, 5, 7, 7, 7]
+    init = init_weights(6)
+    together = train_heads(data, targets, init, hyper(*hp), 3, 16, seeds)
+    fused = train_heads(data, targets, init, hyper(*hp), 3, 16, seeds, fuse_shared_order=True)
+    torch.testing.assert_close(fused.weight, together.weight, atol=1e-5, rtol=1e-4)  # same maths
+    for r in range(6):
+        alone = train_heads(select(data, r), select_targets(targets, r), init[r:r + 1],
+                            hyper(*[[v[r]] for v in hp]), 3, 16, [seeds[r]])
+        assert torch.equal(together.weight[r], alone.weight[0]) and together.history[r] == alone.history[0]
+
+
 def test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact(monkeypatch):
     import utils.engine as engine
     said = []

@@ -225,17 +225,20 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
         state = resume
     weight, momentum = state.weight, state.momentum
     val_features = data.features[data.val_rows] if data.val_rows is not None else None  # gathered once
-    group = shared_order_group_size(list(shuffle_seeds), data.train_rows) if fuse_shared_order else 1
-    num_orders = num_runs // group
-    group_rows = data.train_rows[::group]                                          # (U, N_train)
+    # runs in blocks of `shared` see the same mini-batches: gathered once per block; their products
+    # are one wide matmul when fused, else one (B x d)(d x K) product per run on the shared rows
+    shared = shared_order_group_size(list(shuffle_seeds), data.train_rows)
+    group = shared if fuse_shared_order else 1
+    num_orders = num_runs // shared
+    group_rows = data.train_rows[::shared]                                         # (U, N_train)
     noisy_and_true = torch.stack([data.noisy_labels, data.true_labels])            # (2, R, N_train)
     loss_options = targets.loss_options()
     # preallocated step buffers: fresh MB-sized temporaries each step cost page faults on CPU
     decayed, update = torch.empty_like(weight), torch.empty_like(weight)
-    fused_weight = weight.view(num_orders, group * data.num_classes, -1)
+    fused_weight = weight.view(num_runs // group, group * data.num_classes, -1)
     for epoch in range(state.epoch, epochs):
         lr = view(hyper.lr * hyper.gamma ** epoch)
-        positions_all = shuffled_positions(num_train, list(shuffle_seeds)[::group], epoch).to(device)
+        positions_all = shuffled_positions(num_train, list(shuffle_seeds)[::shared], epoch).to(device)
         rows_all = group_rows.gather(1, positions_all)
         loss_sum = torch.zeros(num_runs, device=device, dtype=torch.float64)
         hits = torch.zeros(4, num_runs, device=device, dtype=torch.long)
@@ -247,16 +250,27 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
             # index_select on flat indices is ~4x faster than advanced indexing for this gather
             xb = data.features.index_select(0, batch_rows.reshape(-1)).view(num_orders, b, -1)  # (U, B, d)
             positions = positions_all[:, start:start + batch_size]
-            if group > 1:
-                positions = positions.repeat_interleave(group, 0)                        # (R, B)
-            # U = R / G matmuls of (B x d) @ (d x G*K); with G = 1 this is one per run
-            logits = torch.bmm(xb, fused_weight.transpose(1, 2))
-            logits = logits.view(num_orders, b, group, -1).transpose(1, 2).reshape(num_runs, b, -1)
-            loss, grad_logits = _batch_loss(targets, loss_options, logits, positions, arange_r)
-            grad_logits = grad_logits.view(num_orders, group, b, -1).transpose(1, 2).reshape(num_orders, b, -1)
+            if shared > 1:
+                positions = positions.repeat_interleave(shared, 0)                       # (R, B)
             # grad = wd * W + dL/dlogits^T @ x, accumulated in place into the decay buffer
             torch.mul(weight, wd, out=decayed)
-            decayed.view_as(fused_weight).baddbmm_(grad_logits.transpose(1, 2), xb)
+            if group > 1:  # fused: U matmuls of (B x d) @ (d x G*K)
+                logits = torch.bmm(xb, fused_weight.transpose(1, 2))
+                logits = logits.view(num_orders, b, group, -1).transpose(1, 2).reshape(num_runs, b, -1)
+                loss, grad_logits = _batch_loss(targets, loss_options, logits, positions, arange_r)
+                grad_logits = grad_logits.view(num_orders, group, b, -1).transpose(1, 2).reshape(num_orders, b, -1)
+                decayed.view_as(fused_weight).baddbmm_(grad_logits.transpose(1, 2), xb)
+            elif shared == 1:
+                logits = torch.bmm(xb, weight.transpose(1, 2))
+                loss, grad_logits = _batch_loss(targets, loss_options, logits, positions, arange_r)
+                decayed.baddbmm_(grad_logits.transpose(1, 2), xb)
+            else:  # each block's gathered rows, expanded (not copied) to its runs
+                blocks = [slice(u * shared, (u + 1) * shared) for u in range(num_orders)]
+                runs_x = [xb[u].expand(shared, b, -1) for u in range(num_orders)]
+                logits = torch.cat([torch.bmm(x, weight[blk].transpose(1, 2)) for x, blk in zip(runs_x, blocks)])
+                loss, grad_logits = _batch_loss(targets, loss_options, logits, positions, arange_r)
+                for x, blk in zip(runs_x, blocks):
+                    decayed[blk].baddbmm_(grad_logits[blk].transpose(1, 2), x)
             momentum.mul_(mom).add_(decayed)
             weight.sub_(torch.mul(lr, momentum, out=update))
             loss_sum += loss.double() * b
@@ -300,10 +314,15 @@ def batched_products_match_lone(batch_sizes, dim: int, num_classes: int, runs=(2
             base = torch.randn(r, num_classes, dim, generator=gen)
             forward = torch.bmm(x, w.transpose(1, 2))
             backward = base.clone().baddbmm_(g.transpose(1, 2), x)
+            shared = x[:1].expand(r, b, dim)  # runs sharing their mini-batch: one gathered copy, expanded
+            forward_shared = torch.bmm(shared, w.transpose(1, 2))
+            backward_shared = base.clone().baddbmm_(g.transpose(1, 2), shared)
             for i in range(r):
                 one = slice(i, i + 1)
                 if not (torch.equal(forward[one], torch.bmm(x[one], w[one].transpose(1, 2))) and
-                        torch.equal(backward[one], base[one].clone().baddbmm_(g[one].transpose(1, 2), x[one]))):
+                        torch.equal(backward[one], base[one].clone().baddbmm_(g[one].transpose(1, 2), x[one])) and
+                        torch.equal(forward_shared[one], torch.bmm(x[:1], w[one].transpose(1, 2))) and
+                        torch.equal(backward_shared[one], base[one].clone().baddbmm_(g[one].transpose(1, 2), x[:1]))):
                     return False
     return True
 
