@@ -37,7 +37,10 @@ def _tmp_prefix(name: str) -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host."""
+    """Whether process `pid` exists on this host (a pid below 1 names no single process: kill()
+    would address a whole group, so it is taken as alive and judged by its heartbeat instead)."""
+    if pid < 1:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
