@@ -12,7 +12,6 @@ then all PLL students. A run's life (see DESIGN in the docs):
 A student loads its teacher only through the teacher's record, which names each final
 checkpoint's content hash.
 """
-import io
 import json
 import os
 import platform
@@ -34,7 +33,8 @@ from models.backbones import backbone_tag
 from models.extract import load_or_extract_features
 from models.head import head_state_dict, init_head_weights
 from utils.cli import UserError
-from utils.io import HOST, atomic_torch_save, atomic_write_bytes, atomic_write_text, load_torch_file, remove_stale_temporaries
+from utils.io import (HOST, atomic_torch_save, atomic_write_bytes, atomic_write_text, load_torch_bytes, load_torch_file,
+                      remove_stale_temporaries, torch_bytes)
 from utils.leases import LEASE_NAME, Heartbeat, LeaseLost, read_holder, try_claim
 from utils.losses import distillation_targets, pll_candidates
 from utils.runs import (CHECKPOINT_OF_SELECTION, SCHEMA, ResultsStore, RunConfig, code_version, run_dir,
@@ -188,16 +188,6 @@ def _checkpoint(kind, cfg, step, fid, key, epoch, weight, momentum, lr, acc, bes
            "acc": float(acc), "best_acc": float(best_acc)}
     out.update(extra or {})
     return out
-
-
-def _torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _load_torch_bytes(data: bytes):
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(path, key: str, fix: str) -> dict:
@@ -410,7 +400,7 @@ class ChainRunner:
         them and the record); None when they are absent or do not match each other."""
         try:
             data = (folder / FINAL_FILES["last"]).read_bytes()
-            last = _load_torch_bytes(data)
+            last = load_torch_bytes(data)
         except Exception:  # absent, torn by a foreign writer or not ours: the run is not finished
             return None
         payload = last.get("record") if isinstance(last, dict) and last.get("key") == key else None
@@ -474,7 +464,7 @@ class ChainRunner:
         if sha256_of(data) != entry["sha256"]:
             raise UserError(f"checkpoint {path} is not the one the record {self.store.path(t_key)} of {what} "
                             f"names (content hash differs: it changed after the run finished). {retrain}")
-        ckpt = _load_torch_bytes(data)
+        ckpt = load_torch_bytes(data)
         return ckpt["model"]["weight"], t_key
 
     def _train_chunk(self, features, fid, feats_dev, test_dev, chunk, step, setup_of, bar):
@@ -602,14 +592,14 @@ class ChainRunner:
             if snap is None:
                 continue
             e = int(snap.epoch[r])
-            data = _torch_bytes(_checkpoint(kind, cfg, step, fid, key, e, snap.weight[r], snap.momentum[r],
+            data = torch_bytes(_checkpoint(kind, cfg, step, fid, key, e, snap.weight[r], snap.momentum[r],
                                             hist[e - 1]["lr"], hist[e - 1]["test_acc"], best_test_acc))
             atomic_write_bytes(folder / FINAL_FILES[kind], data)
             written[kind] = {"file": FINAL_FILES[kind], "sha256": sha256_of(data)}
         payload = self._record_payload(cfg, step, fid, key, hist, state, r, setup, teacher_key, coverage,
                                        run_facts["threads"], run_facts["fused_batches"])
         payload["final_checkpoints"] = written
-        data = _torch_bytes(_checkpoint("last", cfg, step, fid, key, state.epoch, state.weight[r], state.momentum[r],
+        data = torch_bytes(_checkpoint("last", cfg, step, fid, key, state.epoch, state.weight[r], state.momentum[r],
                                         hist[-1]["lr"], hist[-1]["test_acc"], best_test_acc, {"record": payload}))
         atomic_write_bytes(folder / FINAL_FILES["last"], data)
         checkpoints = {**written, "last": {"file": FINAL_FILES["last"], "sha256": sha256_of(data)}}

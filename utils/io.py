@@ -105,12 +105,23 @@ def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
+def torch_bytes(obj) -> bytes:
+    """What torch.save writes for `obj` (tensors and plain types), in memory: the same bytes for the
+    same content, so a checkpoint's hash can be taken before it is written."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_torch_bytes(data: bytes):
+    """The object in `torch_bytes` output, without unrestricted unpickling (weights_only)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def atomic_torch_save(path, obj) -> Path:
     """torch.save into memory, then an atomic write; objects must be tensors and plain types so
     that `load_torch_file` (weights_only=True) can read them back."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, torch_bytes(obj))
 
 
 def atomic_save_figure(fig, stem, formats=("png", "pdf"), **savefig) -> list:
