@@ -38,10 +38,11 @@ def str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {text!r}")
 
 
-def add_bool_flag(parser, *names, default=False, help=""):
+def add_bool_flag(parser, *names, default=False, help="", dest=None):
     """A boolean option usable as a bare flag (`--partial`) or with a word (`--partial False`)."""
+    extra = {"dest": dest} if dest else {}
     parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default,
-                        metavar="BOOL", help=help)
+                        metavar="BOOL", help=help, **extra)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
