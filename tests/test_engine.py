@@ -118,7 +118,7 @@ def test_missing_round_names_the_command_that_trains_it(cli, capsys):
     assert len(err) == 1 and "round 1" in err[0] and "python train_linear.py" in err[0]
     command = err[0].split("python train_linear.py", 1)[1].split()
     args = train_linear.build_parser().parse_args(command)
-    assert train_linear.steps_from_args(args) == ["1"]
+    assert [str(s) for s in train_linear.steps_from_args(args)] == ["1"]
     assert cli(*command) == 0  # the suggested command works, and then --dist 2 does
     assert cli(*DIGITS, "--epochs", 2, "--dist", 2) == 0
 
@@ -129,7 +129,7 @@ def _suggested_steps(cli, capsys, *argv):
     err = stderr_error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "python train_linear.py" in err[0], err
     command = err[0].split("python train_linear.py", 1)[1].split()
-    return train_linear.steps_from_args(train_linear.build_parser().parse_args(command))
+    return [str(step) for step in train_linear.steps_from_args(train_linear.build_parser().parse_args(command))]
 
 
 def test_missing_teacher_hint_for_students_and_pll(cli, capsys):

@@ -290,7 +290,7 @@ def test_per_dataset_overrides_and_sweeps_only_its_dataset(tmp_path):
     text = _swap("  dataset: digits", "  dataset: [digits, cifar100]") + (
         "per_dataset:\n  cifar100: {lr: [0.1, 0.2], weight-decay: 1.0e-4}\n")
     grid = load_grid(write_recipe(tmp_path, text))
-    jobs = expand_grid(grid, lambda s: (s["dataset"], s["corruption"], s["manualSeed"], s["lr"], s["wd"]))
+    jobs = expand_grid(grid, lambda s: (s["dataset"], s["eta"], s["seed"], s["lr"], s["wd"]))
     assert len(jobs) == 4 + 8 and len(set(jobs)) == len(jobs)
     assert {(lr, wd) for d, *_, lr, wd in jobs if d == "digits"} == {(0.05, 5e-3)}
     assert {(lr, wd) for d, *_, lr, wd in jobs if d == "cifar100"} == {(0.1, 1e-4), (0.2, 1e-4)}

@@ -27,21 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from utils.cli import UserError, load_yaml_file
+from utils.engine import ChainRunner
 from utils.io import remove_stale_temporaries
-from utils.report import METRIC_DESCRIPTION
-from utils.runs import step_fields, step_settings
+from utils.options import parse_with
+from utils.report import METRIC_DESCRIPTION, write_reports
+from utils.runs import ResultsStore, step_fields, step_settings
+from utils.settings import GRID_KEYS, RECIPE_KEY, RUN_OPTIONS, build_parser, config_from_args, finished_note, source_from_args
+from utils.steps import Step, chain_steps, step_of
 
-# grid key -> the train_linear.py option it sets (its argparse dest); a key is the option's long
-# name without the dashes, with '-' or '_' alike: `weight-decay`, `weight_decay` and `wd` are one.
-GRID_KEYS = {
-    "dataset": "dataset", "arch": "arch", "depth": "depth", "pretrained": "pretrained", "features": "features",
-    "ctype": "ctype", "corruption": "corruption", "manualSeed": "manualSeed", "lr": "lr", "learning_rate": "lr",
-    "wd": "wd", "weight_decay": "wd", "momentum": "momentum", "gamma": "gamma", "epochs": "epochs",
-    "train_batch": "train_batch", "label_smoothing": "label_smoothing", "temperature": "temperature",
-    "selection": "selection", "val_split": "val_split", "val_clean": "val_clean", "feature_norm": "feature_norm",
-}
-# Options that choose runs or steps: with --config the recipe says them, so the command line must not.
-RUN_OPTIONS = sorted(set(GRID_KEYS.values()) | {"dist", "last", "rounds", "partial"})
 TOP_KEYS = {"name", "title", "rounds", "partial", "grid", "per_dataset", "report"}
 REPORT_KEYS = {"kind", "metric", "gain_etas", "title"}
 REPORT_KINDS = ("distillation", "ls_temperature")
@@ -59,11 +52,6 @@ def _option(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def _parser():
-    import train_linear
-    return train_linear.build_parser()
-
-
 def _flag_value(parser, key: str, value):
     """`value` exactly as train_linear.py parses `--key=value`: YAML's integer 0 and its text '5e-3'
     (no dot) become the floats the command line gives, so a grid run and the same run started by
@@ -71,7 +59,7 @@ def _flag_value(parser, key: str, value):
     if isinstance(value, (list, dict)) or value is None:
         raise UserError(f"{value!r} is not a single value")
     try:
-        return getattr(parser.parse_args([f"{_option(key)}={value}"]), GRID_KEYS[key])
+        return parse_with(parser, GRID_KEYS[key], _option(key), value)
     except UserError as exc:
         text = str(exc).removeprefix(f"{parser.prog}: ").removesuffix(" (see --help)")
         raise UserError(f"{value!r} is not a valid value ({text})") from None
@@ -139,7 +127,7 @@ def load_grid(path, max_chains=MAX_CHAINS) -> dict:
     if max_chains is not None and chains > max_chains:
         _fail(path, f"its grid has {chains:,} chains (the product of its list lengths, per_dataset included), more "
                     f"than {max_chains:,}; shrink the lists, split the recipe, or pass --allow-large-grid")
-    parser = _parser()
+    parser = build_parser()
     grid["grid"] = _section(path, parser, "grid", grid["grid"])
     if "dataset" not in grid["grid"] and "features" not in grid["grid"]:
         _fail(path, "'grid' needs a 'dataset:' (or 'features:' with a features file)")
@@ -197,8 +185,7 @@ def expand_grid(grid: dict, make_job) -> list:
 
 
 def grid_steps(grid: dict) -> list:
-    rounds = grid.get("rounds", 4)
-    return [str(t) for t in range(rounds + 1)] + (["p"] if grid.get("partial", True) else [])
+    return chain_steps(grid.get("rounds", 4), grid.get("partial", True))
 
 
 def parse_shard(shard: str):
@@ -219,13 +206,14 @@ def shard_jobs(jobs: list, shard: str) -> list:
     index, count = parse_shard(shard)
     groups = {}
     for source, cfg in jobs:
-        groups.setdefault((source, json.dumps(step_settings(cfg, "0", ""), sort_keys=True)), []).append((source, cfg))
+        teacher = json.dumps(step_settings(cfg, Step.teacher(), ""), sort_keys=True)
+        groups.setdefault((source, teacher), []).append((source, cfg))
     return [job for group in list(groups.values())[index::count] for job in group]
 
 
 def _ident(settings: dict, step: str, with_backbone: bool) -> tuple:
     return tuple((name, settings.get(name)) for name in step_fields(step)
-                 if with_backbone or name != "backbone") + (("step", step),)
+                 if with_backbone or name != "backbone") + (("step", str(step)),)
 
 
 def matching_records(records: list, jobs: list, steps: list) -> list:
@@ -255,7 +243,7 @@ def distinct_runs(jobs: list, steps: list) -> tuple:
     Runs are told apart as `matching_records` tells records apart."""
     uses = Counter(_ident(step_settings(cfg, step, ""), step, not source.features_path)
                    for source, cfg in jobs for step in steps)
-    shared = [ident[-1][1] for ident, n in uses.items() if n > 1]
+    shared = [step_of(ident[-1][1]) for ident, n in uses.items() if n > 1]
     return len(uses), shared
 
 
@@ -263,21 +251,17 @@ def runs_phrase(count: int, shared: list) -> str:
     """'240 runs (30 teachers shared by several chains)'; `shared`: the step of each shared run."""
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
     text = plural(count, "run")
-    kinds = Counter("teacher" if step == "0" else "PLL student" if step == "p" else "student" for step in shared)
+    kinds = Counter(step.kind for step in shared)
     if kinds:
-        parts = [plural(kinds[kind], kind) for kind in ("teacher", "student", "PLL student") if kinds[kind]]
+        names = {"teacher": "teacher", "student": "student", "pll": "PLL student"}
+        parts = [plural(kinds[kind], names[kind]) for kind in names if kinds[kind]]
         text += f" ({' and '.join(parts)} shared by several chains)"
     return text
 
 
 def run_grid_command(args, opts) -> int:
     """`train_linear.py --config YAML`: train what is missing, then write the reports."""
-    import train_linear as cli
-    from utils.engine import ChainRunner
-    from utils.report import write_reports
-    from utils.runs import ResultsStore
-
-    parser = cli.build_parser()
+    parser = build_parser()
     defaults = parser.parse_args([])
     given = [_option(d) for d in RUN_OPTIONS if getattr(args, d) != getattr(defaults, d)]
     if given:
@@ -292,10 +276,10 @@ def run_grid_command(args, opts) -> int:
         for dest, value in settings.items():
             setattr(ns, dest, value)
         try:
-            source = cli.source_from_args(ns)
-            return source, replace(cli.config_from_args(ns), dataset=source.dataset, backbone=source.tag())
+            source = source_from_args(ns)
+            return source, replace(config_from_args(ns), dataset=source.dataset, backbone=source.tag())
         except UserError as exc:
-            run = ", ".join(f"{k}={v}" for k, v in settings.items())
+            run = ", ".join(f"{RECIPE_KEY[k]}={v}" for k, v in settings.items())
             _fail(args.config, f"run ({run}): {exc}")
 
     all_jobs = expand_grid(grid, make_job)
@@ -310,7 +294,7 @@ def run_grid_command(args, opts) -> int:
             runner.run(jobs, steps)
             trained = runner.counts["trained"]
             print(f"this process trained {trained} run{'s' if trained != 1 else ''}"
-                  + "".join(f"; {note}" for note in [cli.finished_note(runner.counts, opts.results_root)] if note))
+                  + "".join(f"; {note}" for note in [finished_note(runner.counts, opts.results_root)] if note))
     # the whole grid's records, not only this shard's: the last shard to finish reports everything
     records = matching_records(ResultsStore(opts.results_root).records(), all_jobs, steps)
     if not records:

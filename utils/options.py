@@ -30,12 +30,18 @@ class Option:
     sweep: bool = False            # a recipe's grid may set (and sweep) it
     steps: frozenset = frozenset()  # the step kinds ("teacher", "student", "pll") whose run key it enters
     neutral: Any = _UNSET          # at this value it stays out of run keys (added after stores existed)
+    column: Optional[int] = None   # its place among the leading columns of a results table
     dest: Optional[str] = None     # the parsed attribute; a dataclass field's name when declared on one
+
+    def __post_init__(self):
+        if self.type is bool and self.default is None:  # a flag not given is off
+            object.__setattr__(self, "default", False)
 
     @property
     def flag(self) -> str:
-        """The first long flag, as messages name the option."""
-        return next((f for f in self.flags if f.startswith("--")), self.flags[0] if self.flags else self.dest)
+        """The shortest long flag, as messages name the option (--wd, not --weight-decay)."""
+        long = [f for f in self.flags if f.startswith("--")]
+        return min(long, key=len) if long else self.flags[0] if self.flags else self.dest
 
     @property
     def grid_names(self) -> list:
@@ -82,8 +88,9 @@ def add_options(parser, options, group_new: str = "[new] options not in the orig
         if opt.type is bool:
             add_bool_flag(target, *opt.flags, default=opt.default, help=opt.help, dest=opt.dest)
             continue
+        metavar = opt.metavar or (None if opt.choices else opt.flag.lstrip("-").replace("-", "_").upper())
         target.add_argument(*opt.flags, dest=opt.dest, type=opt.type, default=opt.default, choices=opt.choices,
-                            metavar=opt.metavar, help=opt.help)
+                            metavar=metavar, help=opt.help)
 
 
 def check_option_values(options, values) -> None:

@@ -8,13 +8,18 @@ import hashlib
 import json
 import os
 import subprocess
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
+from data.corruption import CORRUPTION_TYPES
+from data.datasets import DATASETS
+from data.features import FEATURE_NORMS
 from utils.cli import UserError, one_line
 from utils.io import atomic_write_json
+from utils.options import (check_option_values, integer_within, nonnegative_finite, option, options_of,
+                           positive_finite, within)
+from utils.steps import step_of
 
-SCHEMA = 1
 SELECTIONS = ("test", "val", "last")
 CHECKPOINT_OF_SELECTION = {"test": "best", "val": "best_val", "last": "last"}
 # Record fields hold every number under each selection rule: test_acc_bytest, test_acc_last, ...
@@ -25,67 +30,109 @@ VOLATILE_FIELDS = ("wall_time_s", "batch_runs", "created", "trained_by", "resume
                    "completed_from_checkpoints")
 
 
+STUDENTS = frozenset({"student", "pll"})    # the steps that learn from a teacher's checkpoint
+ALL_STEPS = frozenset({"teacher", "student", "pll"})
+MAX_SEED = 2**32 - 1  # numpy's RandomState (the validation split) takes seeds in [0, 2**32 - 1]; torch too
+
+
+def _val_fraction(x) -> bool:
+    return x == 0 or within(0, 0.5, low_open=True)(x)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """The settings of one configuration (a teacher -> students -> PLL chain)."""
-    dataset: str
-    backbone: str           # tag of what produced the features (resnet34, pixels, custom, ...)
-    ctype: str = "cc"
-    eta: float = 0.5
-    seed: int = 0
-    lr: float = 5e-4
-    wd: float = 1e-4
-    momentum: float = 0.9
-    gamma: float = 0.98
-    epochs: int = 200
-    train_batch: int = 128
-    label_smoothing: float = 0.0
-    temperature: float = 1.0
-    selection: str = "test"
-    val_split: float = 0.0
-    val_clean: bool = False
-    feature_norm: str = "none"
+    """The settings of one configuration (a teacher -> students -> PLL chain), each declared once:
+    its flag, default, constraint and help, whether a recipe may sweep it, which steps' run keys it
+    enters (`steps`: every setting that changes a step's numbers), and its place among the leading
+    columns of records.csv. The field order is the order of a checkpoint's settings: keep it."""
+    dataset: str = option(MISSING, "-d", "--dataset", cli_default=None, sweep=True, steps=ALL_STEPS, column=1,
+                          help=f"dataset: {', '.join(DATASETS)} (with --features: any plain name for the results)")
+    backbone: str = option(MISSING, steps=ALL_STEPS, column=2,
+                           help="tag of what produced the features (resnet34, pixels, file, ...): from --arch, "
+                                "--depth, --pretrained or --features")
+    ctype: str = option("cc", "--ctype", choices=CORRUPTION_TYPES, sweep=True, steps=ALL_STEPS, column=3,
+                        help="corruption type: sym (symmetric), asym (asymmetric), cc (within superclasses)")
+    eta: float = option(0.5, "--corruption", type=float, valid=within(0, 1), must="lie in [0, 1]", sweep=True,
+                        steps=ALL_STEPS, column=4, help="label corruption ratio eta in [0, 1]")
+    seed: int = option(0, "--manualSeed", type=int, valid=integer_within(0, MAX_SEED),
+                       must=f"be an integer in [0, {MAX_SEED}] (0 <= seed < 2**32)", sweep=True, steps=ALL_STEPS,
+                       column=5, help="seed of corruption, initialisation and shuffling")
+    lr: float = option(5e-4, "--lr", "--learning-rate", type=float, valid=positive_finite,
+                       must="be positive and finite", sweep=True, steps=ALL_STEPS, column=7,
+                       help="initial learning rate")
+    wd: float = option(1e-4, "--weight-decay", "--wd", type=float, valid=nonnegative_finite,
+                       must="be >= 0 and finite", sweep=True, steps=ALL_STEPS, column=8, help="weight decay")
+    momentum: float = option(0.9, "--momentum", type=float, valid=within(0, 1, high_open=True), must="lie in [0, 1)",
+                             sweep=True, steps=ALL_STEPS, help="SGD momentum")
+    gamma: float = option(0.98, "--gamma", type=float, valid=within(0, 1, low_open=True), must="lie in (0, 1]",
+                          sweep=True, steps=ALL_STEPS, help="lr is multiplied by gamma after every epoch")
+    epochs: int = option(200, "--epochs", type=int, valid=positive_finite, must="be positive and finite",
+                         sweep=True, steps=ALL_STEPS, column=9, help="epochs per step")
+    train_batch: int = option(128, "--train-batch", type=int, valid=positive_finite, must="be positive and finite",
+                              sweep=True, steps=ALL_STEPS, help="training batch size")
+    label_smoothing: float = option(0.0, "--label-smoothing", type=float, valid=within(0, 1, high_open=True),
+                                    must="lie in [0, 1)", new=True, sweep=True, steps=ALL_STEPS, column=10,
+                                    metavar="A", help="teacher label smoothing alpha in [0, 1)")
+    val_split: float = option(0.0, "--val-split", type=float, valid=_val_fraction, must="lie in (0, 0.5] (or 0 for "
+                              "none)", new=True, sweep=True, steps=ALL_STEPS, column=13, metavar="F",
+                              help="fraction of train held out for validation, in (0, 0.5]; 0: none")
+    val_clean: bool = option(False, "--val-clean", type=bool, new=True, sweep=True, steps=ALL_STEPS,
+                             help="oracle study: validation labels are NOT corrupted")
+    # added after stores existed: at "none" it stays out of run keys, so those stores keep their keys
+    feature_norm: str = option("none", "--feature-norm", choices=FEATURE_NORMS, new=True, sweep=True,
+                               steps=ALL_STEPS, neutral="none",
+                               help="transform of the features before the probe: none (paper), l2 (unit rows), "
+                                    "standardize (train mean/std per dimension)")
+    # the PLL student's top-2 candidate sets do not depend on the temperature
+    temperature: float = option(1.0, "--temperature", type=float, valid=positive_finite,
+                                must="be > 0 and finite", new=True, sweep=True, steps=frozenset({"student"}),
+                                column=11, metavar="T", help="distillation temperature T > 0 (students)")
+    selection: str = option("test", "--selection", cli_default=None, choices=SELECTIONS, new=True, sweep=True,
+                            steps=STUDENTS, column=12,
+                            help="checkpoint that is the result and the next teacher: test (paper), val, last "
+                                 "(default: test; last with --last 1)")
 
 
-# Settings each kind of step depends on (its own training plus, for students, its teacher chain).
-_TEACHER_FIELDS = ("dataset", "backbone", "ctype", "eta", "seed", "lr", "wd", "momentum", "gamma", "epochs",
-                   "train_batch", "label_smoothing", "val_split", "val_clean", "feature_norm")
-# Settings added after stores existed: at this value they stay out of run keys and records, so the
-# runs of those stores keep their keys (a record without the field has this value).
-_KEY_NEUTRAL = {"feature_norm": "none"}
-_STUDENT_FIELDS = _TEACHER_FIELDS + ("temperature", "selection")
-_PLL_FIELDS = _TEACHER_FIELDS + ("selection",)  # top-2 indices do not depend on the temperature
+SETTINGS = options_of(RunConfig)
+# records.csv's leading columns: the key, then the settings in their declared column order, the step
+# sixth (after the chain's identity: dataset, backbone, ctype, eta, seed)
+_STEP_COLUMN = 6
+SETTING_COLUMNS = tuple(name for _, name in sorted(
+    [(opt.column, name) for name, opt in SETTINGS.items() if opt.column] + [(_STEP_COLUMN, "step")]))
 
 
-def step_fields(step: str):
-    return _TEACHER_FIELDS if step == "0" else _PLL_FIELDS if step == "p" else _STUDENT_FIELDS
+def step_fields(step) -> tuple:
+    """The settings that enter a step's run key: those that change its numbers (its own training
+    and, for students, its teacher chain's)."""
+    kind = step_of(step).kind
+    return tuple(name for name, opt in SETTINGS.items() if kind in opt.steps)
 
 
 def with_key_neutral_settings(record: dict) -> dict:
     """A record with the settings that runs at their key-neutral value do not store, filled in."""
-    return {**_KEY_NEUTRAL, **record}
+    return {**{name: opt.neutral for name, opt in SETTINGS.items() if opt.is_neutral(opt.neutral)}, **record}
 
 
-def step_settings(cfg: RunConfig, step: str, features_id: str) -> dict:
+def step_settings(cfg: RunConfig, step, features_id: str) -> dict:
     settings = {name: getattr(cfg, name) for name in step_fields(step)
-                if _KEY_NEUTRAL.get(name, object()) != getattr(cfg, name)}
-    settings.update(step=step, features_id=features_id)
+                if not SETTINGS[name].is_neutral(getattr(cfg, name))}
+    settings.update(step=str(step), features_id=features_id)
     return settings
 
 
-def run_key(cfg: RunConfig, step: str, features_id: str) -> str:
+def check_settings(cfg: RunConfig) -> None:
+    """One-line errors for values the maths cannot take: each setting's own constraint, then the
+    rules that tie two settings together."""
+    check_option_values(SETTINGS.values(), cfg)
+    if cfg.selection == "val" and cfg.val_split == 0:
+        raise UserError("--selection val needs a validation split: add --val-split 0.1 (for example)")
+    if cfg.val_clean and cfg.val_split == 0:
+        raise UserError("--val-clean needs a validation split: add --val-split 0.1 (for example)")
+
+
+def run_key(cfg: RunConfig, step, features_id: str) -> str:
     blob = json.dumps(step_settings(cfg, step, features_id), sort_keys=True).encode()
     return f"{cfg.dataset}-{step}-{hashlib.blake2b(blob, digest_size=6).hexdigest()}"
-
-
-def teacher_step(step: str) -> str:
-    """The step whose selected checkpoint teaches `step` ('p' learns from the round-0 teacher)."""
-    return "0" if step == "p" else str(int(step) - 1)
-
-
-def step_label(step: str) -> str:
-    """Paper's naming: round 0 is '1 (Teacher)', round t is t+1, 'p' is PLL."""
-    return "1 (Teacher)" if step == "0" else "PLL" if step == "p" else str(int(step) + 1)
 
 
 def run_dir(checkpoint_root, cfg: RunConfig, step: str, features_id: str) -> Path:
@@ -102,8 +149,28 @@ def config_from_settings(settings: dict) -> RunConfig:
                    **{k: v for k, v in settings.items() if k in names})
 
 
-def config_as_dict(cfg: RunConfig) -> dict:
-    return asdict(cfg)
+def record_payload(cfg: RunConfig, step, features_id: str, history: list, chosen: dict, facts: dict,
+                   superclasses=None) -> dict:
+    """A finished run's numbers and provenance: everything in its record that does not depend on
+    which process trained it, or when. `history`: one row per epoch; `chosen`: the epoch each
+    selection rule chose ({"bytest": e, "last": e, "byval": e or None}); `facts`: the run's teacher
+    key, realised corruption, teacher top-2 coverage, device, threads and package versions;
+    `superclasses`: those labels moved within (cc corruption)."""
+    record = {"key": run_key(cfg, step, features_id), **step_settings(cfg, step, features_id),
+              **{name: facts[name] for name in ("teacher_key", "realised_corruption", "teacher_top2_coverage")},
+              "best_train_acc": max(h["train_acc"] for h in history),
+              "best_train_acc_true": max(h["train_acc_true"] for h in history),
+              **{name: facts[name] for name in ("device", "threads", "fused_batches", "torch_version", "python")},
+              "code_version": code_version()}
+    for suffix, epoch in chosen.items():
+        row = history[epoch - 1] if epoch else {}
+        record[f"epoch_{suffix}"] = epoch
+        for name in ("test_acc", "test_top2", "test_confidence", "test_entropy"):
+            record[f"{name}_{suffix}"] = row.get(name)
+    record["val_acc_byval"] = history[chosen["byval"] - 1]["val_acc"] if chosen["byval"] else None
+    if superclasses is not None:
+        record["superclasses"] = superclasses
+    return record
 
 
 class ResultsStore:
