@@ -27,7 +27,8 @@ FEATURE_DATASETS = ("digits",)
 DATASETS = FEATURE_DATASETS + IMAGE_DATASETS
 
 IMAGEFOLDER_LAYOUTS = ("-d imagefolder reads the images in --data-root DIR, laid out as DIR/<class>/<images> "
-                       "(split 80/20 with seed 42) or as DIR/train/<class>/<images> and DIR/test/<class>/<images>")
+                       "(split 80/20 with seed 42) or as DIR/train/<class>/<images> and "
+                       "DIR/test/<class>/<images>")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class TorchvisionFiles:
 
 TORCHVISION_FILES = {
     "cifar10": TorchvisionFiles("cifar-10-batches-py", ("cifar-10-batches-py",), "cifar-10-python.tar.gz",
-                                ("cifar-10-python.tar.gz",), "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+                                ("cifar-10-python.tar.gz",),
+                                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
     "cifar100": TorchvisionFiles("cifar-100-python", ("cifar-100-python",), "cifar-100-python.tar.gz",
                                  ("cifar-100-python.tar.gz",),
                                  "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
@@ -64,12 +66,14 @@ TORCHVISION_FILES = {
         "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz", holds="jpg/",
         also="flowers-102/ also needs imagelabels.mat and setid.mat from "
              "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"),
-    "caltech101": TorchvisionFiles("caltech101/101_ObjectCategories", ("caltech101/101_ObjectCategories",),
-                                   "caltech101/caltech-101.zip", ("caltech101/caltech-101.zip",),
-                                   "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"),
-    "caltech256": TorchvisionFiles("caltech256/256_ObjectCategories", ("caltech256/256_ObjectCategories",),
-                                   "caltech256/256_ObjectCategories.tar", ("caltech256/256_ObjectCategories.tar",),
-                                   "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"),
+    "caltech101": TorchvisionFiles(
+        "caltech101/101_ObjectCategories", ("caltech101/101_ObjectCategories",),
+        "caltech101/caltech-101.zip", ("caltech101/caltech-101.zip",),
+        "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"),
+    "caltech256": TorchvisionFiles(
+        "caltech256/256_ObjectCategories", ("caltech256/256_ObjectCategories",),
+        "caltech256/256_ObjectCategories.tar", ("caltech256/256_ObjectCategories.tar",),
+        "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"),
 }
 # Seconds a missing dataset's download host may take to accept a connection before we call the
 # machine offline (instead of waiting for the system's network timeouts, a minute or more).
@@ -103,18 +107,19 @@ def _image_folder_splits(root: Path, transform):
         try:
             found = ImageFolder(path, transform)
         except (FileNotFoundError, OSError) as exc:  # no class folders, or a class folder without images
-            raise UserError(f"image folder {path}: {one_line(exc, 120)}; put each class's images (.png, .jpg, ...) "
-                            f"in its own sub-folder ({IMAGEFOLDER_LAYOUTS})") from None
+            raise UserError(f"image folder {path}: {one_line(exc, 120)}; put each class's images "
+                            f"(.png, .jpg, ...) in its own sub-folder ({IMAGEFOLDER_LAYOUTS})") from None
         if len(found.classes) < 2:
-            raise UserError(f"image folder {path} has {len(found.classes)} class folder(s); a classifier needs "
-                            f"at least 2, one sub-folder of images per class ({IMAGEFOLDER_LAYOUTS})")
+            raise UserError(f"image folder {path} has {len(found.classes)} class folder(s); a classifier "
+                            f"needs at least 2, one sub-folder of images per class ({IMAGEFOLDER_LAYOUTS})")
         return found
 
     split_dirs = [name for name in ("train", "test") if (root / name).is_dir()]
     if len(split_dirs) == 1:
         other = "test" if split_dirs == ["train"] else "train"
-        raise UserError(f"image folder {root} has {split_dirs[0]}/ but no {other}/: give both {root}/train and "
-                        f"{root}/test (each with class folders), or put the class folders directly in {root}")
+        raise UserError(f"image folder {root} has {split_dirs[0]}/ but no {other}/: give both {root}/train "
+                        f"and {root}/test (each with class folders), or put the class folders directly in "
+                        f"{root}")
     if split_dirs:
         train, test = folder(root / "train"), folder(root / "test")
         if train.classes != test.classes:
@@ -122,8 +127,8 @@ def _image_folder_splits(root: Path, transform):
         return train, test, len(train.classes)
     full = folder(root)
     if len(full) < 5:
-        raise UserError(f"image folder {root} has {len(full)} images, too few for its 80/20 train/test split; "
-                        "add images, or give DIR/train and DIR/test")
+        raise UserError(f"image folder {root} has {len(full)} images, too few for its 80/20 train/test "
+                        "split; add images, or give DIR/train and DIR/test")
     tr, te = fixed_train_test_split(len(full))
     return _subset(full, tr), _subset(full, te), len(full.classes)
 

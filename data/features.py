@@ -56,8 +56,8 @@ def check_plain_name(name: str, what: str) -> str:
     if not is_plain_name(name):
         suggestion = safe_name(name, "")
         hint = f" (e.g. {suggestion!r})" if suggestion else ""
-        raise UserError(f"{what} {name!r} is not a plain name: it names files under the checkpoint, results and "
-                        f"cache directories, so use only {NAME_CHARS}, not starting with '.', at most "
+        raise UserError(f"{what} {name!r} is not a plain name: it names files under the checkpoint, results "
+                        f"and cache directories, so use only {NAME_CHARS}, not starting with '.', at most "
                         f"{MAX_NAME_LENGTH} characters{hint}")
     return name
 
@@ -102,7 +102,8 @@ def _numeric_tensor(value, key: str, source: str) -> torch.Tensor:
         raise UserError(f"features file {source}: {key} is not a numeric array ({one_line(exc, 120)}); store "
                         "float features and integer labels") from None
     if t.is_complex():
-        raise UserError(f"features file {source}: {key} is complex; store real-valued features and integer labels")
+        raise UserError(f"features file {source}: {key} is complex; store real-valued features and integer "
+                        "labels")
     return t
 
 
@@ -138,8 +139,9 @@ def check_num_classes(k: int, what: str, num_train: int, dim: int, source: str) 
     need = BYTES_PER_CLASS_PAIR * k * k + BYTES_PER_WEIGHT * k * dim
     have = _physical_memory()
     if have and need > have:
-        raise UserError(f"{head}: a run's K x K matrices and K x {dim} weights need about {_size(need)}, more than "
-                        f"the {_size(have)} of memory here; use fewer classes (or a machine with more memory)")
+        raise UserError(f"{head}: a run's K x K matrices and K x {dim} weights need about "
+                        f"{_size(need)}, more than the {_size(have)} of memory here; use fewer classes (or a "
+                        "machine with more memory)")
 
 
 def _size(num_bytes: int) -> str:
@@ -182,7 +184,8 @@ def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str)
                         "both splits need at least one row and one feature")
     if ty.shape != (tx.shape[0],) or vy.shape != (vx.shape[0],):
         raise UserError(f"features file {source}: labels must be 1-D with one entry per row, got train "
-                        f"{tuple(ty.shape)} for {tx.shape[0]} rows, test {tuple(vy.shape)} for {vx.shape[0]} rows")
+                        f"{tuple(ty.shape)} for {tx.shape[0]} rows, test {tuple(vy.shape)} for {vx.shape[0]} "
+                        "rows")
     (tlo, thi), (vlo, vhi) = _label_range(ty, "train_labels", source), _label_range(vy, "test_labels", source)
     lo, hi = min(tlo, vlo), max(thi, vhi)
     if "num_classes" in arrays:
@@ -191,7 +194,8 @@ def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str)
     else:
         k, what = hi + 1, f"labels go up to {hi}"
     if lo < 0:
-        raise UserError(f"features file {source}: labels must lie in [0, K) (class ids from 0); found [{lo}, {hi}]")
+        raise UserError(f"features file {source}: labels must lie in [0, K) (class ids from 0); found "
+                        f"[{lo}, {hi}]")
     check_num_classes(k, what, tx.shape[0], tx.shape[1], source)
     if hi >= k:
         raise UserError(f"features file {source}: labels must lie in [0, {k}); found [{lo}, {hi}]")

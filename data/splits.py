@@ -25,16 +25,17 @@ def stratified_val_split(labels: np.ndarray, fraction: float, seed: int):
     classes, counts = np.unique(labels, return_counts=True)
     rare = classes[counts < 2]
     if len(rare):
-        shown = ", ".join(str(c) for c in rare[:10]) + (f", ... ({len(rare)} classes)" if len(rare) > 10 else "")
+        more = f", ... ({len(rare)} classes)" if len(rare) > 10 else ""
+        shown = ", ".join(str(c) for c in rare[:10]) + more
         which = f"class {shown} has" if len(rare) == 1 else f"classes {shown} have"
-        raise UserError(f"--val-split {fraction:g}: {which} only 1 training sample, but a stratified validation "
-                        "split needs at least 2 per class; drop --val-split (and --selection val / --val-clean) "
-                        "or use a dataset with more samples of that class")
+        raise UserError(f"--val-split {fraction:g}: {which} only 1 training sample, but a stratified "
+                        "validation split needs at least 2 per class; drop --val-split (and --selection "
+                        "val / --val-clean) or use a dataset with more samples of that class")
     try:
         train, val = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed,
                                       stratify=labels)
     except ValueError as exc:  # e.g. fewer validation (or remaining) samples than classes
         raise UserError(f"--val-split {fraction:g} cannot split the {len(labels)} training samples of "
-                        f"{len(classes)} classes by class ({one_line(exc, 160)}); choose another --val-split or "
-                        "drop it") from None
+                        f"{len(classes)} classes by class ({one_line(exc, 160)}); choose another --val-split "
+                        "or drop it") from None
     return np.sort(train), np.sort(val)

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.timm_backbones import build_timm_backbone, is_timm_arch, timm_model_name, timm_preprocessing, timm_tag
+from models.timm_backbones import (build_timm_backbone, is_timm_arch, timm_model_name, timm_preprocessing,
+                                   timm_tag)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,8 +55,9 @@ def backbone_preprocessing(arch: str):
         from torchvision import transforms as T
 
         return T.Compose([T.Lambda(to_rgb), transform]), description
-    return image_transform(), {"input_size": [3, 224, 224], "resize": "224x224 (no crop)", "interpolation": "bilinear",
-                               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    return image_transform(), {"input_size": [3, 224, 224], "resize": "224x224 (no crop)",
+                               "interpolation": "bilinear", "mean": list(IMAGENET_MEAN),
+                               "std": list(IMAGENET_STD)}
 
 
 def load_backbone(arch: str, pretrained: bool = True) -> nn.Module:
@@ -97,9 +99,9 @@ def build_backbone(arch: str, pretrained: bool = True) -> nn.Module:
         if weights is None:
             raise
         name = weights.url.rsplit("/", 1)[-1]
-        raise UserError(f"could not get ImageNet weights for {arch} ({type(exc).__name__}); with no internet, "
-                        f"copy {name} into {torch.hub.get_dir()}/checkpoints/ (replacing any partial file of "
-                        "that name) and rerun") from None
+        raise UserError(f"could not get ImageNet weights for {arch} ({type(exc).__name__}); with no "
+                        f"internet, copy {name} into {torch.hub.get_dir()}/checkpoints/ (replacing any "
+                        "partial file of that name) and rerun") from None
     if arch.startswith("resnet"):
         model.fc = nn.Identity()
     else:

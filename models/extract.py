@@ -98,8 +98,8 @@ def features_cache_path(dataset: str, arch: str, pretrained: bool, data_root, ca
     return cache_path(cache_root, cache_name(dataset, data_root), backbone_tag(arch, pretrained))
 
 
-def load_or_extract_features(dataset: str, arch: str, pretrained: bool, data_root, cache_root,
-                             device, batch_size: int, workers: int, log=print, progress: str = "bars") -> FeatureSet:
+def load_or_extract_features(dataset: str, arch: str, pretrained: bool, data_root, cache_root, device,
+                             batch_size: int, workers: int, log=print, progress: str = "bars") -> FeatureSet:
     """Features of `dataset` through `arch`: from the cache if present, else extracted and cached.
     progress: 'bars' (progress bars), 'lines' (a line per split) or 'none'."""
     if dataset == "digits":
@@ -127,7 +127,8 @@ def load_or_extract_features(dataset: str, arch: str, pretrained: bool, data_roo
         out = extract_features(model, data, device, batch_size, workers, f"{dataset} {split}",
                                show_bar=progress == "bars")
         if progress == "lines":
-            log(f"extracted {tag} features of {dataset} {split} ({len(data)} images) in {time.time() - started:.1f} s")
+            log(f"extracted {tag} features of {dataset} {split} ({len(data)} images) in "
+                f"{time.time() - started:.1f} s")
         return out
 
     try:
@@ -135,10 +136,12 @@ def load_or_extract_features(dataset: str, arch: str, pretrained: bool, data_roo
         test_x, test_y = extract("test", test_set)
     except OSError as exc:  # unreadable or truncated image (PIL), also when raised in a loader worker
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise UserError(f"could not read an image of {dataset} ({(lines[-1] if lines else type(exc).__name__)[:200]}); "
-                        "remove or replace that file and rerun") from None
+        last = (lines[-1] if lines else type(exc).__name__)[:200]
+        raise UserError(f"could not read an image of {dataset} ({last}); remove or replace that file and "
+                        "rerun") from None
     features = FeatureSet(dataset, tag, train_x, train_y, test_x, test_y, num_classes,
-                          provenance={"arch": arch, "pretrained": pretrained, "preprocessing": json.dumps(preprocessing),
+                          provenance={"arch": arch, "pretrained": pretrained,
+                                      "preprocessing": json.dumps(preprocessing),
                                       "versions": json.dumps(package_versions())})
     save_features(path, features)
     return features

@@ -60,8 +60,9 @@ def _weights_hint(name: str, repo_id: str) -> str:
 
     return (f"timm model {name} needs its pretrained weights from the Hugging Face hub ({repo_id}), which "
             f"cannot be reached from here and are not in the hub cache {constants.HF_HUB_CACHE}; on a "
-            f"machine with internet run python -c \"import timm; timm.create_model('{name}', pretrained=True)\" "
-            "and copy that cache folder here (or set HF_HOME to a copy), or use --pretrained False")
+            "machine with internet run python -c "
+            f"\"import timm; timm.create_model('{name}', pretrained=True)\" and copy that cache folder here "
+            "(or set HF_HOME to a copy), or use --pretrained False")
 
 
 def timm_preprocessing(arch: str):
@@ -70,7 +71,8 @@ def timm_preprocessing(arch: str):
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    config = resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(timm_model_name(arch)).to_dict())
+    pretrained_cfg = timm.models.get_pretrained_cfg(timm_model_name(arch)).to_dict()
+    config = resolve_data_config(pretrained_cfg=pretrained_cfg)
     description = {key: (list(value) if isinstance(value, tuple) else value) for key, value in config.items()}
     return create_transform(**config, is_training=False), description
 
@@ -92,7 +94,8 @@ def build_timm_backbone(arch: str, pretrained: bool, random_seed: int):
         if not pretrained:
             raise
         raise UserError(f"could not load the weights of timm model {name} ({type(exc).__name__}); "
-                        "delete a partial download from the hub cache and rerun, or use --pretrained False") from None
+                        "delete a partial download from the hub cache and rerun, or use --pretrained "
+                        "False") from None
     transform, preprocessing = timm_preprocessing(arch)
     return _PooledFeatures(model).eval(), transform, preprocessing
 

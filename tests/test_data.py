@@ -211,9 +211,10 @@ def test_caltech256_drops_clutter_and_splits_80_20_with_seed_42(tmp_path):
 
 
 # ---- offline: datasets and weights ------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["cifar10", "cifar100", "food101", "stanfordcars", "flowers102", "caltech101",
-                                  "caltech256"])
-def test_dataset_that_cannot_be_downloaded_names_where_to_put_it(cli, capsys, offline, no_training, probes, name):
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "food101", "stanfordcars", "flowers102",
+                                  "caltech101", "caltech256"])
+def test_dataset_that_cannot_be_downloaded_names_where_to_put_it(cli, capsys, offline, no_training, probes,
+                                                                 name):
     root = cli.dirs()["data"]
     spec = TORCHVISION_FILES[name]
     line = the_error(capsys, cli("-d", name, "--arch", "resnet18", "--pretrained", "False"),
@@ -235,7 +236,8 @@ def test_missing_cifar100_names_its_files_url_and_the_weights_needed_next(cli, c
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     root = cli.dirs()["data"]
     line = the_error(capsys, cli("-d", "cifar100"), f"could not load cifar100 under {root} (URLError",
-                     f"it needs the folder {root}/cifar-100-python/ or the archive {root}/cifar-100-python.tar.gz",
+                     f"it needs the folder {root}/cifar-100-python/ or the archive "
+                     f"{root}/cifar-100-python.tar.gz",
                      "from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                      "next, the resnet34 ImageNet weights are needed: resnet34-b627a593.pth in "
                      f"{tmp_path / 'torch_home' / 'hub' / 'checkpoints'}/",
@@ -248,7 +250,8 @@ def test_missing_cifar100_names_its_files_url_and_the_weights_needed_next(cli, c
     assert sorted(p.name for p in root.iterdir()) == ["other"]
 
 
-def test_unreachable_download_host_fails_at_once_without_downloading(cli, capsys, monkeypatch, no_training, probes):
+def test_unreachable_download_host_fails_at_once_without_downloading(cli, capsys, monkeypatch, no_training,
+                                                                    probes):
     def no_network(url, within=2.0):
         probes.append(url)
         return "no answer within 2 s"
@@ -291,7 +294,8 @@ def test_host_check_is_bounded_in_time(monkeypatch):
     assert "Connection refused" in host_unreachable("https://example.invalid/x.tar.gz", within=0.5)
 
     seen = []
-    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: seen.append(address) or Conn())
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda address, timeout=None: seen.append(address) or Conn())
     monkeypatch.setattr(urllib.request, "getproxies", lambda: {"http": "http://proxy.local:3128"})
     assert host_unreachable("http://example.invalid/x.tar.gz", within=0.5) is None
     assert seen == [("proxy.local", 3128)]  # behind a proxy, the proxy is what must answer
@@ -307,7 +311,8 @@ def test_dataset_files_are_torchvisions_own():
     assert TORCHVISION_FILES["food101"].archive == tvd.Food101._URL.rsplit("/", 1)[1]
     flowers = TORCHVISION_FILES["flowers102"]
     assert flowers.url == tvd.Flowers102._download_url_prefix + tvd.Flowers102._file_dict["image"][0]
-    assert {p.split("/")[-1] for p in flowers.archive_holds} == {f for f, _ in tvd.Flowers102._file_dict.values()}
+    files = {f for f, _ in tvd.Flowers102._file_dict.values()}
+    assert {p.split("/")[-1] for p in flowers.archive_holds} == files
     for name, cls in (("caltech101", tvd.Caltech101), ("caltech256", tvd.Caltech256)):
         spec, source = TORCHVISION_FILES[name], inspect.getsource(cls)
         assert spec.url in source and spec.archive.split("/")[-1] in source
@@ -372,7 +377,8 @@ def test_image_folder_chain_caches_features_and_reuses_them(cli, capsys, monkeyp
     assert caches[0].name.endswith("_resnet18-random.pt")
     cached = load_features_file(caches[0])
     assert cached.train_x.shape == (12, 512) and cached.test_x.shape == (6, 512)
-    assert cached.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and cached.test_y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert cached.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert cached.test_y.tolist() == [0, 0, 1, 1, 2, 2]
     first = cli.by_step()
     assert set(first) == {"0", "1", "p"}
     assert {(r["dataset"], r["backbone"]) for r in first.values()} == {("imagefolder", "resnet18-random")}
@@ -413,7 +419,8 @@ def test_two_image_folders_do_not_share_a_cache(cli, monkeypatch, tmp_path):
 
 def test_image_folder_problems_are_one_line(cli, capsys, tmp_path, no_training):
     argv = ("-d", "imagefolder", "--arch", "resnet18", "--pretrained", "False", "-j", 0)
-    the_error(capsys, run_with(cli, *argv, data=tmp_path / "absent"), f"image folder {tmp_path / 'absent'} not found",
+    the_error(capsys, run_with(cli, *argv, data=tmp_path / "absent"),
+              f"image folder {tmp_path / 'absent'} not found",
               "-d imagefolder reads the images in --data-root DIR", "DIR/<class>/<images>",
               "DIR/train/<class>/<images> and DIR/test/<class>/<images>")
     (tmp_path / "empty").mkdir()
@@ -473,7 +480,8 @@ def test_stratified_split_names_every_single_sample_class():
     from data.splits import stratified_val_split
     from utils.cli import UserError
     labels = np.array([0] * 10 + [1] * 10 + [2] + [3])
-    with pytest.raises(UserError, match=r"--val-split 0.2: classes 2, 3 have only 1 training sample.*drop --val-split"):
+    with pytest.raises(UserError,
+                       match=r"--val-split 0.2: classes 2, 3 have only 1 training sample.*drop --val-split"):
         stratified_val_split(labels, 0.2, 0)
 
 
@@ -498,7 +506,8 @@ def test_stratified_split_is_unchanged_for_good_labels():
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int32, np.bool_])
 def test_labels_of_every_integer_type_are_read(tmp_path, dtype):
     arrays = blob_features(num_classes=2)
-    arrays.update(train_labels=arrays["train_labels"].astype(dtype), test_labels=arrays["test_labels"].astype(dtype))
+    arrays.update(train_labels=arrays["train_labels"].astype(dtype),
+                  test_labels=arrays["test_labels"].astype(dtype))
     f = load_features_file(write_features(tmp_path / "f.npz", arrays, "npz"))
     assert f.train_y.dtype == torch.int64 and f.num_classes == 2
     assert f.train_y.tolist() == blob_features(num_classes=2)["train_labels"].tolist()
@@ -535,7 +544,8 @@ def test_workers_are_capped_at_the_cores_available_and_said_once(cli, capsys, mo
     assert run_with(cli, *argv, "-j", 2, "--overwrite", where="b", data=folder) == 0
     assert asked == [2, 2, 2, 2] and "CPU cores" not in capsys.readouterr().out
     said = []
-    assert models.extract.worker_count(9, said.append) == 2 and models.extract.worker_count(9, said.append) == 2
+    assert models.extract.worker_count(9, said.append) == 2
+    assert models.extract.worker_count(9, said.append) == 2
     assert len(said) == 1   # once per process
 
 

@@ -29,7 +29,8 @@ def test_soft_cross_entropy_temperature_two_by_hand():
     loss, grad = soft_cross_entropy(logits, q, torch.tensor([2.0]))
     ce = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))
     assert loss.item() == pytest.approx(4 * ce, abs=1e-12)
-    torch.testing.assert_close(grad, torch.tensor([[[2 * -0.25, 2 * 0.25]]], dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, torch.tensor([[[2 * -0.25, 2 * 0.25]]], dtype=torch.float64),
+                               atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("temps", [[1.0, 1.0, 1.0], [2.0, 0.5, 4.0]], ids=["T1", "mixed_T"])
@@ -40,7 +41,8 @@ def test_soft_cross_entropy_gradient_matches_autograd(temps):
     q = torch.softmax(torch.randn(r, b, k, dtype=torch.float64), -1)
     t = torch.tensor(temps, dtype=torch.float64)
     loss, grad = soft_cross_entropy(logits.detach(), q, t)
-    ref = torch.stack([(t[i] ** 2) * -(q[i] * torch.log_softmax(logits[i] / t[i], -1)).sum(-1).mean() for i in range(r)])
+    ref = torch.stack([(t[i] ** 2) * -(q[i] * torch.log_softmax(logits[i] / t[i], -1)).sum(-1).mean()
+                       for i in range(r)])
     torch.testing.assert_close(loss, ref.detach(), atol=1e-12, rtol=1e-12)
     ref.sum().backward()  # runs are independent: d(sum)/d(logits of run i) = d(loss_i)/d(logits_i)
     torch.testing.assert_close(grad, logits.grad, atol=1e-12, rtol=1e-10)

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 
 import utils.report
-from utils.report import (METRIC_DESCRIPTION, curve_etas, distillation_gains, distillation_table, group_records, log_path,
-                          records_csv, write_reports)
+from utils.report import (METRIC_DESCRIPTION, curve_etas, distillation_gains, distillation_table,
+                          group_records, log_path, records_csv, write_reports)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def record(dataset, step, eta, seed, acc, last=None, wd=5e-4, byval=None):
-    r = {"key": f"{dataset}-{step}-{eta}-{seed}-{wd}", "dataset": dataset, "backbone": "resnet34", "ctype": "cc",
-         "eta": eta, "seed": seed, "step": step, "lr": 0.05, "wd": wd, "momentum": 0.9, "gamma": 0.98,
-         "epochs": 200, "train_batch": 128, "label_smoothing": 0.0, "val_split": 0.0, "val_clean": False,
-         "test_acc_bytest": acc, "test_acc_last": acc - 1.0 if last is None else last, "test_acc_byval": byval,
-         "features_id": "f00d"}
+    r = {"key": f"{dataset}-{step}-{eta}-{seed}-{wd}", "dataset": dataset, "backbone": "resnet34",
+         "ctype": "cc", "eta": eta, "seed": seed, "step": step, "lr": 0.05, "wd": wd, "momentum": 0.9,
+         "gamma": 0.98, "epochs": 200, "train_batch": 128, "label_smoothing": 0.0, "val_split": 0.0,
+         "val_clean": False, "test_acc_bytest": acc, "test_acc_last": acc - 1.0 if last is None else last,
+         "test_acc_byval": byval, "features_id": "f00d"}
     if step != "0":
         r.update(temperature=1.0, selection="test")
     return r
@@ -86,7 +86,8 @@ def test_markdown_and_latex_tables(tmp_path):
     assert "sample std, ddof=1" in a_md and "within one std" in a_md
     b_md = md.split("## B")[1]
     # one seed: the mean alone, no '± 0.00', and the caption says why
-    assert "n = 1 seed (one seed: no std)" in b_md and "| **62.00** |" in b_md and "±" not in b_md.split("\n\n", 2)[2]
+    assert "n = 1 seed (one seed: no std)" in b_md and "| **62.00** |" in b_md
+    assert "±" not in b_md.split("\n\n", 2)[2]
     tex = (tmp_path / "tables.tex").read_text()
     assert r"\textbf{84.00 $\pm$ 3.61}" in tex
     assert r"1 (Teacher) & \textbf{82.00 $\pm$ 2.00} & 42.00 $\pm$ 2.65 \\" in tex
@@ -100,7 +101,7 @@ def test_markdown_and_latex_tables(tmp_path):
 
 def test_missing_seed_is_marked_and_ties_are_all_bold(tmp_path):
     recs = [r for r in synthetic() if not (r["dataset"] == "A" and r["step"] == "p" and r["seed"] == 2)]
-    recs = [dict(r, test_acc_bytest=82.0) if r["dataset"] == "A" and r["step"] == "1" and r["eta"] == 0.5 else r
+    recs = [dict(r, test_acc_bytest=82.0) if (r["dataset"], r["step"], r["eta"]) == ("A", "1", 0.5) else r
             for r in recs]
     write_reports(recs, tmp_path, GRID)
     md = (tmp_path / "tables.md").read_text().split("## B")[0]
@@ -138,28 +139,33 @@ def test_gain_is_student_minus_same_seed_teacher():
     members = group_records(synthetic())[0][1]
     gains = distillation_gains(members, "test", [0.5, 0.9])
     diff = np.array(ACC["p", 0.9]) - np.array(ACC["0", 0.9])
-    assert gains["p", 0.9][0] == pytest.approx(diff.mean()) and gains["p", 0.9][1] == pytest.approx(diff.std(ddof=1))
+    assert gains["p", 0.9][0] == pytest.approx(diff.mean())
+    assert gains["p", 0.9][1] == pytest.approx(diff.std(ddof=1))
     assert ("2", 0.9) not in gains
 
 
 def test_ls_temperature_kind_writes_tables(tmp_path):
-    recs = [dict(record("A", "0", 0.5, s, 80.0 + s), label_smoothing=a, test_top2_bytest=95.0) for s in range(2)
-            for a in (0.0, 0.1)]
-    recs += [dict(record("A", "1", 0.5, s, 70.0 + t), label_smoothing=a, temperature=float(t), test_top2_bytest=90.0)
+    recs = [dict(record("A", "0", 0.5, s, 80.0 + s), label_smoothing=a, test_top2_bytest=95.0)
+            for s in range(2) for a in (0.0, 0.1)]
+    recs += [dict(record("A", "1", 0.5, s, 70.0 + t), label_smoothing=a, temperature=float(t),
+                  test_top2_bytest=90.0)
              for s in range(2) for a in (0.0, 0.1) for t in (1, 4)]
     write_reports(recs, tmp_path, dict(GRID, report={"kind": "ls_temperature", "metric": "test"}))
     md = (tmp_path / "tables.md").read_text()
-    assert "| Teacher | 80.50 ± 0.71 / 95.00 ± 0.00 |" in md and "| Student T = 4 | 74.00 ± 0.00 / 90.00 ± 0.00 |" in md
+    assert "| Teacher | 80.50 ± 0.71 / 95.00 ± 0.00 |" in md
+    assert "| Student T = 4 | 74.00 ± 0.00 / 90.00 ± 0.00 |" in md
     assert "sample std, ddof=1" in md
     # one seed: means alone
-    write_reports([r for r in recs if r["seed"] == 0], tmp_path, dict(GRID, report={"kind": "ls_temperature"}))
+    write_reports([r for r in recs if r["seed"] == 0], tmp_path,
+                  dict(GRID, report={"kind": "ls_temperature"}))
     md = (tmp_path / "tables.md").read_text()
     assert "| Teacher | 80.00 / 95.00 |" in md and "n = 1 seed (one seed: no std)" in md
 
 
 def test_records_csv_rounds_measured_floats_only():
-    r = dict(record("A", "1", 0.5, 0, 95.00000762939453), lr=5e-5, wd=2e-5, test_entropy_bytest=1.7491470575332642,
-             realised_corruption=49.965205288796106, epoch_bytest=42, wall_time_s=2.3442742824554443, fused_batches=False)
+    r = dict(record("A", "1", 0.5, 0, 95.00000762939453), lr=5e-5, wd=2e-5,
+             test_entropy_bytest=1.7491470575332642, realised_corruption=49.965205288796106, epoch_bytest=42,
+             wall_time_s=2.3442742824554443, fused_batches=False)
     row = next(csv.DictReader(records_csv([r]).splitlines()))
     assert row["test_acc_bytest"] == "95.0" and row["test_acc_last"] == "94.0"
     assert row["test_entropy_bytest"] == "1.749147" and row["realised_corruption"] == "49.9652"
@@ -185,7 +191,8 @@ def _capture_figures(monkeypatch):
 
 def test_gain_figure_shares_its_y_axis_and_names_steps_as_the_tables(tmp_path, monkeypatch):
     saved = _capture_figures(monkeypatch)
-    recs = synthetic() + [dict(r, selection="val", key=r["key"] + "-val") for r in synthetic() if r["step"] != "0"]
+    recs = synthetic() + [dict(r, selection="val", key=r["key"] + "-val")
+                          for r in synthetic() if r["step"] != "0"]
     write_reports(recs, tmp_path, GRID)
     axes = saved["gain"]["axes"]
     panels = [ax for ax in axes if ax.get_visible() and ax.axison]
@@ -216,10 +223,10 @@ def test_curves_figure_draws_the_seed_mean_per_epoch(tmp_path, monkeypatch):
     recs = [r for r in synthetic() if r["dataset"] == "A"]
     # epoch e of seed s: 10 s + e, with the step's offset; the best is then the last epoch + 5 at epoch 2
     offset = {"0": 0.0, "1": 100.0, "2": 200.0, "p": 300.0}
-    write_logs(recs, tmp_path / "ckpt", lambda r: [offset[r["step"]] + 10 * r["seed"] + e + (5 if e == 1 else 0)
-                                                   for e in range(4)])
-    written = write_reports(recs, tmp_path / "out", dict(GRID, report={"kind": "distillation", "gain_etas": [0.5, 0.9]}),
-                            checkpoint_root=tmp_path / "ckpt")
+    write_logs(recs, tmp_path / "ckpt",
+               lambda r: [offset[r["step"]] + 10 * r["seed"] + e + (5 if e == 1 else 0) for e in range(4)])
+    grid = dict(GRID, report={"kind": "distillation", "gain_etas": [0.5, 0.9]})
+    written = write_reports(recs, tmp_path / "out", grid, checkpoint_root=tmp_path / "ckpt")
     assert {p.name for p in written} >= {"curves.png", "curves.pdf"}
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     axes = saved["curves"]["axes"]
@@ -227,12 +234,15 @@ def test_curves_figure_draws_the_seed_mean_per_epoch(tmp_path, monkeypatch):
     solid = {round(line.get_ydata()[0]): list(line.get_ydata()) for line in axes[0].get_lines()
              if line.get_linestyle() == "-"}
     # teacher, last round (step 3: round 2) and PLL at eta 0.5, mean over seeds 0..2 (seed mean 10)
-    assert solid == {10: [10.0, 16.0, 12.0, 13.0], 210: [210.0, 216.0, 212.0, 213.0], 310: [310.0, 316.0, 312.0, 313.0]}
+    assert solid == {10: [10.0, 16.0, 12.0, 13.0], 210: [210.0, 216.0, 212.0, 213.0],
+                     310: [310.0, 316.0, 312.0, 313.0]}
     dashed = sorted(line.get_ydata()[0] for line in axes[0].get_lines() if line.get_linestyle() == "--")
     assert dashed == [16.0, 216.0, 316.0]
     # at eta 0.9 the last round (round 2) never finished: as in the table ('-'), no line
-    assert {round(line.get_ydata()[0]) for line in axes[1].get_lines() if line.get_linestyle() == "-"} == {10, 310}
-    assert saved["curves"]["legends"] == ["1 (Teacher)", "3", "PLL", "per epoch (mean)", "best-by-test (mean)"]
+    solid_at_09 = {round(line.get_ydata()[0]) for line in axes[1].get_lines() if line.get_linestyle() == "-"}
+    assert solid_at_09 == {10, 310}
+    assert saved["curves"]["legends"] == ["1 (Teacher)", "3", "PLL", "per epoch (mean)",
+                                          "best-by-test (mean)"]
 
 
 def test_missing_logs_skip_the_curves_with_one_line(tmp_path, capsys):

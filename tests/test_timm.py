@@ -24,7 +24,8 @@ def test_l2_divides_each_row_by_its_norm_and_keeps_zero_rows():
                              [6 / 101 ** 0.5, 8 / 101 ** 0.5, 1 / 101 ** 0.5]])
     torch.testing.assert_close(f.train_x, expected)
     torch.testing.assert_close(f.test_x, torch.tensor([[1 / 26 ** 0.5, 0.0, 5 / 26 ** 0.5]]))
-    zero = FeatureSet("z", "c", torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(1, 3), torch.tensor([0]), 2)
+    zero = FeatureSet("z", "c", torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(1, 3), torch.tensor([0]),
+                      2)
     assert torch.equal(normalize_features(zero, "l2").train_x, torch.zeros(2, 3))
 
 
@@ -34,7 +35,8 @@ def test_standardize_uses_the_training_rows_only():
     std0, std1 = 6 ** 0.5, (32 / 3) ** 0.5
     torch.testing.assert_close(f.train_x, torch.tensor([[0.0, 0.0, 0.0], [-3 / std0, -4 / std1, 0.0],
                                                         [3 / std0, 4 / std1, 0.0]]))
-    torch.testing.assert_close(f.test_x, torch.tensor([[-2 / std0, -4 / std1, 4.0]]))  # not re-centred on test
+    # not re-centred on test
+    torch.testing.assert_close(f.test_x, torch.tensor([[-2 / std0, -4 / std1, 4.0]]))
 
 
 def test_none_is_the_stored_features_and_a_bad_mode_is_one_line():
@@ -91,8 +93,8 @@ from conftest import Cli, stderr_error_lines  # noqa: E402
 from test_data import make_image_folder, run_with  # noqa: E402
 from utils.runs import VOLATILE_FIELDS, RunConfig, step_settings  # noqa: E402
 
-CHAIN = ("-d", "imagefolder", "--pretrained", "False", "-j", 0, "--test-batch", 6, "--rounds", 1, "--epochs", 2,
-         "--lr", 0.05, "--ctype", "sym", "--corruption", 0.2)
+CHAIN = ("-d", "imagefolder", "--pretrained", "False", "-j", 0, "--test-batch", 6, "--rounds", 1,
+         "--epochs", 2, "--lr", 0.05, "--ctype", "sym", "--corruption", 0.2)
 
 
 def numbers(records):
@@ -130,8 +132,8 @@ def test_a_recipe_sweeps_a_timm_backbone_and_the_feature_norm(cli, tmp_path):
     folder = make_image_folder(tmp_path / "pets", train=3, test=2)
     recipe = tmp_path / "timm.yaml"
     recipe.write_text(f"name: timm\nrounds: 1\ngrid:\n  dataset: imagefolder\n  arch: [{RESNET}, resnet18]\n"
-                      "  pretrained: false\n  feature_norm: [none, standardize]\n  ctype: sym\n  corruption: 0.2\n"
-                      "  epochs: 2\n  lr: 0.05\n")
+                      "  pretrained: false\n  feature_norm: [none, standardize]\n  ctype: sym\n"
+                      "  corruption: 0.2\n  epochs: 2\n  lr: 0.05\n")
     assert run_with(cli, "--config", recipe, "-j", 0, data=folder) == 0
     records = cli.records()
     assert len(records) == 2 * 2 * 3

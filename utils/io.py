@@ -148,4 +148,5 @@ def load_torch_file(path, what: str, fix: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, random bytes...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{what} {path} is unreadable or not a file this tool wrote ({first[:120]}). {fix}") from None
+        raise UserError(f"{what} {path} is unreadable or not a file this tool wrote ({first[:120]}). "
+                        f"{fix}") from None

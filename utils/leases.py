@@ -69,7 +69,8 @@ class Lease:
         self.token, self.started = token, started
 
     def _content(self, now: float) -> dict:
-        return {"host": HOST, "pid": os.getpid(), "token": self.token, "started": self.started, "heartbeat": now}
+        return {"host": HOST, "pid": os.getpid(), "token": self.token, "started": self.started,
+                "heartbeat": now}
 
     def still_mine(self) -> bool:
         holder = read_holder(self.path)

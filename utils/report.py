@@ -10,7 +10,7 @@ figure only, each run's `log.jsonl` under the checkpoint root).
   of every temperature under each label-smoothing alpha, top-1 / top-2, confidence and entropy.
 
 Steps are named as in the paper everywhere (tables, figures, legends): "1 (Teacher)", 2, 3, ...,
-PLL (`utils.runs.step_label`). Std is the sample std over seeds (ddof=1); with one seed there is
+PLL (`utils.steps.Step.label`). Std is the sample std over seeds (ddof=1); with one seed there is
 none and a cell shows its mean alone. Every caption states n and the std convention. A cell
 without any finished run shows "-".
 """
@@ -25,24 +25,27 @@ from pathlib import Path
 import numpy as np
 
 from utils.io import atomic_save_figure, atomic_write_text
-from utils.runs import (SUFFIX_OF_SELECTION, config_from_settings, run_dir, step_fields, step_label,
+from utils.runs import (SETTING_COLUMNS, SUFFIX_OF_SELECTION, config_from_settings, run_dir, step_fields,
                         with_key_neutral_settings)
+from utils.steps import Step, step_of
 
 MISSING = "-"
 DEFAULT_GAIN_ETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # What each metric choice reads, and the words that say so in every caption.
 METRIC_DESCRIPTION = {
-    "test": "test accuracy at the best-by-test epoch (the paper's protocol: the epoch of highest test accuracy)",
+    "test": "test accuracy at the best-by-test epoch (the paper's protocol: the epoch of highest test "
+            "accuracy)",
     "last": "test accuracy at the last epoch",
-    "val": "test accuracy at the best-by-validation epoch (highest accuracy on the held-out split of the noisy training set)",
-    "selected": "test accuracy of the checkpoint that each run's own --selection chose (and handed on as teacher)",
+    "val": "test accuracy at the best-by-validation epoch (highest accuracy on the held-out split of the "
+           "noisy training set)",
+    "selected": "test accuracy of the checkpoint that each run's own --selection chose (and handed on as "
+                "teacher)",
 }
 # Settings that never split a table into groups: they are its rows, columns or repetitions.
 NOT_GROUPING = ("seed", "eta")
-# CSV columns shown first; the rest follow alphabetically.
-CSV_FIRST = ("key", "dataset", "backbone", "ctype", "eta", "seed", "step", "lr", "wd", "epochs",
-             "label_smoothing", "temperature", "selection", "val_split", "test_acc_bytest", "test_acc_last",
-             "test_acc_byval")
+# CSV columns shown first (the key, the settings declared with a column, the headline accuracies);
+# the rest follow alphabetically.
+CSV_FIRST = ("key", *SETTING_COLUMNS, "test_acc_bytest", "test_acc_last", "test_acc_byval")
 # Measured float columns of records.csv and their decimals (the float32 numbers of a run carry noise
 # such as 95.00000762939453): percentages to 4 decimals, entropies (nats) to 6. Every other column
 # (settings such as lr 5e-5, integers, strings, wall time) is written as recorded.
@@ -102,14 +105,16 @@ def _fmt_setting(name: str, value) -> str:
     return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
 
 
-def _step_order(step: str):
-    return (1, 0) if step == "p" else (0, int(step))
+def _steps_in(records: list, kinds=("teacher", "student", "pll")) -> list:
+    """The steps (of the given kinds) that records hold, teacher first, rounds in order, PLL last."""
+    steps = {step_of(r["step"]) for r in records}
+    return sorted((s for s in steps if s.kind in kinds), key=Step.sort_key)
 
 
 # ---- grouping ------------------------------------------------------------------------------
 def _grouping_fields(records: list, exclude=()) -> list:
     """Settings (of any step) that take more than one value among the records."""
-    names = [n for n in step_fields("1") if n not in NOT_GROUPING and n not in exclude]
+    names = [n for n in step_fields(Step.student(1)) if n not in NOT_GROUPING and n not in exclude]
     return [n for n in names if len({repr(r[n]) for r in records if n in r}) > 1]
 
 
@@ -144,7 +149,8 @@ def _group_title(settings: dict, members: list) -> str:
     """Dataset first, then the settings that say what the table is (constant ones included)."""
     first = members[0]
     parts = [str(settings.get("dataset", first.get("dataset", "?")))]
-    shown = ["backbone", "ctype", "lr", "wd"] + [f for f in settings if f not in ("dataset", "backbone", "ctype", "lr", "wd")]
+    lead = ("backbone", "ctype", "lr", "wd")
+    shown = list(lead) + [f for f in settings if f != "dataset" and f not in lead]
     for name in shown:
         value = settings.get(name, first.get(name))
         if value is not None:
@@ -176,7 +182,7 @@ def distillation_table(members: list, metric: str) -> dict:
     """Cells of one appendix table: {'etas', 'steps', 'cells': {(step, eta): (mean, std, n) | None},
     'best': {eta: best displayed mean}, 'bold': {eta: steps shown in bold}, 'n': most seeds in a cell}."""
     etas = sorted({float(r["eta"]) for r in members})
-    steps = sorted({r["step"] for r in members}, key=_step_order)
+    steps = [s.code for s in _steps_in(members)]
     values = defaultdict(list)
     for r in members:
         values[r["step"], float(r["eta"])].append(record_value(r, metric))
@@ -210,42 +216,57 @@ def _caption(title: str, metric: str, n: int, what: str) -> str:
         bold = "the best per column in bold (ties all bold)"
     else:
         cells = f"mean ± std over n = {n} seeds ({STD_WORDS}) of the {METRIC_DESCRIPTION[metric]}"
-        bold = ("in bold, the best mean per column and every mean within one std of it (the larger of the two "
-                "cells' stds): values that one std does not tell apart")
-    return (f"{title}: {what}. Steps: 1 = teacher, 2, 3, ... = distillation rounds, PLL = partial-label student. "
-            f"Cells: {cells}; {bold}; '-' = no finished run, (n=k) = only k seeds finished (no std when k = 1).")
+        bold = ("in bold, the best mean per column and every mean within one std of it (the larger of the "
+                "two cells' stds): values that one std does not tell apart")
+    return (f"{title}: {what}. Steps: 1 = teacher, 2, 3, ... = distillation rounds, PLL = partial-label "
+            f"student. Cells: {cells}; {bold}; '-' = no finished run, (n=k) = only k seeds finished (no std "
+            "when k = 1).")
+
+
+def _markdown_table(caption: str, head: str, columns: int, rows: list) -> list:
+    """Lines of a Markdown table: the caption in italics, the `head` line, the rule under it (`columns`
+    wide), then one line per (label, cell texts) row."""
+    return ([f"*{caption}*", "", head, "|" + " --- |" * columns]
+            + [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows])
+
+
+def _distillation_rows(table: dict, bold, pm: str) -> list:
+    """(step label, cell texts) per step of a distillation table; `bold` marks a text, `pm` joins
+    mean and std."""
+    return [(step_of(s).label, [_cell_text(table["cells"][s, e], s in table["bold"][e], table["n"], bold, pm)
+                                for e in table["etas"]])
+            for s in table["steps"]]
 
 
 def _table_markdown(table: dict, caption: str) -> str:
     head = "| step | " + " | ".join(f"eta = {_fmt_eta(e)}" for e in table["etas"]) + " |"
-    lines = [f"*{caption}*", "", head, "|" + " --- |" * (len(table["etas"]) + 1)]
-    for s in table["steps"]:
-        cells = [_cell_text(table["cells"][s, e], s in table["bold"][e], table["n"], lambda t: f"**{t}**", "±")
-                 for e in table["etas"]]
-        lines.append(f"| {step_label(s)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = _distillation_rows(table, lambda t: f"**{t}**", "±")
+    return "\n".join(_markdown_table(caption, head, len(table["etas"]) + 1, rows)) + "\n"
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$"}
 
 
 def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
 
 
+def _latex_table(caption: str, columns: str, head: str, rows: list, label=None) -> list:
+    """Lines of a booktabs table: caption (escaped), optional label, tabular of `columns`, the `head`
+    line, then one line per (label, cell texts) row (the label escaped, the cells already LaTeX)."""
+    return ([r"\begin{table}[ht]", r"\centering", r"\small", r"\caption{" + _latex_escape(caption) + "}"]
+            + ([r"\label{tab:" + label + "}"] if label is not None else [])
+            + [r"\begin{tabular}{" + columns + "}", r"\toprule", head + r" \\", r"\midrule"]
+            + [_latex_escape(name) + " & " + " & ".join(cells) + r" \\" for name, cells in rows]
+            + [r"\bottomrule", r"\end{tabular}", r"\end{table}"])
+
+
 def _table_latex(table: dict, caption: str, label: str) -> str:
-    cols = "l" + "c" * len(table["etas"])
-    lines = [r"\begin{table}[ht]", r"\centering", r"\small",
-             r"\caption{" + _latex_escape(caption) + "}",
-             r"\label{tab:" + label + "}", r"\begin{tabular}{" + cols + "}", r"\toprule",
-             "Step & " + " & ".join(rf"$\eta={_fmt_eta(e)}$" for e in table["etas"]) + r" \\", r"\midrule"]
-    for s in table["steps"]:
-        cells = [_cell_text(table["cells"][s, e], s in table["bold"][e], table["n"], lambda t: r"\textbf{" + t + "}",
-                            r"$\pm$") for e in table["etas"]]
-        lines.append(_latex_escape(step_label(s)) + " & " + " & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    head = "Step & " + " & ".join(rf"$\eta={_fmt_eta(e)}$" for e in table["etas"])
+    rows = _distillation_rows(table, lambda t: r"\textbf{" + t + "}", r"$\pm$")
+    return "\n".join(_latex_table(caption, "l" + "c" * len(table["etas"]), head, rows, label)) + "\n"
 
 
 # ---- records.csv -----------------------------------------------------------------------------
@@ -256,7 +277,7 @@ def records_csv(records: list) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     order = sorted(records, key=lambda r: (str(r.get("dataset")), str(r.get("ctype")), float(r.get("eta", 0)),
-                                           int(r.get("seed", 0)), _step_order(r["step"]), r["key"]))
+                                           int(r.get("seed", 0)), step_of(r["step"]).sort_key(), r["key"]))
     for r in order:
         writer.writerow([_csv_value(c, r.get(c)) for c in columns])
     return buf.getvalue()
@@ -283,10 +304,11 @@ def _csv_value(column: str, value):
 def distillation_gains(members: list, metric: str, etas) -> dict:
     """{(step, eta): (mean, std, n)} of student metric minus the same seed's teacher metric, for
     every student step and each eta in `etas`; pairs without a teacher are left out."""
-    teacher = {(float(r["eta"]), r["seed"]): record_value(r, metric) for r in members if r["step"] == "0"}
+    teacher = {(float(r["eta"]), r["seed"]): record_value(r, metric)
+               for r in members if step_of(r["step"]).is_teacher}
     gains = defaultdict(list)
     for r in members:
-        if r["step"] == "0" or float(r["eta"]) not in etas:
+        if step_of(r["step"]).is_teacher or float(r["eta"]) not in etas:
             continue
         base, own = teacher.get((float(r["eta"]), r["seed"])), record_value(r, metric)
         if base is not None and own is not None:
@@ -294,63 +316,98 @@ def distillation_gains(members: list, metric: str, etas) -> dict:
     return {k: _stats(v) for k, v in gains.items()}
 
 
-def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path) -> list:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _seed_count(groups: list) -> int:
+    return len({r["seed"] for _, members in groups for r in members})
+
+
+def _captioned_panels(plt, nrows: int, ncols: int, caption_lines: list, *, fig_width: float, panel_in: float,
+                      gap_in: float, wspace: float, sharey):
+    """(figure, 2-D axes) of nrows x ncols panels in fixed room (inches): the caption lines, wrapped to
+    the width, above as the figure's title; panels of `panel_in` plus `gap_in` for their titles and
+    axis labels; room for a legend below."""
+    text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in caption_lines)
+    caption_in, legend_in = 0.17 * (text.count("\n") + 1) + 0.2, 0.4
+    height = caption_in + legend_in + nrows * panel_in + nrows * gap_in
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False, sharey=sharey)
+    fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=wspace,
+                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + 0.6) / height,
+                        hspace=gap_in / panel_in)
+    fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
+    return fig, axes
+
+
+def _save_figure(plt, fig, stem: Path) -> list:
+    written = atomic_save_figure(fig, stem, bbox_inches="tight")
+    plt.close(fig)
+    return written
+
+
+def _gain_caption(groups: list, metric: str, title: str) -> list:
+    seeds = _seed_count(groups)
+    spread = f"mean and std ({STD_WORDS}) over {seeds} seeds" if seeds > 1 else "1 seed (no std)"
+    shared = "; one y-axis for all panels" if len(groups) > 1 else ""
+    return [title, "Distillation gain (pp) = student step minus the same seed's teacher (step 1); "
+                   f"{spread}{shared}",
+            f"Number: {METRIC_DESCRIPTION[metric]}"]
+
+
+def _gain_bars(ax, members: list, metric: str, gain_etas, steps: list, colours) -> list:
+    """One group's panel: at each gain eta it ran, a bar per student step (the mean gain, its std as
+    the error bar). Returns the etas drawn."""
+    present = sorted({float(r["eta"]) for r in members})
+    etas = [e for e in present if any(math.isclose(e, g) for g in gain_etas)]
+    gains = distillation_gains(members, metric, etas)
+    bar = 0.8 / max(len(steps), 1)
+    for i, step in enumerate(steps):
+        xs = [j + (i - (len(steps) - 1) / 2) * bar for j in range(len(etas))]
+        stats = [gains.get((step.code, e)) for e in etas]
+        means = [s[0] if s else np.nan for s in stats]
+        ax.bar(xs, means, bar, yerr=[(s[1] or 0.0) if s else 0.0 for s in stats], capsize=2, color=colours[i],
+               label=step.label)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(etas)), [_fmt_eta(e) for e in etas])
+    ax.set_xlabel("corruption rate eta")
+    return etas
+
+
+def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path) -> list:
+    plt = _pyplot()
     count = max(len(groups), 1)
     ncols = min(3, count)
     nrows = math.ceil(count / ncols)
-    fig_width = max(4.6 * ncols, 7.0)
-    seeds = len({r["seed"] for _, m in groups for r in m})
-    spread = f"mean and std ({STD_WORDS}) over {seeds} seeds" if seeds > 1 else "1 seed (no std)"
-    shared = "; one y-axis for all panels" if len(groups) > 1 else ""
-    lines = [title, f"Distillation gain (pp) = student step minus the same seed's teacher (step 1); {spread}{shared}",
-             f"Number: {METRIC_DESCRIPTION[metric]}"]
-    text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in lines)
-    # Fixed room in inches: caption above, panels of 2.6 in plus their titles and axis labels, legend below.
-    caption_in, legend_in, panel_in, gap_in = 0.17 * (text.count("\n") + 1) + 0.2, 0.4, 2.6, 0.9
-    height = caption_in + legend_in + nrows * panel_in + nrows * gap_in
     # One y-axis for every panel: separate scales would make unlike panels look alike.
-    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False, sharey=True)
-    fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=0.12,
-                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + 0.6) / height,
-                        hspace=gap_in / panel_in)
-    steps = sorted({r["step"] for _, m in groups for r in m if r["step"] != "0"}, key=_step_order)
+    fig, axes = _captioned_panels(plt, nrows, ncols, _gain_caption(groups, metric, title),
+                                  fig_width=max(4.6 * ncols, 7.0), panel_in=2.6, gap_in=0.9, wspace=0.12,
+                                  sharey=True)
+    steps = _steps_in([r for _, m in groups for r in m], kinds=("student", "pll"))
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(steps), 1)))
     for ax in axes.flat[len(groups):]:
         ax.axis("off")
     for index, (ax, (settings, members)) in enumerate(zip(axes.flat, groups)):
-        present = sorted({float(r["eta"]) for r in members})
-        etas = [e for e in present if any(math.isclose(e, g) for g in gain_etas)]
-        gains = distillation_gains(members, metric, etas)
-        bar = 0.8 / max(len(steps), 1)
-        for i, step in enumerate(steps):
-            xs = [j + (i - (len(steps) - 1) / 2) * bar for j in range(len(etas))]
-            stats = [gains.get((step, e)) for e in etas]
-            ax.bar(xs, [s[0] if s else np.nan for s in stats], bar, yerr=[(s[1] or 0.0) if s else 0.0 for s in stats],
-                   capsize=2, color=colours[i], label=step_label(step))
-        ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_xticks(range(len(etas)), [_fmt_eta(e) for e in etas])
-        ax.set_xlabel("corruption rate eta")
+        etas = _gain_bars(ax, members, metric, gain_etas, steps, colours)
         if index % ncols == 0:
             ax.set_ylabel("gain over teacher (pp)")
         ax.set_title(_group_title(settings, members), fontsize=8)
         if not etas:
             ax.text(0.5, 0.5, "no runs at the gain etas", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:  # below the panels, never on the bars
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9,
                    title="step (1 = teacher)", title_fontsize=9)
-    written = atomic_save_figure(fig, out_dir / "gain", bbox_inches="tight")
-    plt.close(fig)
-    return written
+    return _save_figure(plt, fig, out_dir / "gain")
 
 
 # ---- the training-curve figure ---------------------------------------------------------------
 CURVE_FILES = ("curves.png", "curves.pdf")
+CURVE_COLOURS = {"teacher": "black", "student": "tab:blue", "pll": "tab:orange"}  # by step kind
 
 
 def curve_etas(present, gain_etas) -> list:
@@ -361,15 +418,16 @@ def curve_etas(present, gain_etas) -> list:
 
 
 def curve_steps(members: list) -> list:
-    """Teacher, last distillation round and PLL, those present."""
-    rounds = sorted({r["step"] for r in members if r["step"] not in ("0", "p")}, key=_step_order)
-    present = {r["step"] for r in members}
-    return [s for s in ["0"] + rounds[-1:] + ["p"] if s in present]
+    """Teacher, last distillation round and PLL (Steps), those present."""
+    present = _steps_in(members)
+    rounds = [s for s in present if s.kind == "student"]
+    return [s for s in [Step.teacher()] + rounds[-1:] + [Step.pll()] if s in present]
 
 
 def log_path(checkpoint_root, record: dict) -> Path:
     """Where a run's per-epoch log lives: its checkpoint folder, derived from its record."""
-    return run_dir(checkpoint_root, config_from_settings(record), record["step"], record["features_id"]) / "log.jsonl"
+    folder = run_dir(checkpoint_root, config_from_settings(record), record["step"], record["features_id"])
+    return folder / "log.jsonl"
 
 
 def read_test_curve(path: Path):
@@ -383,14 +441,15 @@ def read_test_curve(path: Path):
 
 
 def training_curves(groups: list, gain_etas, checkpoint_root):
-    """({(group index, eta, step): [per-seed curves]}, etas, missing log paths) of the curve figure."""
+    """({(group index, eta, Step): [per-seed curves]}, etas, missing log paths) of the curve figure."""
     present = sorted({float(r["eta"]) for _, m in groups for r in m})
     etas = curve_etas(present, gain_etas)
     curves, missing = {}, []
     for index, (_, members) in enumerate(groups):
         for eta in etas:
             for step in curve_steps(members):
-                runs = [r for r in members if r["step"] == step and math.isclose(float(r["eta"]), eta)]
+                runs = [r for r in members
+                        if step_of(r["step"]) == step and math.isclose(float(r["eta"]), eta)]
                 for r in sorted(runs, key=lambda r: r["seed"]):
                     path = log_path(checkpoint_root, r) if "features_id" in r else None
                     curve = read_test_curve(path) if path is not None else None
@@ -409,99 +468,128 @@ def _mean_curve(curves: list):
     return np.nanmean(stack, axis=0)
 
 
+def _skip_curves(out_dir: Path, checkpoint_root, missing: list) -> None:
+    """Say in one line why there is no curve figure, and remove the one an earlier report left."""
+    why = ("no checkpoint root given" if checkpoint_root is None else
+           f"{len(missing)} run(s) have no readable log.jsonl under {checkpoint_root}, e.g. {missing[0]}"
+           if missing else "no runs")
+    stale = [out_dir / name for name in CURVE_FILES if (out_dir / name).exists()]
+    for path in stale:
+        path.unlink()
+    print(f"training curves skipped ({why})"
+          + (f"; removed the stale {', '.join(p.name for p in stale)}" if stale else ""))
+
+
+def _curves_caption(groups: list, title: str) -> list:
+    seeds = _seed_count(groups)
+    return [title, f"Test accuracy per epoch, mean over {seeds} seed{'s' if seeds != 1 else ''}. Solid: the "
+                   "curve, whose end is the last-epoch number; dashed: the mean of each run's best-by-test "
+                   "accuracy (the paper's number). Their distance is what choosing the epoch on the test set "
+                   "adds. The y-range leaves out the first 5% of epochs."]
+
+
+def _plot_step_curves(ax, runs: list, colour) -> list:
+    """One step's mean curve over seeds (solid) and its mean best-by-test accuracy (dashed). Returns the
+    values the panel's y-range must hold: the dashed level and the curve but its first 5% of epochs
+    (the start-up transient)."""
+    mean = _mean_curve(runs)
+    best = float(np.mean([c.max() for c in runs]))
+    ax.plot(np.arange(1, len(mean) + 1), mean, color=colour, linewidth=1.1)
+    ax.axhline(best, color=colour, linestyle="--", linewidth=0.9)
+    return [best, *mean[max(1, len(mean) // 20):]]
+
+
+def _draw_curve_panels(axes, groups: list, etas: list, curves: dict) -> tuple:
+    """Every panel (a row per group, a column per eta). Returns ({step label: colour} in the order
+    first drawn, {column: the values its y-range must hold})."""
+    labels, shown = {}, defaultdict(list)
+    for row, (settings, members) in enumerate(groups):
+        for col, eta in enumerate(etas):
+            ax = axes[row, col]
+            for step in curve_steps(members):
+                runs = curves.get((row, eta, step))
+                if runs:
+                    colour = CURVE_COLOURS[step.kind]
+                    shown[col] += _plot_step_curves(ax, runs, colour)
+                    labels.setdefault(step.label, colour)
+            ax.set_title(f"{_group_title(settings, members)}, eta = {_fmt_eta(eta)}", fontsize=8)
+            ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel("test accuracy (%)")
+    return labels, shown
+
+
+def _fit_column_ylims(axes, shown: dict) -> None:
+    """Each column's shared y-range: the values it must hold plus a margin."""
+    for col, values in shown.items():
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        margin = max(0.08 * (high - low), 0.5)
+        axes[0, col].set_ylim(low - margin, high + margin)
+
+
+def _curves_legend(fig, labels: dict) -> None:
+    """Below the panels: the steps' colours (teacher, last round, PLL), then the two line styles."""
+    from matplotlib.lines import Line2D
+
+    order = list(labels)
+    handles = [Line2D([], [], color=labels[lab]) for lab in order]
+    handles += [Line2D([], [], color="grey"), Line2D([], [], color="grey", linestyle="--")]
+    fig.legend(handles, order + ["per epoch (mean)", "best-by-test (mean)"], loc="lower center",
+               ncol=len(handles), frameon=False, fontsize=9, title="step (1 = teacher)", title_fontsize=9)
+
+
 def curves_figure(groups: list, title: str, gain_etas, out_dir: Path, checkpoint_root) -> list:
     """curves.png / .pdf: test accuracy per epoch (mean over seeds) of the teacher, the last round
     and PLL at two corruption rates, one row of panels per group, with each step's mean best-by-test
     accuracy as a dashed line, so the gap between the best-by-test and the last-epoch number shows.
     Without the logs (no checkpoint root, a store copied without its checkpoints) the figure is
     skipped with one printed line, and a curve figure left by an earlier report is removed."""
-    stale = [out_dir / name for name in CURVE_FILES if (out_dir / name).exists()]
-    curves, etas, missing = training_curves(groups, gain_etas, checkpoint_root) if checkpoint_root else ({}, [], [])
+    curves, etas, missing = {}, [], []
+    if checkpoint_root:
+        curves, etas, missing = training_curves(groups, gain_etas, checkpoint_root)
     if checkpoint_root is None or missing or not curves:
-        why = ("no checkpoint root given" if checkpoint_root is None else
-               f"{len(missing)} run(s) have no readable log.jsonl under {checkpoint_root}, e.g. {missing[0]}" if missing
-               else "no runs")
-        for path in stale:
-            path.unlink()
-        print(f"training curves skipped ({why})" + (f"; removed the stale {', '.join(p.name for p in stale)}"
-                                                      if stale else ""))
+        _skip_curves(out_dir, checkpoint_root, missing)
         return []
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    nrows, ncols = len(groups), len(etas)
-    fig_width = max(4.8 * ncols, 7.0)
-    seeds = len({r["seed"] for _, m in groups for r in m})
-    lines = [title, f"Test accuracy per epoch, mean over {seeds} seed{'s' if seeds != 1 else ''}. Solid: the curve, "
-                    "whose end is the last-epoch number; dashed: the mean of each run's best-by-test accuracy "
-                    "(the paper's number). Their distance is what choosing the epoch on the test set adds. "
-                    "The y-range leaves out the first 5% of epochs."]
-    text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in lines)
-    caption_in, legend_in, panel_in, gap_in = 0.17 * (text.count("\n") + 1) + 0.2, 0.4, 2.3, 0.8
-    height = caption_in + legend_in + nrows * panel_in + nrows * gap_in
+    plt = _pyplot()
     # Panels of one corruption rate share their y-axis (rows are comparable); rates differ too much.
-    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False, sharey="col")
-    fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=0.2,
-                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + 0.6) / height,
-                        hspace=gap_in / panel_in)
-    colours = {"0": "black", "p": "tab:orange"}
-    labels = {}
-    shown = defaultdict(list)  # per column: the values the y-range must hold
-    for row, (settings, members) in enumerate(groups):
-        for col, eta in enumerate(etas):
-            ax = axes[row, col]
-            for step in curve_steps(members):
-                runs = curves.get((row, eta, step))
-                if not runs:
-                    continue
-                colour = colours.get(step, "tab:blue")
-                mean = _mean_curve(runs)
-                best = float(np.mean([c.max() for c in runs]))
-                ax.plot(np.arange(1, len(mean) + 1), mean, color=colour, linewidth=1.1)
-                ax.axhline(best, color=colour, linestyle="--", linewidth=0.9)
-                # the y-range leaves out the first 5% of epochs (the start-up transient)
-                shown[col] += [best, *mean[max(1, len(mean) // 20):]]
-                labels.setdefault(step_label(step), colour)
-            ax.set_title(f"{_group_title(settings, members)}, eta = {_fmt_eta(eta)}", fontsize=8)
-            ax.set_xlabel("epoch")
-            if col == 0:
-                ax.set_ylabel("test accuracy (%)")
-    for col, values in shown.items():
-        low, high = float(np.nanmin(values)), float(np.nanmax(values))
-        margin = max(0.08 * (high - low), 0.5)
-        axes[0, col].set_ylim(low - margin, high + margin)
-    fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
-    order = list(labels)  # teacher, last round, PLL
-    handles = [Line2D([], [], color=labels[lab]) for lab in order]
-    handles += [Line2D([], [], color="grey"), Line2D([], [], color="grey", linestyle="--")]
-    fig.legend(handles, order + ["per epoch (mean)", "best-by-test (mean)"], loc="lower center",
-               ncol=len(handles), frameon=False, fontsize=9, title="step (1 = teacher)", title_fontsize=9)
-    written = atomic_save_figure(fig, out_dir / "curves", bbox_inches="tight")
-    plt.close(fig)
-    return written
+    fig, axes = _captioned_panels(plt, len(groups), len(etas), _curves_caption(groups, title),
+                                  fig_width=max(4.8 * len(etas), 7.0), panel_in=2.3, gap_in=0.8, wspace=0.2,
+                                  sharey="col")
+    labels, shown = _draw_curve_panels(axes, groups, etas, curves)
+    _fit_column_ylims(axes, shown)
+    _curves_legend(fig, labels)
+    return _save_figure(plt, fig, out_dir / "curves")
 
 
 # ---- kinds -----------------------------------------------------------------------------------
+def _tex_header(title: str) -> str:
+    return f"% {title}: tables written by utils/report.py; needs \\usepackage{{booktabs}}"
+
+
+def _write_tables(out_dir: Path, md: list, tex: list, records: list) -> list:
+    """tables.md, tables.tex (their lines joined) and records.csv; returns their paths."""
+    return [atomic_write_text(out_dir / "tables.md", "\n".join(md)),
+            atomic_write_text(out_dir / "tables.tex", "\n".join(tex)),
+            atomic_write_text(out_dir / "records.csv", records_csv(records))]
+
+
 def distillation_report(records: list, out_dir: Path, grid: dict, checkpoint_root=None) -> list:
     opts = _report_options(grid)
     metric, title = opts["metric"], opts["title"]
     groups = group_records(records)
     md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}.", ""]
-    tex = [f"% {title}: tables written by utils/report.py; needs \\usepackage{{booktabs}}", ""]
+    tex = [_tex_header(title), ""]
     for index, (settings, members) in enumerate(groups):
         table = distillation_table(members, metric)
         name = _group_title(settings, members)
         caption = _caption(title, metric, table["n"], name)
         md += [f"## {name}", "", _table_markdown(table, caption)]
-        tex.append(_table_latex(table, caption, _slug(f"{grid.get('name', 'grid')}-{index}-{members[0].get('dataset', '')}")))
-    written = [atomic_write_text(out_dir / "tables.md", "\n".join(md)),
-               atomic_write_text(out_dir / "tables.tex", "\n".join(tex)),
-               atomic_write_text(out_dir / "records.csv", records_csv(records))]
-    gain_etas = opts.get("gain_etas") or DEFAULT_GAIN_ETAS
-    written += gain_figure(groups, metric, title, [float(e) for e in gain_etas], out_dir)
-    written += curves_figure(groups, title, [float(e) for e in gain_etas], out_dir, checkpoint_root)
+        label = _slug(f"{grid.get('name', 'grid')}-{index}-{members[0].get('dataset', '')}")
+        tex.append(_table_latex(table, caption, label))
+    written = _write_tables(out_dir, md, tex, records)
+    gain_etas = [float(e) for e in opts.get("gain_etas") or DEFAULT_GAIN_ETAS]
+    written += gain_figure(groups, metric, title, gain_etas, out_dir)
+    written += curves_figure(groups, title, gain_etas, out_dir, checkpoint_root)
     return written
 
 
@@ -517,23 +605,27 @@ def ls_temperature_table(members: list, metric: str, eta: float) -> dict:
             return None
         return {q: _stats([record_value(r, metric, q) for r in rs]) for q in quantities}
 
-    rows = [("Teacher", {a: cell([r for r in at_eta if r["step"] == "0" and float(r["label_smoothing"]) == a])
-                         for a in alphas})]
-    student_steps = sorted({r["step"] for r in at_eta if r["step"] not in ("0", "p")}, key=_step_order)
-    temps = sorted({float(r["temperature"]) for r in at_eta if "temperature" in r and r["step"] != "0"})
-    for step in student_steps:
+    def by_alpha(rs) -> dict:
+        return {a: cell([r for r in rs if float(r["label_smoothing"]) == a]) for a in alphas}
+
+    rows = [("Teacher", by_alpha([r for r in at_eta if step_of(r["step"]).is_teacher]))]
+    students = _steps_in(at_eta, kinds=("student",))
+    temps = sorted({float(r["temperature"]) for r in at_eta
+                    if "temperature" in r and not step_of(r["step"]).is_teacher})
+    for step in students:
+        of_step = [r for r in at_eta if step_of(r["step"]) == step]
         for t in temps:
-            label = f"Student T = {t:g}" + (f" (round {step})" if len(student_steps) > 1 else "")
-            rows.append((label, {a: cell([r for r in at_eta if r["step"] == step and float(r.get("temperature", -1)) == t
-                                          and float(r["label_smoothing"]) == a]) for a in alphas}))
-    pll = [r for r in at_eta if r["step"] == "p"]
+            label = f"Student T = {t:g}" + (f" (round {step.round})" if len(students) > 1 else "")
+            rows.append((label, by_alpha([r for r in of_step if float(r.get("temperature", -1)) == t])))
+    pll = [r for r in at_eta if step_of(r["step"]).is_pll]
     if pll:
-        rows.append(("PLL", {a: cell([r for r in pll if float(r["label_smoothing"]) == a]) for a in alphas}))
+        rows.append(("PLL", by_alpha(pll)))
     return {"alphas": alphas, "rows": rows}
 
 
 def _pair(cell, a: str, b: str, digits=2, n_max: int = 0) -> str:
-    """'a ± std / b ± std' of one cell (no std with one seed), '(n=k)' when it has fewer seeds than others."""
+    """'a ± std / b ± std' of one cell (no std with one seed), '(n=k)' when it has fewer seeds than
+    the others."""
     if cell is None or cell[a] is None:
         return MISSING
     second = MISSING if cell[b] is None else _pm(cell[b], digits=digits)
@@ -541,42 +633,51 @@ def _pair(cell, a: str, b: str, digits=2, n_max: int = 0) -> str:
     return f"{_pm(cell[a])} / {second}" + (f" (n={n})" if n < n_max else "")
 
 
+def _ls_seed_count(table: dict) -> int:
+    """The most seeds behind any top-1 value of a companion-study table."""
+    return max((c["test_acc"][2] for _, cells in table["rows"] for c in cells.values()
+                if c is not None and c["test_acc"] is not None), default=0)
+
+
+def _ls_rows(table: dict, n_max: int) -> list:
+    """(label, cell texts) per row: for each alpha, top-1 / top-2, then confidence / entropy. The
+    same texts go to Markdown and LaTeX."""
+    rows = []
+    for label, cells in table["rows"]:
+        parts = []
+        for a in table["alphas"]:
+            parts += [_pair(cells[a], "test_acc", "test_top2", n_max=n_max),
+                      _pair(cells[a], "test_confidence", "test_entropy", 3, n_max=n_max)]
+        rows.append((label, parts))
+    return rows
+
+
+def _ls_caption(title: str, what: str, n: int, metric: str) -> str:
+    spread = f"mean ± std ({STD_WORDS}) over n = {n} seeds" if n > 1 else "n = 1 seed (one seed: no std)"
+    return (f"{title}: {what}. Top-1 / top-2 (%) and mean confidence (%) / entropy (nats), {spread}, of the "
+            f"{METRIC_DESCRIPTION[metric]}; '-' = no finished run, (n=k) = only k seeds finished.")
+
+
 def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
     opts = _report_options(grid)
     metric, title = opts["metric"], opts["title"]
-    md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}, mean ± std ({STD_WORDS}) over seeds; the teacher's "
-          "columns are its label-smoothing alpha, each student learns from the teacher of its column.", ""]
-    tex = [f"% {title}: tables written by utils/report.py; needs \\usepackage{{booktabs}}", ""]
+    md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}, mean ± std ({STD_WORDS}) over "
+          "seeds; the teacher's columns are its label-smoothing alpha, each student learns from the teacher "
+          "of its column.", ""]
+    tex = [_tex_header(title), ""]
     for settings, members in group_records(records, exclude=("label_smoothing", "temperature")):
-        name = _group_title(settings, members)
         for eta in sorted({float(r["eta"]) for r in members}):
+            what = f"{_group_title(settings, members)}, eta = {_fmt_eta(eta)}"
             table = ls_temperature_table(members, metric, eta)
-            n = max((c["test_acc"][2] for _, cells in table["rows"] for c in cells.values()
-                     if c is not None and c["test_acc"] is not None), default=0)
-            spread = f"mean ± std ({STD_WORDS}) over n = {n} seeds" if n > 1 else "n = 1 seed (one seed: no std)"
-            caption = (f"{title}: {name}, eta = {_fmt_eta(eta)}. Top-1 / top-2 (%) and mean confidence (%) / "
-                       f"entropy (nats), {spread}, of the {METRIC_DESCRIPTION[metric]}; '-' = no finished run, "
-                       "(n=k) = only k seeds finished.")
+            n = _ls_seed_count(table)
+            caption, rows, alphas = _ls_caption(title, what, n, metric), _ls_rows(table, n), table["alphas"]
             head = "| | " + " | ".join(f"alpha = {a:g}: top-1 / top-2 | alpha = {a:g}: conf. / entropy"
-                                         for a in table["alphas"]) + " |"
-            md += [f"## {name}, eta = {_fmt_eta(eta)}", "", f"*{caption}*", "", head,
-                   "|" + " --- |" * (2 * len(table["alphas"]) + 1)]
-            tex += [r"\begin{table}[ht]", r"\centering", r"\small", r"\caption{" + _latex_escape(caption) + "}",
-                    r"\begin{tabular}{l" + "cc" * len(table["alphas"]) + "}", r"\toprule",
-                    " & " + " & ".join(rf"$\alpha={a:g}$: top-1 / top-2 & $\alpha={a:g}$: conf. / entropy"
-                                       for a in table["alphas"]) + r" \\", r"\midrule"]
-            for label, cells in table["rows"]:
-                parts = []
-                for a in table["alphas"]:
-                    parts += [_pair(cells[a], "test_acc", "test_top2", n_max=n),
-                              _pair(cells[a], "test_confidence", "test_entropy", 3, n_max=n)]
-                md.append(f"| {label} | " + " | ".join(parts) + " |")
-                tex.append(_latex_escape(label) + " & " + " & ".join(parts) + r" \\")
-            md.append("")
-            tex += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return [atomic_write_text(out_dir / "tables.md", "\n".join(md)),
-            atomic_write_text(out_dir / "tables.tex", "\n".join(tex)),
-            atomic_write_text(out_dir / "records.csv", records_csv(records))]
+                                       for a in alphas) + " |"
+            md += [f"## {what}", ""] + _markdown_table(caption, head, 2 * len(alphas) + 1, rows) + [""]
+            head = " & " + " & ".join(rf"$\alpha={a:g}$: top-1 / top-2 & $\alpha={a:g}$: conf. / entropy"
+                                      for a in alphas)
+            tex += _latex_table(caption, "l" + "cc" * len(alphas), head, rows) + [""]
+    return _write_tables(out_dir, md, tex, records)
 
 
 REPORTS = {"distillation": distillation_report, "ls_temperature": ls_temperature_report}
