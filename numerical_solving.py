@@ -2,11 +2,13 @@
 """Numerical fixed points of multi-round self-distillation in the class-wise correlation model.
 
 Flags follow the option table of the paper's code (see docs/numerical_solving.md); new flags are
-marked [new]. The maths lives in utils/theory.py; this file parses, validates, prints and saves.
+marked [new]. The maths lives in utils/theory.py, the output files in utils/theory_outputs.py;
+this file parses, validates, prints and calls them.
 One setting:  python numerical_solving.py                      (exact solver, 10 rounds)
 The original: python numerical_solving.py --solver faithful     (Adam, as the paper's script)
 A sweep:      python numerical_solving.py --gram features --sweep eta=0.1,0.3,0.5,0.7
 """
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -16,69 +18,86 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from utils import theory as th
-from utils.cli import ArgumentParser, UserError, add_bool_flag, load_yaml_file, os_error_line, run_main
+from utils import theory_outputs as tho
+from utils.cli import (ArgumentParser, DefaultsHelpFormatter, UserError, load_yaml_file, os_error_line,
+                       run_main)
+from utils.options import Option, add_options, check_option_values, integer_within, positive_finite
 
-SWEEPABLE = {"k": int, "n": int, "lbd": float, "c": float, "d": float, "eta": float, "epsilon": float,
-             "seed": int, "gram": str, "labels": str}
 MAX_N = 30000   # G is N x N in float64: 7 GB at this size
-FLOATS = ("lbd", "c", "d", "eta", "epsilon")      # the float fields of a setting (--tol is checked with the run)
 # argparse reads a token after --lbd as its value only when it looks like a number, and its idea of a
 # negative number is -1 or -0.5: '-1e-5' or '-inf' were taken for an unknown option ("expected one
 # argument"). This pattern also takes exponents and -inf/-nan, so the value is read and then validated.
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")   # a folder name that stays under --out
-DEFAULT_TOL, DEFAULT_MAX_NEWTON = 1e-10, 60
-RECORD_FILES = ("records.csv", "records.jsonl", "figure.png", "figure.pdf")   # what a run writes in its folder
+RECORD_FILES = ("records.csv", "records.jsonl", "figure.png", "figure.pdf")   # a run's files in its folder
 MAX_NAME = 200          # characters of a derived folder name (file systems allow 255 bytes)
+NEW_GROUP = "[new] options not in the original"
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: the model's settings are declared on theory.Setting, the run's here
+# ---------------------------------------------------------------------------------------------
+
+def run_option(*flags: str, **spec) -> Option:
+    """An option of the run (not of the model): parsed under its first flag's name, '-' read as '_'."""
+    return Option(flags, dest=flags[0].lstrip("-").replace("-", "_"), **spec)
+
+
+AT_LEAST_ONE = integer_within(1, math.inf)
+RUN_OPTIONS = {opt.dest: opt for opt in (
+    run_option("--max_dist", type=int, default=10, valid=AT_LEAST_ONE, must="be >= 1 (distillation rounds)",
+               help="distillation rounds (>= 1)"),
+    run_option("--max_iter", type=int, default=100000, valid=AT_LEAST_ONE, must="be >= 1 (Adam steps)",
+               help="Adam steps per round of the faithful solver"),
+    run_option("--approx", type=bool, default=False,
+               help="linear approximation of the softmax (bare flag or True/False)"),
+    run_option("--solver", choices=th.SOLVERS, default="exact", new=True,
+               help="exact: closed form (linear) / Newton-Krylov (softmax) to --tol; "
+                    "faithful: the original's Adam"),
+    run_option("--device", default="auto", new=True, help="auto (GPU when present), cpu, cuda or cuda:i"),
+    run_option("--threads", type=int, default=0, valid=integer_within(0, math.inf),
+               must="be >= 0 (0: one thread on the CPU)", new=True,
+               help="CPU threads (torch's and the BLAS's). 0: one for the exact solver on the CPU (two "
+                    "collapse when another process holds a core), torch's default otherwise. "
+                    "See docs/numerical_solving.md"),
+    run_option("--dtype", choices=("auto", "float32", "float64"), default="auto", new=True,
+               help="auto: float64 for the exact solver, float32 (the original's) for the faithful one"),
+    run_option("--tol", type=float, default=1e-10, valid=positive_finite, must="be > 0 (e.g. --tol 1e-10)",
+               new=True, help="exact solver: target of max|Y - F(Y)| (linear mode: times max(1, max|Y|), "
+                              "relative to the outputs)"),
+    run_option("--max-newton", type=int, default=60, valid=AT_LEAST_ONE, must="be >= 1", new=True,
+               help="exact softmax solver: most Newton steps of one solve (warm start, path start, landing)"),
+    run_option("--out", default="outputs", new=True, help="root of the arrays, records and figures"),
+    run_option("--name", default=None, new=True,
+               help="folder under --out for records.csv/jsonl and figure.png/pdf (default: derived from "
+                    "every setting that changes the numbers)"),
+    run_option("--save", type=bool, default=True, new=True,
+               help="save Y of every round as .npz (False: records only)"),
+    run_option("--overwrite", type=bool, default=False, new=True,
+               help="replace the records, figure and arrays of an earlier run with the same output names "
+                    "(default: refuse and say what exists)"),
+    run_option("--config", default=None, metavar="YAML", new=True,
+               help="options and sweep from a file (see recipes/theory/eta.yaml)"),
+    run_option("--verbose", type=bool, default=False, new=True, help="print the Newton iterations"),
+)}
+SWEEPABLE = tuple(name for name, opt in th.SETTING_OPTIONS.items() if opt.sweep)
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="numerical_solving.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="numerical_solving.py", description=__doc__.splitlines()[0],
+                       formatter_class=DefaultsHelpFormatter)
     p._negative_number_matcher = NEGATIVE_NUMBER      # see NEGATIVE_NUMBER; no option looks like a number
-    a = p.add_argument
-    a("--k", type=int, default=4, help="number of classes K")
-    a("--n", type=int, default=500, help="samples per class n (N = K n)")
-    a("--lbd", type=float, default=1e-5, help="weight decay lambda > 0")
-    a("--c", type=float, default=0.4, help="intra-class correlation, in [-1, 1]")
-    a("--d", type=float, default=0.1, help="inter-class correlation, in [-1, 1]")
-    a("--eta", type=float, default=0.5, help="label corruption ratio, in [0, 1]")
-    a("--epsilon", type=float, default=0.05, help="noise level of G (uniform in [-eps, eps]), in [0, 1]")
-    a("--max_dist", type=int, default=10, help="distillation rounds (>= 1)")
-    a("--max_iter", type=int, default=100000, help="Adam steps per round of the faithful solver")
-    add_bool_flag(p, "--approx", help="linear approximation of the softmax (bare flag or True/False)")
-    new = p.add_argument_group("[new] options not in the original")
-    n = new.add_argument
-    n("--solver", choices=th.SOLVERS, default="exact",
-      help="exact: closed form (linear) / Newton-Krylov (softmax) to --tol; faithful: the original's Adam")
-    n("--gram", choices=th.GRAMS, default="original",
-      help="original: the original's non-symmetric noisy matrix; psd: its PSD projection; "
-           "features: Gram matrix of noisy features (a true Gram matrix, fast)")
-    n("--labels", choices=th.LABEL_NOISE, default="sampled",
-      help="sampled: each label flips with probability eta (original); exact: exactly eta n per class")
-    n("--seed", type=int, default=0, help="seed of G's noise, the labels and Adam's starts")
-    n("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:i")
-    n("--threads", type=int, default=0,
-      help="CPU threads (torch's and the BLAS's). 0: one for the exact solver on the CPU (two collapse when "
-           "another process holds a core), torch's default otherwise. See docs/numerical_solving.md")
-    n("--dtype", choices=("auto", "float32", "float64"), default="auto",
-      help="auto: float64 for the exact solver, float32 (the original's) for the faithful one")
-    n("--tol", type=float, default=DEFAULT_TOL,
-      help="exact solver: target of max|Y - F(Y)| (linear mode: times max(1, max|Y|), relative to the outputs)")
-    n("--max-newton", type=int, default=DEFAULT_MAX_NEWTON, help="exact softmax solver: most Newton steps of one solve (warm start, path start, landing)")
-    n("--out", default="outputs", help="root of the arrays, records and figures")
-    n("--name", default=None, help="folder under --out for records.csv/jsonl and figure.png/pdf")
-    add_bool_flag(new, "--save", default=True, help="save Y of every round as .npz (False: records only)")
-    add_bool_flag(new, "--overwrite", help="replace the records, figure and arrays of an earlier run with the same "
-                                           "output names (default: refuse and say what exists)")
-    n("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-      help=f"solve a grid (repeatable: the product); KEY in {', '.join(SWEEPABLE)}")
-    n("--config", default=None, metavar="YAML", help="options and sweep from a file (see recipes/theory/eta.yaml)")
-    add_bool_flag(new, "--verbose", help="print the Newton iterations")
+    new = add_options(p, [*th.SETTING_OPTIONS.values(), *RUN_OPTIONS.values()], NEW_GROUP)
+    new.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help=f"solve a grid (repeatable: the product); KEY in {', '.join(SWEEPABLE)} "
+                          "(default: none)")
     return p
 
 
@@ -90,58 +109,36 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def check_values(options, values) -> None:
+    """The first value its option does not allow, as one line: a float option's value that is not
+    finite (all of them first), then each option's own constraint or choices."""
+    for opt in options:
+        value = getattr(values, opt.dest)
+        if opt.type is float and not finite(value):
+            raise UserError(f"{opt.flag} must be a finite number, got {value}")
+    check_option_values(options, values)
+
+
 def check_setting(s: th.Setting) -> None:
-    for name in FLOATS:
-        v = getattr(s, name)
-        if not finite(v):
-            raise UserError(f"--{name} must be a finite number, got {v}")
-    if s.k < 2:
-        raise UserError(f"--k must be >= 2 (number of classes), got {s.k}")
-    if s.n < 1:
-        raise UserError(f"--n must be >= 1 (samples per class), got {s.n}")
+    """Each setting's declared constraint, then the rules that tie settings together."""
+    check_values(th.SETTING_OPTIONS.values(), s)
     if s.k * s.n > MAX_N:
-        raise UserError(f"--k {s.k} --n {s.n}: N = {s.k * s.n} samples makes G too large (N x N); keep k*n <= {MAX_N}")
-    if not s.lbd > 0:
-        raise UserError(f"--lbd must be > 0 (the weight decay, e.g. --lbd 1e-5), got {s.lbd}")
-    if not 0 <= s.eta <= 1:
-        raise UserError(f"--eta must lie in [0, 1] (the corruption ratio), got {s.eta}")
-    if not 0 <= s.epsilon <= 1:
-        raise UserError(f"--epsilon must lie in [0, 1] (the noise level of G), got {s.epsilon}")
-    for name in ("c", "d"):
-        v = getattr(s, name)
-        if not -1 <= v <= 1:
-            raise UserError(f"--{name} must lie in [-1, 1] (a correlation), got {v}")
-    if s.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {s.seed}")
-    if s.gram not in th.GRAMS:
-        raise UserError(f"--gram {s.gram!r}: choose from {', '.join(th.GRAMS)}")
-    if s.labels not in th.LABEL_NOISE:
-        raise UserError(f"--labels {s.labels!r}: choose from {', '.join(th.LABEL_NOISE)}")
+        raise UserError(f"--k {s.k} --n {s.n}: N = {s.k * s.n} samples makes G too large (N x N); "
+                        f"keep k*n <= {MAX_N}")
     if s.gram == "features" and (s.c < s.d or s.c + (s.k - 1) * s.d < 0):
         raise UserError(f"--gram features needs c >= d and c + (K-1) d >= 0 (class means must be features); "
                         f"got c={s.c:g}, d={s.d:g}: change --c/--d or use --gram original")
 
 
 def check_run(args) -> None:
-    if args.max_dist < 1:
-        raise UserError(f"--max_dist must be >= 1 (distillation rounds), got {args.max_dist}")
-    if args.max_iter < 1:
-        raise UserError(f"--max_iter must be >= 1 (Adam steps), got {args.max_iter}")
-    if not finite(args.tol):
-        raise UserError(f"--tol must be a finite number, got {args.tol}")
-    if not args.tol > 0:
-        raise UserError(f"--tol must be > 0 (e.g. --tol 1e-10), got {args.tol}")
-    if args.max_newton < 1:
-        raise UserError(f"--max-newton must be >= 1, got {args.max_newton}")
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0 (0: one thread on the CPU), got {args.threads}")
+    check_values(RUN_OPTIONS.values(), args)
 
 
 def check_name(name: str, what: str) -> None:
     """A folder name under --out: one plain path component, so nothing is written outside --out."""
     if not PLAIN_NAME.match(name) or name in (".", ".."):
-        raise UserError(f"{what} {name!r} is not a plain folder name: use letters, digits, '_', '-', '.', '+' "
-                        "(no '/', not starting with '.'), e.g. --name my_sweep")
+        raise UserError(f"{what} {name!r} is not a plain folder name: use letters, digits, '_', '-', '.', "
+                        "'+' (no '/', not starting with '.'), e.g. --name my_sweep")
 
 
 def check_writable(root: str, folders: list[Path]) -> None:
@@ -184,6 +181,7 @@ def resolve_device(spec: str) -> torch.device:
 # Output names, and no silent overwriting
 # ---------------------------------------------------------------------------------------------
 
+
 def options_tag(args, dtype, approx: bool) -> str:
     """The run options that change the numbers, as a name suffix when not at their defaults
     (the faithful solver's --max_iter always: its numbers depend on it)."""
@@ -191,9 +189,9 @@ def options_tag(args, dtype, approx: bool) -> str:
     if args.solver == "faithful":
         parts.append(f"iter{args.max_iter}")
     else:
-        if args.tol != DEFAULT_TOL:
+        if args.tol != RUN_OPTIONS["tol"].default:
             parts.append(f"tol{args.tol:g}")
-        if not approx and args.max_newton != DEFAULT_MAX_NEWTON:
+        if not approx and args.max_newton != RUN_OPTIONS["max_newton"].default:
             parts.append(f"newton{args.max_newton}")
     if dtype != th.resolve_dtype("auto", args.solver):
         parts.append(str(dtype).replace("torch.", ""))
@@ -205,11 +203,11 @@ def sweep_name(settings: list[th.Setting], grid: dict, solver: str, mode: str, o
     (joined by '+'), so mode, matrix variant and every fixed parameter are in the name. A grid too
     long for a file name writes a swept key as `{count}values-{hash of the values}` instead."""
     prefix = "sweep_" + "_".join(grid) + "_"
-    name = prefix + th.run_tag(settings[0], solver, mode, options, grid)
+    name = prefix + tho.run_tag(settings[0], solver, mode, options, grid)
     if len(name) > MAX_NAME:
         short = {key: [f"{len(values)}values-{hashlib.sha1(repr(values).encode()).hexdigest()[:8]}"]
                  for key, values in grid.items()}
-        name = prefix + th.run_tag(settings[0], solver, mode, options, short)
+        name = prefix + tho.run_tag(settings[0], solver, mode, options, short)
     return name
 
 
@@ -336,8 +334,8 @@ def load_config(path: str, parser: ArgumentParser) -> tuple[dict, dict, dict]:
 
     raw = cfg.get("sweep") or {}
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: sweep must be a mapping KEY: [V1, V2, ...] (e.g. sweep: {{eta: [0.1, 0.3]}}), "
-                        f"got {raw!r}")
+        raise UserError(f"{where}: sweep must be a mapping KEY: [V1, V2, ...] "
+                        f"(e.g. sweep: {{eta: [0.1, 0.3]}}), got {raw!r}")
     sweep = {}
     for key, values in raw.items():
         if key not in SWEEPABLE:
@@ -350,7 +348,7 @@ def load_config(path: str, parser: ArgumentParser) -> tuple[dict, dict, dict]:
 
 
 def settings_from(args, grid: dict) -> list[th.Setting]:
-    base = {f: getattr(args, f) for f in SWEEPABLE}
+    base = {f: getattr(args, f) for f in th.SETTING_OPTIONS}
     keys = list(grid)
     out = []
     for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
@@ -365,7 +363,8 @@ def settings_from(args, grid: dict) -> list[th.Setting]:
 # ---------------------------------------------------------------------------------------------
 
 def fmt_acc(acc: dict) -> str:
-    return " ".join(f"{'-':>7}" if math.isnan(acc[p]) else f"{acc[p]:7.2f}" for p in ("clean", "noisy", "overall"))
+    return " ".join(f"{'-':>7}" if math.isnan(acc[p]) else f"{acc[p]:7.2f}"
+                    for p in ("clean", "noisy", "overall"))
 
 
 def theory_lines(s: th.Setting, max_dist: int) -> tuple[list[str], dict]:
@@ -388,17 +387,6 @@ def theory_lines(s: th.Setting, max_dist: int) -> tuple[list[str], dict]:
     return lines, info
 
 
-def closed_form_first_perfect(problem: th.Problem, horizon: int) -> int | None:
-    """First round whose closed-form accuracy with the realised labels is 100% (cheap: a formula)."""
-    s = problem.setting
-    T0 = problem.T0.detach().to("cpu", torch.float64)
-    for t in range(1, horizon + 1):
-        Y = th.closed_form_outputs(T0, problem.true, s.k, s.n, s.c, s.d, s.lbd, t)
-        if th.accuracies(Y, problem.true, problem.given)["overall"] >= 100.0 - 1e-9:
-            return t
-    return None
-
-
 ACC_HEAD = f"{'clean':>7} {'noisy':>7} {'overall':>7}"
 HEADER = (f"{'round':>5} | {'solved':<6} {ACC_HEAD} | {'closed form':<11} {ACC_HEAD} | {'max|Y-Ycf|':>10} | "
           f"{'residual':>9} | {'work':>22} | {'time':>8}")
@@ -416,13 +404,9 @@ def round_line(r: dict, solver: str, approx: bool) -> str:
     else:
         work = f"{r['iterations']} path steps ({r['work']} G)"
     flag = "" if r["converged"] else "  <-- NOT converged"
-    return (f"{r['round']:>5} | {'':<6} {fmt_acc(r['acc'])} | {'':<11} {fmt_acc(r['cf_acc'])} | {r['cf_gap']:10.3g} | "
-            f"{r['residual']:9.2e} | {work:>22} | {r['seconds']:7.2f}s{flag}")
+    return (f"{r['round']:>5} | {'':<6} {fmt_acc(r['acc'])} | {'':<11} {fmt_acc(r['cf_acc'])} | "
+            f"{r['cf_gap']:10.3g} | {r['residual']:9.2e} | {work:>22} | {r['seconds']:7.2f}s{flag}")
 
-
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
 
 def tolerance_text(solver: str, approx: bool, tol: float, largest: float) -> str:
     """What "reached its tolerance" means for this solver, in words (the linear one is relative)."""
@@ -436,12 +420,19 @@ def tolerance_text(solver: str, approx: bool, tol: float, largest: float) -> str
 
 def divergence_headline(s: th.Setting, growth: float, sizes: list[float]) -> str:
     return (f"DIVERGED: the rounds' outputs grow without bound: max|Y| = {sizes[0]:.3g} after round 1, "
-            f"{sizes[-1]:.3g} after round {len(sizes)}, x{growth:.3g} a round in the limit (the rounds continued "
-            f"on these numbers). G has eigenvalues with real part below -K N lambda / 2 = {-s.k * s.N * s.lbd / 2:.3g}, "
-            "along which a round multiplies by |s/(1+s)| > 1 (s = eigenvalue / (K N lambda)) instead of averaging: "
-            "these outputs are not probabilities and their accuracies mean nothing. A Gram matrix "
-            "(--gram features or --gram psd) has every |s/(1+s)| < 1.")
+            f"{sizes[-1]:.3g} after round {len(sizes)}, x{growth:.3g} a round in the limit (the rounds "
+            "continued on these numbers). G has eigenvalues with real part below -K N lambda / 2 = "
+            f"{-s.k * s.N * s.lbd / 2:.3g}, along which a round multiplies by |s/(1+s)| > 1 "
+            "(s = eigenvalue / (K N lambda)) instead of averaging: these outputs are not probabilities and "
+            "their accuracies mean nothing. A Gram matrix (--gram features or --gram psd) has every "
+            "|s/(1+s)| < 1.")
 
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -458,21 +449,50 @@ def main(argv=None) -> int:
     check_run(args)
     settings = settings_from(args, grid)
     device = resolve_device(args.device)
-    dtype = th.resolve_dtype(args.dtype, args.solver)
-    out = Path(args.out)
-    mode = "linear" if args.approx else "softmax"
-    options = options_tag(args, dtype, args.approx)
-    tags = [th.run_tag(s, args.solver, mode, options) for s in settings]
-    name = args.name or named["name"] or (sweep_name(settings, grid, args.solver, mode, options) if grid else tags[0])
+    run = Run(args, device, th.resolve_dtype(args.dtype, args.solver), "linear" if args.approx else "softmax")
+    tags, folder = plan_outputs(run, settings, grid, named)
+    with cpu_threads(args.threads or (1 if device.type == "cpu" and args.solver == "exact" else 0)):
+        return solve_all(run, settings, tags, grid, named, folder)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every setting of one command shares: its options, where and how it solves, and how it
+    prints (print, or tqdm.write while a sweep's progress bar is shown)."""
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    mode: str                       # "softmax", or "linear" (--approx)
+    say: Callable = print
+
+    @property
+    def arrays(self) -> Path:
+        """The folder of the rounds' arrays."""
+        return Path(self.args.out) / self.mode
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def plan_outputs(run: Run, settings: list[th.Setting], grid: dict, named: dict) -> tuple[list[str], Path]:
+    """Each setting's tag and the records folder, checked before any solving: --out can be written,
+    and nothing an earlier run wrote is replaced without --overwrite (which removes that run's
+    arrays beyond this run's last round)."""
+    args, out = run.args, Path(run.args.out)
+    options = options_tag(args, run.dtype, args.approx)
+    tags = [tho.run_tag(s, args.solver, run.mode, options) for s in settings]
+    name = args.name or named["name"] or (
+        sweep_name(settings, grid, args.solver, run.mode, options) if grid else tags[0])
     folder = out / name
-    check_writable(args.out, [folder] + ([out / mode] if args.save else []))
-    arrays = [out / mode / f"{tag}_{r}.npz" for tag in tags for r in range(args.max_dist + 1)] if args.save else []
+    check_writable(args.out, [folder] + ([run.arrays] if args.save else []))
+    rounds = range(args.max_dist + 1)
+    arrays = [run.arrays / f"{tag}_{r}.npz" for tag in tags for r in rounds] if args.save else []
     if not args.overwrite:
         refuse_to_overwrite(folder, arrays)
     elif args.save:
-        remove_stale_arrays(out / mode, tags, args.max_dist)
-    with cpu_threads(args.threads or (1 if device.type == "cpu" and args.solver == "exact" else 0)):
-        return solve_all(args, settings, tags, grid, named, device, dtype, out, folder, mode)
+        remove_stale_arrays(run.arrays, tags, args.max_dist)
+    return tags, folder
 
 
 @contextlib.contextmanager
@@ -503,78 +523,114 @@ def cpu_threads(count: int):
         torch.set_num_threads(before)
 
 
-def solve_all(args, settings, tags, grid, named, device, dtype, out: Path, folder: Path, mode: str) -> int:
+
+def solve_all(run: Run, settings: list[th.Setting], tags: list[str], grid: dict, named: dict,
+              folder: Path) -> int:
+    """Every setting in turn (a progress bar for a sweep); the records after each setting, so a
+    killed sweep keeps what it solved; the figure and one summary line at the end."""
     from tqdm import tqdm
 
-    sweep = len(settings) > 1
+    args, sweep = run.args, len(settings) > 1
     bar = tqdm(total=len(settings) * args.max_dist, desc="rounds", disable=not sweep, dynamic_ncols=True)
-    say = tqdm.write if sweep else print
+    run = replace(run, say=tqdm.write if sweep else print)      # tqdm.write keeps the bar below the lines
     records, started, diverged = [], time.perf_counter(), 0
-    where = f"{device}" + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else "")
     for s, tag in zip(settings, tags):
-        problem = th.build_problem(s, device, dtype)
-        say("")
-        say(f"setting: K={s.k} n={s.n} lambda={s.lbd:g} c={s.c:g} d={s.d:g} eta={s.eta:g} epsilon={s.epsilon:g} "
-            f"seed={s.seed} gram={s.gram} labels={s.labels} | solver {args.solver} ({mode}), "
-            f"{str(dtype).replace('torch.', '')} on {where}")
-        say(f"G: {problem.kernel.description}")
-        for line in th.describe_diagnostics(problem.diagnostics):
-            say(line)
-        lines, info = theory_lines(s, args.max_dist)
-        for line in lines:
-            say(line)
-        horizon = max(args.max_dist, (info["t_star"] or 0) + 10, 50)
-        first = closed_form_first_perfect(problem, horizon)
-        corrupted = int((problem.given != problem.true).sum())
-        say(f"closed form with the realised labels ({corrupted} of {s.N} corrupted, {100 * corrupted / s.N:.2f}%): "
-            + (f"100% accuracy first at round {first}" if first else f"not 100% within {horizon} rounds"))
-        say(HEADER)
-        extra = {"t_star": info["t_star"], "min_eig_sym": problem.diagnostics["min_eig_sym"],
-                 "symmetric": problem.diagnostics["symmetric"], "device": str(device),
-                 "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__}
-        log = say if args.verbose else None
-        setting_started = time.perf_counter()
-        done, noted, sizes, growth = [], False, [], None
-        for r in th.run_rounds(problem, solver=args.solver, approx=args.approx, rounds=args.max_dist,
-                               max_iter=args.max_iter, tol=args.tol, max_newton=args.max_newton, log=log):
-            say(round_line(r, args.solver, args.approx))
-            if r["round"] > 0 and r["note"] and (not r["converged"] or r["folds"] or not noted):
-                say(f"      round {r['round']}: {r['note']}")     # failures and folds always, other notes once
-                noted = True
-            if args.save:
-                th.save_round_array(out / mode / f"{tag}_{r['round']}.npz", r["Y"], problem.true, problem.given,
-                                    r["round"], r)
-            records.append(th.make_record(s, args.solver, args.approx, r, extra))
-            if r["round"] > 0:
-                done.append(r["converged"])
-                sizes.append(r["Y"].abs().max().item())
-                growth = r["growth"] if r["growth"] is not None else growth
-                bar.update(1)
-        total = time.perf_counter() - setting_started
-        bad = done.count(False)
-        tolerance = tolerance_text(args.solver, args.approx, args.tol, max(sizes))
-        if growth is not None and growth > 1:          # measured on the rounds' numbers (exact linear solver)
-            diverged += 1
-            say(divergence_headline(s, growth, sizes))
-            status = (f"each round's linear solve is accurate ({tolerance}), but the rounds DIVERGE (above)" if not bad
-                      else f"{bad} round(s) did NOT reach the tolerance ({tolerance}), and the rounds DIVERGE (above)")
-        else:
-            status = (f"every round reached its tolerance ({tolerance})" if not bad
-                      else f"{bad} round(s) did NOT reach the tolerance ({tolerance})")
-        say(f"solved {args.max_dist} rounds in {total:.2f}s (+{problem.seconds:.2f}s building G and diagnostics); "
-            + status)
-        th.write_records(folder, records)     # after every setting: a killed sweep keeps what it solved
+        diverged += solve_setting(run, s, tag, records, bar)
+        tho.write_records(folder, records)
     bar.close()
     varying = [k for k in grid if len(grid[k]) > 1]
-    run = f"{args.solver} solver, {mode} mode" + ("" if "gram" in varying else f", gram={settings[0].gram}")
-    title = (f"{named['title']}\n({run})" if named["title"] else
-             run + ("" if varying else f", eta={settings[0].eta:g}, lambda={settings[0].lbd:g}"))
-    paths = th.draw_figure(folder, records, varying, title)
+    paths = tho.draw_figure(folder, records, varying, figure_title(run, settings, varying, named["title"]))
     print(f"\n{len(settings)} setting(s) in {time.perf_counter() - started:.2f}s"
           + (f", {diverged} of them DIVERGED (see above)" if diverged else "")
           + f"; records: {folder}/records.csv (.jsonl); figure: {paths[0]} (.pdf)"
-          + (f"; arrays: {out / mode}/" if args.save else ""))
+          + (f"; arrays: {run.arrays}/" if args.save else ""))
     return 0
+
+
+def solve_setting(run: Run, s: th.Setting, tag: str, records: list, bar) -> bool:
+    """One setting, round by round: each round printed, its array saved and its record added to
+    `records`; then the verdict. True when the rounds diverged."""
+    args, say = run.args, run.say
+    problem = th.build_problem(s, run.device, run.dtype)
+    info = print_introduction(run, s, problem)
+    extra = {"t_star": info["t_star"], "min_eig_sym": problem.diagnostics["min_eig_sym"],
+             "symmetric": problem.diagnostics["symmetric"], "device": str(run.device),
+             "dtype": run.dtype_name, "torch": torch.__version__}
+    log = say if args.verbose else None
+    setting_started = time.perf_counter()
+    done, noted, sizes, growth = [], False, [], None
+    for r in th.run_rounds(problem, solver=args.solver, approx=args.approx, rounds=args.max_dist,
+                           max_iter=args.max_iter, tol=args.tol, max_newton=args.max_newton, log=log):
+        say(round_line(r, args.solver, args.approx))
+        if r["round"] > 0 and r["note"] and (not r["converged"] or r["folds"] or not noted):
+            say(f"      round {r['round']}: {r['note']}")     # failures and folds always, other notes once
+            noted = True
+        if args.save:
+            tho.save_round_array(run.arrays / f"{tag}_{r['round']}.npz", r["Y"], problem.true, problem.given,
+                                 r["round"], r)
+        records.append(tho.make_record(s, args.solver, args.approx, r, extra))
+        if r["round"] > 0:
+            done.append(r["converged"])
+            sizes.append(r["Y"].abs().max().item())
+            growth = r["growth"] if r["growth"] is not None else growth
+            bar.update(1)
+    total = time.perf_counter() - setting_started
+    return print_verdict(run, s, problem, total, done.count(False), sizes, growth)
+
+
+def print_introduction(run: Run, s: th.Setting, problem: th.Problem) -> dict:
+    """The setting, its matrix G and the theory's prediction, then the table's header. Returns the
+    theory's numbers (`th.theory_rounds_to_perfect`)."""
+    args, say = run.args, run.say
+    where = f"{run.device}" + (f", {torch.get_num_threads()} thread(s)" if run.device.type == "cpu" else "")
+    say("")
+    say(f"setting: K={s.k} n={s.n} lambda={s.lbd:g} c={s.c:g} d={s.d:g} eta={s.eta:g} epsilon={s.epsilon:g} "
+        f"seed={s.seed} gram={s.gram} labels={s.labels} | solver {args.solver} ({run.mode}), "
+        f"{run.dtype_name} on {where}")
+    say(f"G: {problem.kernel.description}")
+    for line in th.describe_diagnostics(problem.diagnostics):
+        say(line)
+    lines, info = theory_lines(s, args.max_dist)
+    for line in lines:
+        say(line)
+    horizon = max(args.max_dist, (info["t_star"] or 0) + 10, 50)
+    first = th.closed_form_first_perfect(problem, horizon)
+    corrupted = int((problem.given != problem.true).sum())
+    say(f"closed form with the realised labels ({corrupted} of {s.N} corrupted, "
+        f"{100 * corrupted / s.N:.2f}%): "
+        + (f"100% accuracy first at round {first}" if first else f"not 100% within {horizon} rounds"))
+    say(HEADER)
+    return info
+
+
+def print_verdict(run: Run, s: th.Setting, problem: th.Problem, seconds: float, bad: int, sizes: list[float],
+                  growth: float | None) -> bool:
+    """Whether every round reached its tolerance (`bad`: how many did not) and, first, whether the
+    rounds diverged (`growth` > 1, measured on the rounds' numbers by the exact linear solver)."""
+    args = run.args
+    tolerance = tolerance_text(args.solver, args.approx, args.tol, max(sizes))
+    diverged = growth is not None and growth > 1
+    if diverged:
+        run.say(divergence_headline(s, growth, sizes))
+        status = (f"each round's linear solve is accurate ({tolerance}), but the rounds DIVERGE (above)"
+                  if not bad else
+                  f"{bad} round(s) did NOT reach the tolerance ({tolerance}), and the rounds DIVERGE (above)")
+    else:
+        status = (f"every round reached its tolerance ({tolerance})" if not bad
+                  else f"{bad} round(s) did NOT reach the tolerance ({tolerance})")
+    run.say(f"solved {args.max_dist} rounds in {seconds:.2f}s (+{problem.seconds:.2f}s building G and "
+            "diagnostics); " + status)
+    return diverged
+
+
+def figure_title(run: Run, settings: list[th.Setting], varying: list[str], title: str | None) -> str:
+    """The recipe's title (if any) with the solver, mode and matrix below it; else those and the
+    fixed eta and lambda."""
+    what = (f"{run.args.solver} solver, {run.mode} mode"
+            + ("" if "gram" in varying else f", gram={settings[0].gram}"))
+    if title:
+        return f"{title}\n({what})"
+    return what + ("" if varying else f", eta={settings[0].eta:g}, lambda={settings[0].lbd:g}")
 
 
 if __name__ == "__main__":

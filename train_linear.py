@@ -46,7 +46,8 @@ def _is_bool_word(word) -> bool:
 def summary_table(records) -> str:
     """Step x test accuracy under each selection rule, as the demo prints it."""
     has_val = any(r.get("test_acc_byval") is not None for r in records)
-    head = f"{'step':<12} {'best-by-test':>12} {'last epoch':>11}" + (f" {'best-by-val':>12}" if has_val else "")
+    head = f"{'step':<12} {'best-by-test':>12} {'last epoch':>11}" + (f" {'best-by-val':>12}"
+                                                                      if has_val else "")
     lines = [head, "-" * len(head)]
     for r in records:
         line = f"{step_of(r['step']).label:<12} {r['test_acc_bytest']:>12.2f} {r['test_acc_last']:>11.2f}"
@@ -63,12 +64,15 @@ def summary_table(records) -> str:
 def extract_only(source: FeatureSource, opts) -> int:
     """`--extract-only`: the features file of a dataset through a backbone, extracted once."""
     if source.features_path or source.dataset == "digits":
-        raise UserError("--extract-only extracts image features through --arch: give an image dataset with -d "
+        raise UserError("--extract-only extracts image features through --arch: "
+                        "give an image dataset with -d "
                         "(digits and --features files are features already)")
     features = load_source(source, opts, print)
-    path = features_cache_path(source.dataset, source.arch, source.pretrained, opts.data_root, opts.cache_root)
+    path = features_cache_path(source.dataset, source.arch, source.pretrained,
+                               opts.data_root, opts.cache_root)
     print(f"features of {source.dataset} through {features.backbone}: {features.train_x.shape[0]} train and "
-          f"{features.test_x.shape[0]} test rows of dimension {features.dim}, {features.num_classes} classes, in "
+          f"{features.test_x.shape[0]} test rows of dimension {features.dim}, "
+          f"{features.num_classes} classes, in "
           f"{path}; probe them with --features {path} -d {source.dataset}")
     return 0
 
@@ -85,7 +89,8 @@ def run_chain(args, opts) -> int:
     note = finished_note(runner.counts, opts.results_root)
     if note:
         print(note)
-    print(f"{ordered[0]['dataset']} / {ordered[0]['backbone']}: ctype={cfg.ctype} eta={cfg.eta:g} seed={cfg.seed} "
+    print(f"{ordered[0]['dataset']} / {ordered[0]['backbone']}: ctype={cfg.ctype} eta={cfg.eta:g} "
+          f"seed={cfg.seed} "
           f"lr={cfg.lr:g} wd={cfg.wd:g} on {opts.device}; realised corruption "
           f"{ordered[0]['realised_corruption']:.2f}%")
     print(summary_table(ordered))
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
             return extract_only(source_from_args(args), opts)
         return run_chain(args, opts)
     except TeacherUnavailable as exc:  # name the exact command that trains (or retrains) the teacher
-        command = "python train_linear.py " + " ".join(argv_without_step_flags(argv) + ["--dist", str(exc.step)])
+        command = "python train_linear.py " + " ".join(argv_without_step_flags(argv)
+                                                       + ["--dist", str(exc.step)])
         raise UserError(exc.with_command(command)) from None
 
 

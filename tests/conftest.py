@@ -40,7 +40,8 @@ class Cli:
 
     def dir_args(self, where="a") -> list:
         d = self.dirs(where)
-        return ["--checkpoint", str(d["ckpt"]), "--results", str(d["results"]), "--cache-dir", str(d["cache"]),
+        return ["--checkpoint", str(d["ckpt"]), "--results", str(d["results"]),
+                "--cache-dir", str(d["cache"]),
                 "--data-root", str(d["data"])]
 
     def __call__(self, *argv, where="a") -> int:
@@ -64,7 +65,8 @@ class Cli:
         return found[0]
 
     def checkpoint(self, record: dict, kind: str, where="a") -> dict:
-        return torch.load(self.run_folder(record, where) / f"{kind}.pt", map_location="cpu", weights_only=True)
+        return torch.load(self.run_folder(record, where) / f"{kind}.pt",
+                          map_location="cpu", weights_only=True)
 
     def log(self, record: dict, where="a") -> list:
         text = (self.run_folder(record, where) / "log.jsonl").read_text()
@@ -87,7 +89,8 @@ class TrainSpy:
     def __call__(self, data, targets, init_weight, hyper, epochs, batch_size, shuffle_seeds, resume=None,
                  on_epoch=None, **options):
         call = {"data": data, "targets": targets, "init": init_weight.detach().clone(),
-                "resume_epoch": None if resume is None else resume.epoch, "epochs": epochs, "options": options}
+                "resume_epoch": None if resume is None else resume.epoch,
+                "epochs": epochs, "options": options}
         self.calls.append(call)
 
         def hook(state):

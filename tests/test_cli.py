@@ -92,7 +92,8 @@ BAD_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("extra, needles", BAD_SETTINGS, ids=[" ".join(a) or "no-dataset" for a, _ in BAD_SETTINGS])
+@pytest.mark.parametrize("extra, needles", BAD_SETTINGS,
+                         ids=[" ".join(a) or "no-dataset" for a, _ in BAD_SETTINGS])
 def test_bad_setting_is_one_line_and_exit_2(cli, capsys, no_training, extra, needles):
     base = [] if "-d" in extra or not extra else ["-d", "digits"]
     one_error(capsys, cli(*base, *extra), *needles)
@@ -133,7 +134,8 @@ def with_(**changes):
 BAD_FEATURES = {
     "train rows vs labels": (with_(train_labels=np.zeros(149, np.int64)), ["one entry per row", "150 rows"]),
     "test rows vs labels": (with_(test_labels=np.zeros(61, np.int64)), ["one entry per row", "60 rows"]),
-    "train vs test dim": (with_(test_features=np.zeros((60, 5), np.float32)), ["d=6", "d=5", "same backbone"]),
+    "train vs test dim": (with_(test_features=np.zeros((60, 5), np.float32)),
+                          ["d=6", "d=5", "same backbone"]),
     "1-D features": (with_(train_features=np.zeros(150, np.float32)), ["2-D (N, d)"]),
     "2-D labels": (with_(train_labels=np.zeros((150, 1), np.int64)), ["1-D"]),
     "label above num_classes": (with_(num_classes=np.array(2)), ["labels must lie in [0, 2)", "[0, 2]"]),
@@ -145,7 +147,8 @@ BAD_FEATURES = {
                   ["at least 2 classes"]),
     "NaN feature": (with_(test_features=np.full((60, 6), np.nan, np.float32)), ["NaN or inf", "recompute"]),
     "float64 overflowing float32": (with_(train_features=np.full((150, 6), 1e300)), ["NaN or inf"]),
-    "empty train split": (with_(train_features=np.zeros((0, 6), np.float32), train_labels=np.zeros(0, np.int64)),
+    "empty train split": (with_(train_features=np.zeros((0, 6), np.float32),
+                                train_labels=np.zeros(0, np.int64)),
                           ["is empty", "at least one row"]),
     "zero-width features": (with_(train_features=np.zeros((150, 0), np.float32),
                                   test_features=np.zeros((60, 0), np.float32)), ["is empty"]),
@@ -155,7 +158,8 @@ BAD_FEATURES = {
                    ["labels go up to 1099511627776", "1,099,511,627,777 classes", "at most 100,000 classes"]),
     "huge num_classes": (with_(num_classes=np.array(10**9)),
                          ["num_classes is 1000000000", "1,000,000,000 classes", "at most 100,000 classes"]),
-    "huge float num_classes": (with_(num_classes=np.array(1e9)), ["num_classes is 1000000000", "at most 100,000"]),
+    "huge float num_classes": (with_(num_classes=np.array(1e9)),
+                               ["num_classes is 1000000000", "at most 100,000"]),
     "more classes than training samples": (with_(num_classes=np.array(151)),
                                            ["num_classes is 151", "more than its 150 training samples"]),
     "all labels negative": (with_(train_labels=np.full(150, -5), test_labels=np.full(60, -2)),
@@ -178,7 +182,8 @@ def test_inconsistent_features_file_is_one_line(cli, capsys, tmp_path, no_traini
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".pt"])
-def test_features_file_with_wrong_keys_lists_required_and_present_keys(cli, capsys, tmp_path, no_training, suffix):
+def test_features_file_with_wrong_keys_lists_required_and_present_keys(cli, capsys, tmp_path,
+                                                                       no_training, suffix):
     arrays = blob_features()
     renamed = {"X_train": arrays["train_features"], "y_train": arrays["train_labels"],
                "X_test": arrays["test_features"], "y_test": arrays["test_labels"]}
@@ -190,14 +195,16 @@ def test_features_file_with_wrong_keys_lists_required_and_present_keys(cli, caps
               "but has [X_test, X_train, y_test, y_train]", alone=False)
 
 
-def test_class_count_beyond_memory_is_refused_before_allocating(cli, capsys, tmp_path, no_training, monkeypatch):
+def test_class_count_beyond_memory_is_refused_before_allocating(cli, capsys, tmp_path,
+                                                                no_training, monkeypatch):
     """K = 3, d = 6 need about 1 KiB (48 K^2 + 32 K d bytes); a machine with 1000 bytes cannot run it."""
     import data.features
     monkeypatch.setattr(data.features, "_physical_memory", lambda: 1000)
     path = save_npz(tmp_path / "feats.npz", blob_features())
     one_error(capsys, cli("--features", path, "--epochs", 1),
               f"features file {path}: labels go up to 2, i.e. 3 classes",
-              "K x K matrices and K x 6 weights need about 1008 bytes, more than the 1000 bytes of memory here",
+              "K x K matrices and K x 6 weights need about 1008 bytes, "
+              "more than the 1000 bytes of memory here",
               alone=False)
 
 
@@ -207,7 +214,8 @@ def test_huge_labels_never_reach_the_corruption_code(cli, capsys, tmp_path, monk
     monkeypatch.setattr(utils.engine, "corruption_matrix_for", lambda *a: pytest.fail("K-sized work started"))
     arrays = with_(num_classes=np.array(2**40))
     path = save_pt(tmp_path / "feats.pt", arrays)
-    one_error(capsys, cli("--features", path, "--epochs", 1), "num_classes is 1099511627776", "at most 100,000",
+    one_error(capsys, cli("--features", path, "--epochs", 1), "num_classes is 1099511627776",
+              "at most 100,000",
               alone=False)
 
 
@@ -217,18 +225,21 @@ def test_val_split_with_a_single_sample_class_names_the_class(cli, capsys, tmp_p
     labels[5] = 2  # class 2: one training sample
     path = save_npz(tmp_path / "feats.npz", with_(train_labels=labels))
     one_error(capsys, cli("--features", path, "--epochs", 1, "--val-split", 0.1),
-              "--val-split 0.1: class 2 has only 1 training sample", "at least 2 per class", "drop --val-split",
+              "--val-split 0.1: class 2 has only 1 training sample", "at least 2 per class",
+              "drop --val-split",
               alone=False)
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".pt"])
 def test_missing_features_file(cli, capsys, tmp_path, suffix):
     path = tmp_path / f"nowhere{suffix}"
-    one_error(capsys, cli("--features", path), f"features file not found: {path}", "Point --features at a .pt/.npz",
+    one_error(capsys, cli("--features", path), f"features file not found: {path}",
+              "Point --features at a .pt/.npz",
               alone=False)
 
 
-@pytest.mark.parametrize("kind", ["truncated .pt", "truncated .npz", "garbage .pt", "garbage .npz", "text .npz",
+@pytest.mark.parametrize("kind", ["truncated .pt", "truncated .npz", "garbage .pt", "garbage .npz",
+                                  "text .npz",
                                   "tensor .pt", "pickled object .pt"])
 def test_unreadable_features_file(cli, capsys, tmp_path, kind):
     suffix = kind.split()[-1]
@@ -246,7 +257,8 @@ def test_unreadable_features_file(cli, capsys, tmp_path, kind):
     else:  # a pickle that weights_only=True refuses: must not be executed, and must not crash
         import argparse
         torch.save(argparse.Namespace(train_features=1), path)
-    line = one_error(capsys, cli("--features", path), f"features file {path}", "Point --features at", alone=False)
+    line = one_error(capsys, cli("--features", path), f"features file {path}", "Point --features at",
+                     alone=False)
     assert "\n" not in line
 
 
@@ -299,7 +311,8 @@ def test_truncated_teacher_checkpoint_is_one_line_naming_it(cli, capsys):
     teacher = _truncate_teacher(cli)
     capsys.readouterr()
     for step in (["--dist", 1], ["--partial"]):
-        line = one_error(capsys, cli(*DIGITS, "--epochs", 2, *step), f"checkpoint {teacher}", "content hash differs",
+        line = one_error(capsys, cli(*DIGITS, "--epochs", 2, *step), f"checkpoint {teacher}",
+                         "content hash differs",
                          "--dist 0", alone=False)
         assert "\n" not in line
 
@@ -372,8 +385,10 @@ def test_overwrite_false_skips_and_overwrite_retrains(cli, monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("words, pretrained", [([], True), (["--pretrained"], True), (["--pretrained", "False"], False),
-                                                (["--pretrained", "false"], False), (["--pretrained", "0"], False)])
+@pytest.mark.parametrize("words, pretrained", [([], True), (["--pretrained"], True),
+                                               (["--pretrained", "False"], False),
+                                               (["--pretrained", "false"], False),
+                                               (["--pretrained", "0"], False)])
 def test_pretrained_words_choose_the_weights(words, pretrained):
     args = train_linear.build_parser().parse_args(["-d", "cifar10", "--depth", "50", *words])
     source = train_linear.source_from_args(args)
@@ -384,7 +399,8 @@ def test_pretrained_words_choose_the_weights(words, pretrained):
 def test_val_clean_false_needs_no_split_and_true_does(cli, capsys):
     assert cli(*DIGITS, "--epochs", 1, "--val-clean", "False") == 0
     capsys.readouterr()
-    one_error(capsys, cli(*DIGITS, "--epochs", 1, "--val-clean", "true"), "--val-clean needs a validation split")
+    one_error(capsys, cli(*DIGITS, "--epochs", 1, "--val-clean", "true"),
+              "--val-clean needs a validation split")
 
 
 # ---- what the user sees from a shell -----------------------------------------------------------------
@@ -494,9 +510,11 @@ def test_help_shows_every_option_with_help_text_default_and_choices(capsys):
         assert action.help, f"{action.option_strings} has no help text"
         if action.default is not None or "(default: " in action.help:
             assert f"(default: {shown_default(action)}" in entry, (action.option_strings, entry)
-    for needle in ("--epochs EPOCHS epochs per step (default: 200)", "--train-batch TRAIN_BATCH training batch size "
+    for needle in ("--epochs EPOCHS epochs per step (default: 200)",
+                   "--train-batch TRAIN_BATCH training batch size "
                    "(default: 128)", "--lr LR, --learning-rate LR initial learning rate (default: 0.0005)",
-                   "--momentum MOMENTUM SGD momentum (default: 0.9)", "--weight-decay WD, --wd WD weight decay "
+                   "--momentum MOMENTUM SGD momentum (default: 0.9)",
+                   "--weight-decay WD, --wd WD weight decay "
                    "(default: 0.0001)", "--ctype {sym,asym,cc}", "(default: cc)", "--quiet [BOOL]"):
         assert needle in body, needle
 

@@ -82,9 +82,11 @@ def busy(tmp_path_factory):
 def start(recipe, store: Path, *extra, save_every=1):
     args = [sys.executable, "train_linear.py", "--config", str(recipe), "--save-every", str(save_every),
             "--checkpoint", str(store / "ckpt"), "--results", str(store / "results"),
-            "--cache-dir", str(store / "cache"), "--data-root", str(store / "data"), "--lease-timeout", "20", *extra]
+            "--cache-dir", str(store / "cache"), "--data-root", str(store / "data"),
+            "--lease-timeout", "20", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(procs) -> list:
@@ -124,7 +126,8 @@ def kill_mid_grid(procs, store: Path, rng, within=1.0):
 
 
 def assert_store_is_clean(store: Path):
-    leftovers = [p for p in store.rglob("*") if p.name.endswith(".tmp") or p.name in (LEASE_NAME, "resume.pt")]
+    leftovers = [p for p in store.rglob("*")
+                 if p.name.endswith(".tmp") or p.name in (LEASE_NAME, "resume.pt")]
     assert leftovers == []
 
 
@@ -144,7 +147,8 @@ def dead_pid() -> int:
 
 def write_lease(folder: Path, pid: int, heartbeat: float, host=HOST, token="old"):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / LEASE_NAME).write_text(json.dumps({"host": host, "pid": pid, "token": token, "started": heartbeat,
+    (folder / LEASE_NAME).write_text(json.dumps({"host": host, "pid": pid, "token": token,
+                                                 "started": heartbeat,
                                                  "heartbeat": heartbeat}))
 
 
@@ -199,7 +203,8 @@ def test_processes_claiming_at_the_same_moment_get_one_lease(tmp_path):
         folder = tmp_path / str(trial)
         at = time.time() + 6  # after every process's imports: they claim within microseconds of each other
         code = CLAIMER.format(root=str(ROOT), at=at, folder=str(folder))
-        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+                 for _ in range(4)]
         results = [p.communicate(timeout=60)[0].strip() for p in procs]
         assert sorted(results) == ["lost"] * 3 + ["won"]
 
@@ -233,7 +238,8 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_torn_file(tmp_path):
     target = tmp_path / "big.bin"
     rng = random.Random(0)
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=str(ROOT), target=str(target))])
+        proc = subprocess.Popen([sys.executable, "-c",
+                                 KILLED_WRITER.format(root=str(ROOT), target=str(target))])
         deadline = time.time() + 60
         while not target.exists() and time.time() < deadline:  # start-up (imports) takes a while
             time.sleep(0.05)
@@ -290,11 +296,13 @@ def test_a_teacher_is_read_only_through_its_record_and_its_hash(cli, capsys):
     assert cli(*DIGITS, "--epochs", 3, "--dist", 0) == 0
     (teacher,) = cli.records()
     folder = cli.run_folder(teacher)
-    (folder / "best.pt").write_bytes((folder / "last.pt").read_bytes())  # a valid checkpoint, not the chosen one
+    # a valid checkpoint, not the chosen one
+    (folder / "best.pt").write_bytes((folder / "last.pt").read_bytes())
     capsys.readouterr()
     assert cli(*DIGITS, "--epochs", 3, "--dist", 1) == 2
     (line,) = stderr_error_lines(capsys.readouterr().err)
-    assert f"checkpoint {folder / 'best.pt'}" in line and "content hash differs" in line and "--overwrite" in line
+    assert (f"checkpoint {folder / 'best.pt'}" in line and "content hash differs" in line
+            and "--overwrite" in line)
 
 
 def test_resumable_state_is_never_a_teacher(cli, spy, capsys):

@@ -10,12 +10,15 @@ from utils.runs import RunConfig, run_key
 
 LOG_FIELDS = {"epoch", "train_loss", "train_acc", "train_top2", "train_acc_true", "train_top2_true", "lr",
               "test_loss", "test_acc", "test_top2"}
-RECORD_FIELDS = {"key", "step", "dataset", "backbone", "ctype", "eta", "seed", "lr", "wd", "epochs", "features_id",
+RECORD_FIELDS = {"key", "step", "dataset", "backbone", "ctype", "eta", "seed", "lr", "wd", "epochs",
+                 "features_id",
                  "teacher_key", "realised_corruption", "teacher_top2_coverage", "best_train_acc",
-                 "test_acc_bytest", "test_acc_last", "test_acc_byval", "epoch_bytest", "epoch_last", "epoch_byval",
+                 "test_acc_bytest", "test_acc_last", "test_acc_byval", "epoch_bytest", "epoch_last",
+                 "epoch_byval",
                  "wall_time_s", "device", "torch_version", "code_version", "created"}
 NUMBERS = ("test_acc_bytest", "test_acc_last", "test_acc_byval", "epoch_bytest", "epoch_last", "epoch_byval",
-           "best_train_acc", "realised_corruption", "teacher_top2_coverage", "test_top2_bytest", "val_acc_byval")
+           "best_train_acc", "realised_corruption", "teacher_top2_coverage",
+           "test_top2_bytest", "val_acc_byval")
 
 
 def numbers(record):
@@ -29,7 +32,8 @@ def test_chain_writes_checkpoints_logs_and_records(cli, spy):
     x, y = digits_test_set()
     for step, rec in recs.items():
         assert RECORD_FIELDS <= set(rec), RECORD_FIELDS - set(rec)
-        assert (rec["dataset"], rec["backbone"], rec["ctype"], rec["eta"], rec["seed"]) == ("digits", "pixels", "cc", 0.5, 0)
+        assert (rec["dataset"], rec["backbone"], rec["ctype"],
+                rec["eta"], rec["seed"]) == ("digits", "pixels", "cc", 0.5, 0)
         assert (rec["lr"], rec["wd"], rec["epochs"], rec["step"]) == (0.05, 5e-3, 5, step)
         assert rec["device"] == "cpu" and rec["torch_version"] == torch.__version__ and rec["wall_time_s"] > 0
         log = cli.log(rec)
@@ -67,7 +71,8 @@ def test_chain_writes_checkpoints_logs_and_records(cli, spy):
     for call in spy.calls:  # the same corrupted labels in every round
         assert torch.equal(call["data"].noisy_labels[0], expected_noisy)
         assert torch.equal(call["data"].true_labels[0], features.train_y)
-    assert abs(recs["0"]["realised_corruption"] - float((expected_noisy != features.train_y).double().mean()) * 100) < 1e-9
+    assert abs(recs["0"]["realised_corruption"]
+               - float((expected_noisy != features.train_y).double().mean()) * 100) < 1e-9
     assert len({r["realised_corruption"] for r in recs.values()}) == 1
     w0 = cli.checkpoint(recs["0"], "best")["model"]["weight"]
     w1 = cli.checkpoint(recs["1"], "best")["model"]["weight"]
@@ -129,7 +134,8 @@ def _suggested_steps(cli, capsys, *argv):
     err = stderr_error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "python train_linear.py" in err[0], err
     command = err[0].split("python train_linear.py", 1)[1].split()
-    return [str(step) for step in train_linear.steps_from_args(train_linear.build_parser().parse_args(command))]
+    return [str(step)
+            for step in train_linear.steps_from_args(train_linear.build_parser().parse_args(command))]
 
 
 def test_missing_teacher_hint_for_students_and_pll(cli, capsys):
@@ -215,20 +221,24 @@ def test_validation_selection_ignores_test_labels(cli, spy, monkeypatch):
     counts = torch.bincount(features.train_y, minlength=10)
     val_counts = torch.bincount(features.train_y[val_rows], minlength=10)
     assert ((val_counts - 0.1 * counts).abs() <= 1).all()  # stratified
-    noisy = corrupt_labels(features.train_y, corruption_matrix_for("cc", 0.5, features.train_x, features.train_y, 10), 0)
-    assert torch.equal(clean_calls[0]["data"].val_labels[0], noisy[val_rows])  # validation labels are noisy too
+    noisy = corrupt_labels(features.train_y,
+                           corruption_matrix_for("cc", 0.5, features.train_x, features.train_y, 10), 0)
+    # validation labels are noisy too
+    assert torch.equal(clean_calls[0]["data"].val_labels[0], noisy[val_rows])
 
     clean = cli.by_step("clean")
     w_val = cli.checkpoint(clean["0"], "best_val", "clean")
     assert w_val["epoch"] == clean["0"]["epoch_byval"]
-    assert torch.equal(clean_calls[2]["init"][0], w_val["model"]["weight"])  # PLL starts from the val-chosen teacher
+    # PLL starts from the val-chosen teacher
+    assert torch.equal(clean_calls[2]["init"][0], w_val["model"]["weight"])
     for step, rec in clean.items():
         log = cli.log(rec, "clean")
         e = rec["epoch_byval"]
         vals = [h["val_acc"] for h in log]
         assert e == vals.index(max(vals)) + 1
         assert rec["test_acc_byval"] == log[e - 1]["test_acc"] and rec["val_acc_byval"] == max(vals)
-        assert rec["test_acc_bytest"] == max(h["test_acc"] for h in log) and rec["test_acc_last"] == log[-1]["test_acc"]
+        assert (rec["test_acc_bytest"] == max(h["test_acc"] for h in log)
+                and rec["test_acc_last"] == log[-1]["test_acc"])
 
     import utils.engine
     real_load = utils.engine.load_source
@@ -244,7 +254,8 @@ def test_validation_selection_ignores_test_labels(cli, spy, monkeypatch):
     for step in clean:
         assert bad[step]["epoch_byval"] == clean[step]["epoch_byval"]
         assert bad[step]["val_acc_byval"] == clean[step]["val_acc_byval"]
-    assert bad["0"]["test_acc_bytest"] < 50 < clean["0"]["test_acc_bytest"]  # the poison did reach the test set
+    # the poison did reach the test set
+    assert bad["0"]["test_acc_bytest"] < 50 < clean["0"]["test_acc_bytest"]
     assert torch.equal(poison_calls[1]["targets"].values, clean_calls[1]["targets"].values)  # same teacher
     assert torch.equal(poison_calls[2]["init"], clean_calls[2]["init"])
 
@@ -255,12 +266,14 @@ def test_last_selection_uses_the_last_checkpoint(cli, spy, monkeypatch):
     assert recs["1"]["selection"] == recs["p"]["selection"] == "last"
     w_last = cli.checkpoint(recs["0"], "last")["model"]["weight"]
     features = digits_features()
-    torch.testing.assert_close(spy.calls[1]["targets"].values[0], torch.softmax(features.train_x @ w_last.T, -1),
+    torch.testing.assert_close(spy.calls[1]["targets"].values[0],
+                               torch.softmax(features.train_x @ w_last.T, -1),
                                atol=1e-6, rtol=0)
     assert torch.equal(spy.calls[2]["init"][0], w_last)
     # --selection last is the same configuration: nothing to train
     import utils.engine
-    monkeypatch.setattr(utils.engine, "train_heads", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(utils.engine, "train_heads",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert cli(*DIGITS, "--rounds", 1, "--epochs", 4, "--selection", "last") == 0
 
 
@@ -328,7 +341,8 @@ def test_rerun_says_the_runs_were_already_finished(cli, capsys):
     table = lambda text: text[text.index("digits / pixels"):]  # noqa: E731
     assert table(again) == table(first)  # the same table, from the records
     assert cli(*DIGITS, "--epochs", 3, "--dist", 1, "--quiet") == 0
-    assert f"1 run already finished (records in {records}/); --overwrite retrains\n" in capsys.readouterr().out
+    assert (f"1 run already finished (records in {records}/); --overwrite retrains\n"
+            in capsys.readouterr().out)
     assert cli(*DIGITS, "--epochs", 3, "--dist", 1, "--overwrite") == 0
     assert "already finished" not in capsys.readouterr().out
 

@@ -85,7 +85,8 @@ def test_grid_runs_every_job_once_and_writes_reports(cli, spy, tmp_path, referen
     assert len(record_files(cli, "a")) == 12  # one file per (configuration, step)
     # one batched computation per step, all four configurations in it
     assert [call["data"].train_rows.shape[0] for call in spy.calls] == [4, 4, 4]
-    assert {(r["eta"], r["seed"], r["step"]) for r in records} == {(c.eta, c.seed, s) for c in CONFIGS for s in STEPS}
+    assert {(r["eta"], r["seed"], r["step"]) for r in records} == {(c.eta, c.seed, s)
+                                                                   for c in CONFIGS for s in STEPS}
     assert all(r["batch_runs"] == 4 and r["epochs"] == 3 for r in records)
     assert_same_as_reference(records, reference)
 
@@ -119,7 +120,8 @@ def test_report_only_without_records_is_one_line(cli, tmp_path, capsys, no_train
 
 
 # ---- (c): interrupted grids resume -------------------------------------------------------------
-def test_kill_between_chunks_resumes_without_redoing_or_losing_runs(cli, spy, tmp_path, monkeypatch, reference):
+def test_kill_between_chunks_resumes_without_redoing_or_losing_runs(cli, spy, tmp_path,
+                                                                    monkeypatch, reference):
     """Two runs per batched computation: the process dies after the first chunk's records are written."""
     import utils.engine
 
@@ -175,7 +177,8 @@ def test_two_concurrent_processes_share_one_store(tmp_path, reference):
     command = [sys.executable, "train_linear.py", "--config", str(recipe), "--save-every", "1",
                *cli.dir_args("shared")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outputs):
@@ -262,7 +265,8 @@ BAD_RECIPES = {
     "per_dataset names a dataset not in the grid": RECIPE + "per_dataset:\n  cifar100: {lr: 0.1}\n",
     "per_dataset sets the dataset": RECIPE + "per_dataset:\n  digits: {dataset: cifar10}\n",
     "one setting under two names": _swap("  wd: 5.0e-3", "  wd: 5.0e-3\n  weight_decay: 1.0e-3"),
-    "report is a list": _swap("report: {kind: distillation, metric: test, gain_etas: [0.0, 0.5]}", "report: [test]"),
+    "report is a list": _swap("report: {kind: distillation, metric: test, gain_etas: [0.0, 0.5]}",
+                              "report: [test]"),
     "unknown report metric": _swap("metric: test", "metric: best"),
     "gain_etas not numbers": _swap("gain_etas: [0.0, 0.5]", "gain_etas: [low, high]"),
     "negative seed": _swap("manualSeed: [0, 1]", "manualSeed: [0, -1]"),
@@ -318,7 +322,8 @@ def test_string_numbers_and_integers_in_recipes_become_the_flag_types(cli, tmp_p
 
 # ---- (g): a batched grid run equals the run alone ----------------------------------------------
 def test_grid_run_equals_the_same_run_alone(cli, reference):
-    assert cli(*DIGITS, "--corruption", 0, "--manualSeed", 1, "--epochs", 3, "--rounds", 1, where="alone") == 0
+    assert cli(*DIGITS, "--corruption", 0, "--manualSeed", 1, "--epochs", 3, "--rounds", 1,
+               where="alone") == 0
     alone = cli.by_step("alone")
     by_key, _ = reference
     assert set(alone) == set(STEPS)
@@ -333,8 +338,10 @@ def test_report_matches_records_by_backbone():
     def rec(backbone, step):
         cfg = RunConfig("cifar100", backbone)
         return {"key": run_key(cfg, step, "f-" + backbone), "step": step, "created": "2025", **{
-            name: getattr(cfg, name) for name in ("dataset", "backbone", "ctype", "eta", "seed", "lr", "wd", "momentum",
-                                                  "gamma", "epochs", "train_batch", "label_smoothing", "val_split",
+            name: getattr(cfg, name) for name in ("dataset", "backbone", "ctype", "eta", "seed", "lr", "wd",
+                                                  "momentum",
+                                                  "gamma", "epochs", "train_batch", "label_smoothing",
+                                                  "val_split",
                                                   "val_clean", "temperature", "selection")}}
     store = [rec("resnet18", "0"), rec("resnet34", "0"), rec("resnet34", "p"), {"not": "a record"}]
     jobs = [(FeatureSource("cifar100", "resnet34"), RunConfig("cifar100", "resnet34"))]
@@ -364,7 +371,8 @@ def test_recipe_seed_out_of_range_names_the_range(cli, capsys, no_training, seed
 
 def test_recipe_with_a_key_given_twice_is_refused(cli, capsys, no_training):
     """Plain YAML would keep the last `lr:` silently and run only one of the two learning rates."""
-    line = the_error(cli, capsys, _swap("  lr: 0.05", "  lr: 0.05\n  lr: 0.1"), "key 'lr' is given twice", "keep one")
+    line = the_error(cli, capsys, _swap("  lr: 0.05", "  lr: 0.05\n  lr: 0.1"),
+                     "key 'lr' is given twice", "keep one")
     assert "line 10" in line  # the second `lr:`
 
 
@@ -395,7 +403,8 @@ def test_allow_large_grid_lifts_the_bound(cli, capsys, no_training, tmp_path, mo
     monkeypatch.setattr(utils.grid, "MAX_CHAINS", 3)
     the_error(cli, capsys, RECIPE, "its grid has 4 chains", "more than 3", "--allow-large-grid")
     # past the bound: the grid expands, and --report-only then finds nothing to report
-    the_error(cli, capsys, RECIPE, "no results yet for recipe tiny", extra=("--allow-large-grid", "--report-only"),
+    the_error(cli, capsys, RECIPE, "no results yet for recipe tiny",
+              extra=("--allow-large-grid", "--report-only"),
               names_file=False)
 
 
@@ -409,7 +418,8 @@ def test_chain_count_equals_what_expansion_iterates(tmp_path):
     from utils.grid import count_chains, expand_grid, load_grid
 
     text = _swap("  dataset: digits", "  dataset: [digits, cifar100, cifar10]") + (
-        "per_dataset:\n  cifar100: {lr: [0.1, 0.2, 0.3], weight-decay: [1.0e-4, 2.0e-4]}\n  cifar10: {lr: 0.1}\n")
+        "per_dataset:\n  cifar100: {lr: [0.1, 0.2, 0.3], weight-decay: [1.0e-4, 2.0e-4]}\n"
+        "  cifar10: {lr: 0.1}\n")
     grid = load_grid(write_recipe(tmp_path, text))
     counter = count()
     jobs = expand_grid(grid, lambda settings: next(counter))  # every iteration is a distinct job

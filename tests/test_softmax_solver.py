@@ -242,7 +242,8 @@ def test_rounds_report_the_path_and_its_folds(tmp_path, capsys):
     import numerical_solving
     from utils.cli import run_main
 
-    argv = [f"--{k}={v}" for k, v in FOLDS.items()] + ["--max_dist", "2", "--save", "False", "--out", str(tmp_path)]
+    argv = [f"--{k}={v}" for k, v in FOLDS.items()] + ["--max_dist", "2", "--save", "False",
+                                                        "--out", str(tmp_path)]
     assert run_main(numerical_solving.main, argv) == 0
     out = capsys.readouterr().out
     assert "path steps" in out and "turned back" in out

@@ -4,8 +4,11 @@ Every check compares against an independent computation: the closed form against
 solve, the softmax fixed point against its own equation and against a probe trained on features,
 the theory's round t* against where the solved accuracies reach 100%. Sizes are tiny (N <= 600).
 """
+import dataclasses
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,8 @@ import torch
 
 import numerical_solving
 from utils import theory as th
-from utils.cli import run_main
+from utils import theory_outputs as tho
+from utils.cli import UserError, run_main
 
 F64 = torch.float64
 
@@ -23,8 +27,17 @@ def problem(**kw):
     return th.build_problem(s, "cpu", F64)
 
 
+def solve(*argv):
+    """The command as a user runs it (exit code; printout to capsys)."""
+    return run_main(numerical_solving.main, [str(a) for a in argv])
+
+
 def cli(tmp_path, *argv):
-    return run_main(numerical_solving.main, [str(a) for a in argv] + ["--out", str(tmp_path / "out")])
+    return solve(*argv, "--out", tmp_path / "out")
+
+
+def records_in(folder):
+    return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +275,99 @@ def test_option_table_defaults_are_the_contract():
         (4, 500, 1e-5, 0.4, 0.1, 0.5, 0.05, 10, 100000, False)
 
 
+def another_value(opt):
+    """An allowed value of a setting other than its default."""
+    if opt.choices:
+        return next(choice for choice in opt.choices if choice != opt.default)
+    return opt.default + 1 if opt.type is int else opt.default / 2
+
+
+ROUND = {"round": 1, "acc": {"clean": 1.0, "noisy": 2.0, "overall": 3.0},
+         "cf_acc": {"clean": 4.0, "noisy": 5.0, "overall": 6.0}, "cf_gap": 0.5, "residual": 1e-11,
+         "iterations": 3, "work": 9, "folds": None, "converged": True, "seconds": 0.25}
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(th.Setting)])
+def test_every_setting_reaches_the_parser_checks_sweeps_names_and_records(name, monkeypatch):
+    """Each field of theory.Setting is declared once, and every place derived from the declarations
+    covers it: the parser reads it, it declares a constraint and the checks apply it, a sweep may
+    vary it, the run's name and the record carry it (a field added without `option(...)` fails)."""
+    opt = th.SETTING_OPTIONS.get(name)
+    assert opt is not None, f"Setting.{name} is not declared with option(...)"
+    value, default = another_value(opt), th.Setting()
+    assert getattr(numerical_solving.build_parser().parse_args([f"{opt.flag}={value}"]), name) == value
+    assert opt.valid is not None or opt.choices is not None, f"{opt.flag} declares no constraint"
+    with monkeypatch.context() as patch, pytest.raises(UserError, match=re.escape(f"{opt.flag} must ")):
+        patch.setitem(th.SETTING_OPTIONS, name, dataclasses.replace(opt, valid=lambda v: False, choices=None))
+        numerical_solving.check_setting(default)          # the checks read the declaration
+    assert name in numerical_solving.SWEEPABLE
+    changed = dataclasses.replace(default, **{name: value})
+    assert tho.run_tag(changed, "exact") != tho.run_tag(default, "exact")
+    assert name in tho.RECORD_FIELDS and name in tho.CURVE_FIELDS
+    assert tho.make_record(changed, "exact", False, ROUND, {})[name] == value
+
+
+def test_records_lead_with_the_settings_in_their_declared_order():
+    names = [f.name for f in dataclasses.fields(th.Setting)]
+    assert tho.RECORD_FIELDS[:len(names) + 2] == [*names, "solver", "mode"]
+    assert tho.run_tag(th.Setting(), "exact") == \
+        "4_500_1e-05_0.4_0.1_0.5_0.05_seed0_original_sampled_exact_softmax"
+
+
+def test_help_shows_every_option_with_its_help_default_and_choices(capsys):
+    parser = numerical_solving.build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    body = text[text.index("options: -h, --help"):]
+    actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    starts = []
+    for action in actions:          # where each option's entry starts, in order
+        starts.append(body.index(action.option_strings[0] + " ", starts[-1] + 1 if starts else 0))
+    for action, start, end in zip(actions, starts, starts[1:] + [len(body)]):
+        entry = body[start:end]
+        assert action.help, action.option_strings
+        if action.default not in (None, []):          # a default the help text states itself in words
+            shown = "(default: " if "(default: " in action.help else f"(default: {action.default})"
+            assert shown in entry, entry
+        if action.choices:
+            assert "{" + ",".join(action.choices) + "}" in entry, entry
+    for needle in ("--k K number of classes K (default: 4)", "--gram {original,psd,features}",
+                   "--lbd LBD weight decay lambda > 0 (default: 1e-05)", "--approx [BOOL]", "--sweep KEY=V1"):
+        assert needle in body, needle
+
+
+def docs_option_rows() -> dict:
+    """{option strings: default} of the two option tables of docs/numerical_solving.md."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "numerical_solving.md").read_text()
+    section = text[text.index("### Options"):text.index("Every setting of the model")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or cells[0] in ("Option", "---"):
+            continue
+        names = tuple(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", cells[0]))
+        assert names and names not in rows, line
+        rows[names] = cells[1].strip("`")
+    return rows
+
+
+def test_docs_option_tables_list_the_parser_options_and_defaults():
+    actions = {tuple(a.option_strings): a for a in numerical_solving.build_parser()._actions
+               if a.option_strings and a.dest != "help"}
+    rows = docs_option_rows()
+    assert set(rows) == set(actions), set(rows) ^ set(actions)
+    for names, shown in rows.items():
+        default = actions[names].default
+        if default in (None, []):
+            assert shown in ("-", "derived"), names
+        elif isinstance(default, float):
+            assert float(shown) == default, names
+        else:
+            assert shown == str(default), names
+
+
 BAD = {
     "k<2": (["--k", "1"], "--k"),
     "n<1": (["--n", "0"], "--n"),
@@ -294,7 +400,7 @@ def test_faithful_mode_reproduces_its_numbers_per_seed(tmp_path, capsys):
     argv = ["--solver", "faithful", "--k", "3", "--n", "8", "--max_dist", "2", "--max_iter", "30"]
     runs = {}
     for where, seed in (("a", 0), ("b", 0), ("c", 1)):
-        assert run_main(numerical_solving.main, [str(a) for a in argv + ["--seed", seed, "--out", tmp_path / where]]) == 0
+        assert solve(*argv, "--seed", seed, "--out", tmp_path / where) == 0
         files = sorted((tmp_path / where / "softmax").glob("*.npz"))
         assert [f.name[-6:] for f in files] == ["_0.npz", "_1.npz", "_2.npz"]
         runs[where] = [np.load(f, allow_pickle=False)["Y"] for f in files]
@@ -317,10 +423,11 @@ def test_round_zero_is_the_given_labels_and_arrays_are_plain(tmp_path):
 
 def test_sweep_writes_one_record_per_setting_and_round_and_the_figure(tmp_path, capsys):
     rc = cli(tmp_path, "--k", "3", "--n", "8", "--max_dist", "2", "--gram", "features", "--epsilon", "0.1",
-             "--lbd", "1e-3", "--sweep", "eta=0.2,0.4", "--sweep", "seed=0,1", "--name", "sw", "--save", "False")
+             "--lbd", "1e-3", "--sweep", "eta=0.2,0.4", "--sweep", "seed=0,1", "--name", "sw",
+             "--save", "False")
     assert rc == 0
     folder = tmp_path / "out" / "sw"
-    recs = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    recs = records_in(folder)
     assert len(recs) == 4 * 3
     assert {(r["eta"], r["seed"]) for r in recs} == {(0.2, 0), (0.2, 1), (0.4, 0), (0.4, 1)}
     assert all(r["converged"] and r["residual"] <= 1e-10 for r in recs)
@@ -332,15 +439,16 @@ def test_sweep_writes_one_record_per_setting_and_round_and_the_figure(tmp_path, 
 
 def test_yaml_config_sets_options_and_sweep_and_flags_win(tmp_path):
     cfg = tmp_path / "grid.yaml"
-    cfg.write_text("name: g\noptions: {k: 3, n: 6, max_dist: 1, approx: true, epsilon: 0.0}\nsweep: {eta: [0.1, 0.3]}\n")
+    cfg.write_text("name: g\noptions: {k: 3, n: 6, max_dist: 1, approx: true, epsilon: 0.0}\n"
+                   "sweep: {eta: [0.1, 0.3]}\n")
     assert cli(tmp_path, "--config", cfg, "--n", "5", "--save", "False") == 0
-    recs = [json.loads(line) for line in (tmp_path / "out" / "g" / "records.jsonl").read_text().splitlines()]
+    recs = records_in(tmp_path / "out" / "g")
     assert {r["n"] for r in recs} == {5} and {r["mode"] for r in recs} == {"linear"}
     assert sorted({r["eta"] for r in recs}) == [0.1, 0.3]
 
 
 def test_printout_shows_theory_and_closed_form_beside_the_solution(tmp_path, capsys):
-    assert cli(tmp_path, "--k", "3", "--n", "10", "--max_dist", "2", "--epsilon", "0.05", "--lbd", "1e-3") == 0
+    assert cli(tmp_path, "--k", 3, "--n", 10, "--max_dist", 2, "--epsilon", 0.05, "--lbd", "1e-3") == 0
     out = capsys.readouterr().out
     assert "NOT a Gram matrix" in out and "t* =" in out and "closed form" in out
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and "|" in line]
@@ -366,14 +474,16 @@ BAD_CONFIG = {
     "sweep not a mapping": ("sweep: 5\n", ["sweep must be a mapping", "5"]),
     "option choice": ("options: {solver: bogus}\n", ["options.solver", "invalid choice: 'bogus'", "exact"]),
     "sweep int not integer": ("sweep: {k: 3.7}\n", ["sweep.k", "invalid int value: '3.7'"]),
-    "option int not integer": ("options: {max_dist: 2.5}\n", ["options.max_dist", "invalid int value: '2.5'"]),
+    "option int not integer": ("options: {max_dist: 2.5}\n",
+                               ["options.max_dist", "invalid int value: '2.5'"]),
     "sweep bool for float": ("sweep: {eta: [0.1, true]}\n", ["sweep.eta", "invalid float value: 'True'"]),
     "sweep bool for int": ("sweep: {seed: [false]}\n", ["sweep.seed", "invalid int value: 'False'"]),
     "option bool for float": ("options: {lbd: true}\n", ["options.lbd", "invalid float value: 'True'"]),
     "option without value": ("options: {k: }\n", ["options.k", "expected one value, got nothing"]),
     "sweep without values": ("sweep: {eta: []}\n", ["sweep.eta", "no values"]),
     "help is no option": ("options: {help: true}\n", ["unknown options ['help']"]),
-    "duplicate key": ("options: {k: 3}\nsweep: {eta: [0.1]}\noptions: {k: 2}\n", ["'options' is given twice", "line 3"]),
+    "duplicate key": ("options: {k: 3}\nsweep: {eta: [0.1]}\noptions: {k: 2}\n",
+                      ["'options' is given twice", "line 3"]),
     "duplicate nested key": ("sweep:\n  eta: [0.1]\n  eta: [0.2]\n", ["'eta' is given twice", "line 3"]),
     "name escapes --out": ("name: ../evil\n", ["name '../evil'", "plain folder name"]),
     "options.name escapes": ("options: {name: a/b}\n", ["options.name 'a/b'", "plain folder name"]),
@@ -399,7 +509,7 @@ def test_config_options_are_read_as_the_command_line_reads_them(tmp_path):
     cfg.write_text("name: ok+run-1.5\noptions: {k: 2, n: 3, max_dist: 1, approx: yes, lbd: 1e-3, c: 1, d: 0, "
                    "save: false, max_newton: 5}\nsweep: {eta: 0.25, gram: [features]}\n")
     assert cli(tmp_path, "--config", cfg) == 0
-    recs = [json.loads(line) for line in (tmp_path / "out" / "ok+run-1.5" / "records.jsonl").read_text().splitlines()]
+    recs = records_in(tmp_path / "out" / "ok+run-1.5")
     assert {(r["k"], r["n"], r["lbd"], r["c"], r["d"], r["eta"], r["gram"], r["mode"]) for r in recs} == \
         {(2, 3, 1e-3, 1.0, 0.0, 0.25, "features", "linear")}
 
@@ -426,7 +536,8 @@ def test_negative_numbers_are_read_then_validated(tmp_path, capsys, flag, value,
 
 
 def test_negative_numbers_in_any_notation_are_values_not_options():
-    a = numerical_solving.build_parser().parse_args(["--c", "-1e-1", "--d", "-.5", "--lbd", "-inf", "--eta", "-NaN"])
+    argv = ["--c", "-1e-1", "--d", "-.5", "--lbd", "-inf", "--eta", "-NaN"]
+    a = numerical_solving.build_parser().parse_args(argv)
     assert (a.c, a.d, a.lbd) == (-0.1, -0.5, -math.inf) and math.isnan(a.eta)
 
 
@@ -451,11 +562,11 @@ def test_name_is_a_plain_folder_under_out(tmp_path, capsys, name):
     root = tmp_path / "deep" / "er"
     root.mkdir(parents=True)
     name = str(tmp_path / "abs") if name == "ABS" else name       # an absolute path (stays inside tmp_path)
-    rc = run_main(numerical_solving.main, ["--k", "2", "--n", "3", "--max_dist", "1", "--approx", "--name", name,
-                                           "--out", str(root / "out")])
+    rc = solve("--k", 2, "--n", 3, "--max_dist", 1, "--approx", "--name", name, "--out", root / "out")
     assert rc == 2
-    assert one_error_line(capsys) == (f"error: --name {name!r} is not a plain folder name: use letters, digits, "
-                                      "'_', '-', '.', '+' (no '/', not starting with '.'), e.g. --name my_sweep")
+    assert one_error_line(capsys) == (f"error: --name {name!r} is not a plain folder name: use letters, "
+                                      "digits, '_', '-', '.', '+' (no '/', not starting with '.'), "
+                                      "e.g. --name my_sweep")
     assert [p for p in tmp_path.rglob("*")] == [tmp_path / "deep", root]        # nothing written anywhere
 
 
@@ -472,11 +583,11 @@ def test_config_name_cannot_escape_out(tmp_path, capsys):
 def test_out_under_a_regular_file_is_one_line_and_nothing_is_written(tmp_path, capsys, under, save):
     (tmp_path / "file").write_text("keep me\n")
     out = tmp_path / under
-    rc = run_main(numerical_solving.main, ["--k", "2", "--n", "3", "--max_dist", "1", "--approx", "--save", save,
-                                           "--out", str(out)])
+    rc = solve("--k", 2, "--n", 3, "--max_dist", 1, "--approx", "--save", save, "--out", out)
     assert rc == 2
-    assert one_error_line(capsys) == (f"error: --out {out}: cannot write or read {tmp_path / 'file'}: Not a directory; "
-                                      "a part of that path is a file, not a directory: choose another path")
+    assert one_error_line(capsys) == (f"error: --out {out}: cannot write or read {tmp_path / 'file'}: "
+                                      "Not a directory; a part of that path is a file, not a directory: "
+                                      "choose another path")
     assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "keep me\n"
 
 
@@ -493,11 +604,13 @@ def test_default_and_approx_write_to_different_folders(tmp_path):
     assert cli(tmp_path, *SMALL, "--approx") == 0
     out = tmp_path / "out"
     base = "3_6_0.001_0.4_0.1_0.5_0.05_seed0_original_sampled_exact"
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{base}_linear", f"{base}_softmax", "linear", "softmax"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{base}_linear", f"{base}_softmax", "linear",
+                                                            "softmax"])
     for mode in ("softmax", "linear"):                   # each run kept its own records and figure
-        recs = [json.loads(line) for line in (out / f"{base}_{mode}" / "records.jsonl").read_text().splitlines()]
+        recs = records_in(out / f"{base}_{mode}")
         assert {r["mode"] for r in recs} == {mode} and (out / f"{base}_{mode}" / "figure.png").exists()
-        assert sorted(p.name for p in (out / mode).iterdir()) == [f"{base}_{mode}_0.npz", f"{base}_{mode}_1.npz"]
+        arrays = sorted(p.name for p in (out / mode).iterdir())
+        assert arrays == [f"{base}_{mode}_0.npz", f"{base}_{mode}_1.npz"]
 
 
 def test_names_carry_the_run_options_that_change_the_numbers():
@@ -508,7 +621,7 @@ def test_names_carry_the_run_options_that_change_the_numbers():
         a = parse(list(argv))
         mode = "linear" if a.approx else "softmax"
         dtype = th.resolve_dtype(a.dtype, a.solver)
-        return th.run_tag(s, a.solver, mode, numerical_solving.options_tag(a, dtype, a.approx))
+        return tho.run_tag(s, a.solver, mode, numerical_solving.options_tag(a, dtype, a.approx))
 
     base = "4_500_1e-05_0.4_0.1_0.5_0.05_seed0_original_sampled"
     assert tag() == tag("--dtype", "float64") == f"{base}_exact_softmax"
@@ -523,18 +636,21 @@ def test_sweep_folder_names_include_mode_and_variant(tmp_path):
     sweep = ["--sweep", "eta=0.1,0.3", "--save", "False", "--epsilon", "0.1"]
     assert cli(tmp_path, *SMALL, *sweep, "--gram", "features", "--approx") == 0
     assert cli(tmp_path, *SMALL, *sweep, "--gram", "features") == 0
-    assert cli(tmp_path, *SMALL, "--sweep", "gram=psd,features", "--sweep", "seed=0,1", "--save", "False") == 0
+    assert cli(tmp_path, *SMALL, "--sweep", "gram=psd,features", "--sweep", "seed=0,1",
+               "--save", "False") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "sweep_eta_3_6_0.001_0.4_0.1_0.1+0.3_0.1_seed0_features_sampled_exact_linear",
         "sweep_eta_3_6_0.001_0.4_0.1_0.1+0.3_0.1_seed0_features_sampled_exact_softmax",
         "sweep_gram_seed_3_6_0.001_0.4_0.1_0.5_0.05_seed0+1_psd+features_sampled_exact_softmax"]
     settings = [th.Setting(eta=e / 1000) for e in range(100)]
     long = numerical_solving.sweep_name(settings, {"eta": [s.eta for s in settings]}, "exact", "softmax", "")
-    assert len(long) <= numerical_solving.MAX_NAME and "_100values-" in long and long.endswith("_exact_softmax")
+    assert len(long) <= numerical_solving.MAX_NAME and "_100values-" in long
+    assert long.endswith("_exact_softmax")
 
 
 def test_the_recipe_folder_is_derived_from_its_settings():
-    options, grid, named = numerical_solving.load_config("recipes/theory/eta.yaml", numerical_solving.build_parser())
+    parser = numerical_solving.build_parser()
+    options, grid, named = numerical_solving.load_config("recipes/theory/eta.yaml", parser)
     assert named["name"] is None and options["gram"] == "features" and grid == {"eta": [0.1, 0.3, 0.5, 0.7]}
     settings = [th.Setting(gram="features", eta=eta) for eta in grid["eta"]]
     assert numerical_solving.sweep_name(settings, grid, "exact", "softmax", "") == \
@@ -550,9 +666,11 @@ def test_a_rerun_into_an_existing_folder_is_refused_and_overwrite_replaces_it(tm
     capsys.readouterr()
     assert cli(tmp_path, *argv) == 2                                   # the same run again: refused
     line = one_error_line(capsys)
-    assert f"{folder} already holds an earlier run's records.csv, records.jsonl, figure.png, figure.pdf" in line
+    assert (f"{folder} already holds an earlier run's records.csv, records.jsonl, figure.png, "
+            "figure.pdf") in line
     assert f"4 array(s) of the same setting(s) already exist in {out / 'linear'}" in line
-    assert "pass --overwrite to replace them, or --name NAME --save False to write the new run elsewhere" in line
+    assert ("pass --overwrite to replace them, or --name NAME --save False to write the new run "
+            "elsewhere") in line
     assert cli(tmp_path, *argv, "--name", "mine") == 2                 # the arrays would still collide
     assert "--save False to write only the records" in one_error_line(capsys)
     assert {p: p.read_bytes() for p in before} == before and not (out / "mine").exists()
@@ -584,19 +702,21 @@ def test_round_growth_is_the_largest_shrink_factor_of_the_round_map():
 
 
 def test_approx_on_the_original_matrix_headlines_the_divergence(tmp_path, capsys):
-    assert cli(tmp_path, "--approx", "--max_dist", "3", "--save", "False") == 0     # the option table's defaults
+    # the option table's defaults
+    assert cli(tmp_path, "--approx", "--max_dist", "3", "--save", "False") == 0
     out = capsys.readouterr().out
     assert "every round reached its tolerance" not in out
     assert "DIVERGED: the rounds' outputs grow without bound" in out and "x9.2 a round" in out
     assert "relative to the largest output" in out and "but the rounds DIVERGE" in out
     assert "1 setting(s) in" in out and "1 of them DIVERGED" in out
     lines = out.splitlines()
-    assert lines.index(next(x for x in lines if x.startswith("DIVERGED"))) < \
-        lines.index(next(x for x in lines if x.startswith("solved 3 rounds")))        # the headline comes first
+    headline = lines.index(next(x for x in lines if x.startswith("DIVERGED")))
+    assert headline < lines.index(next(x for x in lines if x.startswith("solved 3 rounds")))   # comes first
 
 
 def test_approx_on_a_gram_matrix_converges_and_says_what_the_tolerance_is(tmp_path, capsys):
-    assert cli(tmp_path, "--approx", "--gram", "features", "--n", "250", "--max_dist", "3", "--save", "False") == 0
+    assert cli(tmp_path, "--approx", "--gram", "features", "--n", "250", "--max_dist", "3",
+               "--save", "False") == 0
     out = capsys.readouterr().out
     assert "DIVERGED" not in out and "grow" not in out
     assert "every round reached its tolerance (max|Y - F(Y)| <= 1e-10 x max(1, max|Y|), relative to the " \
@@ -607,9 +727,11 @@ def test_approx_on_a_gram_matrix_converges_and_says_what_the_tolerance_is(tmp_pa
 # Threads
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,threads", [([], 1), (["--threads", "2"], 2), (["--solver", "faithful", "--max_iter", "3"], 0)],
+@pytest.mark.parametrize("flag,threads", [([], 1), (["--threads", "2"], 2),
+                                          (["--solver", "faithful", "--max_iter", "3"], 0)],
                          ids=["exact-default", "threads-2", "faithful-default"])
-def test_cpu_solve_uses_one_thread_unless_told_and_restores_the_count(tmp_path, capsys, monkeypatch, flag, threads):
+def test_cpu_solve_uses_one_thread_unless_told_and_restores_the_count(tmp_path, capsys, monkeypatch, flag,
+                                                                      threads):
     """The exact solver runs on one CPU thread by default; the faithful one keeps torch's count (0 here)."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
 
@@ -617,25 +739,26 @@ def test_cpu_solve_uses_one_thread_unless_told_and_restores_the_count(tmp_path, 
         return {info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
 
     seen, diagnostics = [], th.gram_diagnostics
-    monkeypatch.setattr(th, "gram_diagnostics", lambda G: seen.append((torch.get_num_threads(), blas_threads()))
-                        or diagnostics(G))
+    monkeypatch.setattr(th, "gram_diagnostics",
+                        lambda G: seen.append((torch.get_num_threads(), blas_threads())) or diagnostics(G))
     before = (torch.get_num_threads(), blas_threads())
     assert cli(tmp_path, *SMALL, "--approx", "--device", "cpu", "--save", "False", *flag) == 0
-    expected = (threads, {threads}) if threads else before     # torch and scipy's BLAS (G's diagnostics) alike
+    expected = (threads, {threads}) if threads else before   # torch and scipy's BLAS (G's diagnostics) alike
     assert f" on cpu, {expected[0]} thread(s)" in capsys.readouterr().out
     assert seen == [expected]
     assert (torch.get_num_threads(), blas_threads()) == before
 
 
 def test_theory_figure_draws_the_closed_form_as_points_and_keeps_the_legend_off_the_data():
-    from utils.theory import theory_figure
-    base = {name: 0 for name in th.RECORD_FIELDS}
-    records = [{**base, "round": t, "clean": 90.0 + t, "noisy": 10.0 * t, "cf_clean": 91.0, "cf_noisy": 12.0 * t}
-               for t in range(4)]
+    from utils.theory_outputs import theory_figure
+    base = {name: 0 for name in tho.RECORD_FIELDS}
+    records = [{**base, "round": t, "clean": 90.0 + t, "noisy": 10.0 * t, "cf_clean": 91.0,
+                "cf_noisy": 12.0 * t} for t in range(4)]
     fig = theory_figure(records, [], "title")
     for ax in fig.axes:
         solved, closed = ax.get_lines()
-        assert solved.get_linestyle() == "-" and closed.get_linestyle() == "None" and closed.get_marker() == "x"
+        assert solved.get_linestyle() == "-"
+        assert closed.get_linestyle() == "None" and closed.get_marker() == "x"
     legend = fig.axes[1].get_legend()
     fig.canvas.draw()
     box = legend.get_window_extent().transformed(fig.axes[1].transAxes.inverted())

@@ -14,9 +14,11 @@ import torch
 
 from models.head import head_state_dict
 from utils.cli import UserError
-from utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_text, load_torch_bytes, load_torch_file, \
+from utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_text, load_torch_bytes, \
+    load_torch_file, \
     torch_bytes
-from utils.runs import CHECKPOINT_OF_SELECTION, ResultsStore, RunConfig, run_dir, run_key, sha256_of, step_settings
+from utils.runs import CHECKPOINT_OF_SELECTION, ResultsStore, RunConfig, run_dir, run_key, sha256_of, \
+    step_settings
 from utils.steps import Step
 from utils.train import Snapshot, TrainState
 
@@ -55,7 +57,8 @@ class HeadAt:
 
 def checkpoint_dict(kind: str, run: Run, head: HeadAt, best_acc: float, extra: Optional[dict] = None) -> dict:
     out = {"schema": SCHEMA, "kind": kind, "key": run.key, "step": str(run.step), "seed": run.cfg.seed,
-           "features": run.fid, "settings": step_settings(run.cfg, run.step, run.fid), "epoch": int(head.epoch),
+           "features": run.fid, "settings": step_settings(run.cfg, run.step, run.fid),
+           "epoch": int(head.epoch),
            "model": head_state_dict(head.weight),
            "optimizer": {"momentum_buffer": head.momentum.detach().cpu().clone(), "lr": float(head.lr)},
            "acc": float(head.acc), "best_acc": float(best_acc)}
@@ -66,8 +69,8 @@ def checkpoint_dict(kind: str, run: Run, head: HeadAt, best_acc: float, extra: O
 def load_checkpoint(path, key: str, fix: str) -> dict:
     ckpt = load_torch_file(path, "checkpoint", fix)
     if not isinstance(ckpt, dict) or ckpt.get("schema") != SCHEMA or ckpt.get("key") != key:
-        raise UserError(f"checkpoint {path} does not belong to this run (different settings or an older format). "
-                        f"{fix}")
+        raise UserError(f"checkpoint {path} does not belong to this run "
+                        f"(different settings or an older format). {fix}")
     return ckpt
 
 
@@ -126,7 +129,8 @@ def stack_resume_states(ckpts, device) -> TrainState:
 def write_final_checkpoints(run: Run, state: TrainState, r: int, payload: dict) -> dict:
     """log.jsonl, best.pt, best_val.pt, then last.pt carrying `payload` (the record without its
     checkpoints) plus the hashes of the others. Returns the record's fields that name the files:
-    `final_checkpoints` (those before last.pt) and `checkpoints` (all of them), each {kind: {file, sha256}}."""
+    `final_checkpoints` (those before last.pt) and `checkpoints` (all of them), each
+    {kind: {file, sha256}}."""
     hist = state.history[r]
     best_acc = float(state.best_test.acc[r])
     atomic_write_text(run.folder / "log.jsonl", "".join(json.dumps(h) + "\n" for h in hist))
@@ -212,7 +216,7 @@ def teacher_weights(store: ResultsStore, teacher: Run, selection: str):
         raise TeacherUnavailable(f"{kind} checkpoint of {what} not found: {path}.", teacher.step,
                                  retrain=True) from None
     if sha256_of(data) != entry["sha256"]:
-        raise TeacherUnavailable(f"checkpoint {path} is not the one the record {store.path(teacher.key)} of {what} "
-                                 "names (content hash differs: it changed after the run finished).", teacher.step,
-                                 retrain=True)
+        raise TeacherUnavailable(f"checkpoint {path} is not the one the record {store.path(teacher.key)} "
+                                 f"of {what} names (content hash differs: it changed after the run "
+                                 "finished).", teacher.step, retrain=True)
     return load_torch_bytes(data)["model"]["weight"], teacher.key

@@ -110,7 +110,8 @@ def os_error_line(exc: OSError) -> str:
            errno.EACCES: "choose a directory you can write to (-c, --results, --out, --cache-dir)",
            errno.EROFS: "choose a directory you can write to (-c, --results, --out, --cache-dir)",
            errno.ENOTDIR: "a part of that path is a file, not a directory: choose another path"}
-    return f"cannot write or read {path}: {reason}; {fix.get(exc.errno, 'check the path and its permissions')}"
+    return (f"cannot write or read {path}: {reason}; "
+            f"{fix.get(exc.errno, 'check the path and its permissions')}")
 
 
 def run_main(main, argv=None) -> int:

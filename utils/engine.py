@@ -29,7 +29,8 @@ from data.splits import stratified_val_split
 from models.backbones import backbone_tag
 from models.extract import load_or_extract_features
 from utils.checkpoints import (RESUME_FILE, Run, read_resume_state, record_from_final_checkpoints,
-                               save_resume_state, stack_resume_states, teacher_weights, write_final_checkpoints)
+                               save_resume_state, stack_resume_states, teacher_weights,
+                               write_final_checkpoints)
 from utils.cli import UserError
 from utils.io import HOST, remove_stale_temporaries
 from utils.leases import LEASE_NAME, Heartbeat, LeaseLost, read_holder, try_claim
@@ -37,7 +38,8 @@ from utils.options import option, positive_finite
 from utils.progress import Progress, progress_mode
 from utils.runs import ResultsStore, RunConfig, record_payload
 from utils.steps import SeedPurpose, lesson_for, step_of
-from utils.train import (Hyper, NonFiniteLoss, TrainData, TrainState, ThreadTuner, batched_products_match_lone,
+from utils.train import (Hyper, NonFiniteLoss, TrainData, TrainState, ThreadTuner,
+                         batched_products_match_lone,
                          evaluation_thread_invariant, products_thread_invariant, train_heads)
 
 
@@ -66,17 +68,17 @@ class EngineOptions:
     checkpoint_root: str = option("checkpoint", "-c", "--checkpoint", help="root directory of checkpoints")
     results_root: str = option("results", "--results", new=True, help="results store directory")
     data_root: str = option("data_root", "--data-root", new=True,
-                            help="where torchvision datasets are read or downloaded; with -d imagefolder, the image "
-                                 "folder itself (DIR/<class>/<images>, or DIR/train/<class>/... and "
-                                 "DIR/test/<class>/...)")
+                            help="where torchvision datasets are read or downloaded; with -d imagefolder, "
+                                 "the image folder itself (DIR/<class>/<images>, or DIR/train/<class>/... "
+                                 "and DIR/test/<class>/...)")
     cache_root: str = option("cache", "--cache-dir", new=True, help="feature cache directory")
     device: torch.device = torch.device("cpu")
     workers: int = option(4, "-j", "--workers", type=int,
                           help="data loading workers of feature extraction (at most the CPU cores available)")
     test_batch: int = option(100, "--test-batch", type=int, valid=_positive, must="be positive",
                              help="batch size of feature extraction")
-    max_batch_runs: int = option(64, "--max-batch-runs", type=int, valid=_positive, must="be positive", new=True,
-                                 metavar="N", help="most runs trained together in one batch")
+    max_batch_runs: int = option(64, "--max-batch-runs", type=int, valid=_positive, must="be positive",
+                                 new=True, metavar="N", help="most runs trained together in one batch")
     save_every: int = option(25, "--save-every", type=int, new=True, metavar="N",
                              help="epochs between resumable checkpoints (0: end only)")
     overwrite: bool = option(False, "--overwrite", type=bool, new=True,
@@ -86,12 +88,13 @@ class EngineOptions:
     progress: str = "auto"
     lease_timeout: float = option(600.0, "--lease-timeout", type=float, valid=positive_finite,
                                   must="be a positive number of seconds", new=True, metavar="S",
-                                  help="seconds without a heartbeat after which another process takes over a run "
-                                       "being trained")
+                                  help="seconds without a heartbeat after which another process takes over "
+                                       "a run being trained")
     poll_seconds: float = 5.0     # between looks at runs that other processes hold
     fuse_shared_seeds: bool = option(False, "--fuse-shared-seeds", type=bool, new=True,
-                                     help="runs sharing mini-batches multiply them as one wider matmul: faster, but "
-                                          "not bit-identical to the same run alone on every BLAS (recorded)")
+                                     help="runs sharing mini-batches multiply them as one wider matmul: "
+                                          "faster, but not bit-identical to the same run alone on every BLAS "
+                                          "(recorded)")
 
 
 @dataclass
@@ -146,14 +149,15 @@ def cpu_thread_plan(device: torch.device, batch_sizes, dim: int, num_classes: in
         _FREE_THREADS[shape] = (batched_products_match_lone(shape[0], dim, num_classes)
                                 and products_thread_invariant(shape[0], dim, num_classes, _DEFAULT_THREADS))
         if not _FREE_THREADS[shape]:
-            log(f"this BLAS rounds products differently with {_DEFAULT_THREADS} threads (or batched): training "
-                "on 1 thread, so every run gives the same numbers alone, batched or resumed")
+            log(f"this BLAS rounds products differently with {_DEFAULT_THREADS} threads (or batched): "
+                "training on 1 thread, so every run gives the same numbers alone, batched or resumed")
     if not _FREE_THREADS[shape]:
         torch.set_num_threads(1)
         return 1, None
     eval_shape = (tuple(sorted(set(eval_rows))), dim, num_classes)
     if eval_shape not in _FREE_EVAL_THREADS:
-        _FREE_EVAL_THREADS[eval_shape] = evaluation_thread_invariant(eval_shape[0], dim, num_classes, _DEFAULT_THREADS)
+        _FREE_EVAL_THREADS[eval_shape] = evaluation_thread_invariant(eval_shape[0], dim, num_classes,
+                                                                     _DEFAULT_THREADS)
     torch.set_num_threads(_DEFAULT_THREADS)
     return _DEFAULT_THREADS, ThreadTuner(_DEFAULT_THREADS, tune_evaluation=_FREE_EVAL_THREADS[eval_shape])
 
@@ -249,7 +253,8 @@ class ChainRunner:
         # the probe sees the --feature-norm transform; run keys (fid) and the corruption (cc
         # superclasses) depend on the stored features only
         probed = normalize_features(features, configs[0].feature_norm)
-        group = _Group(features, fid, probed.train_x.to(device), (probed.test_x.to(device), probed.test_y.to(device)),
+        group = _Group(features, fid, probed.train_x.to(device),
+                       (probed.test_x.to(device), probed.test_y.to(device)),
                        {})
         transitions = {}
         superclass_of, superclasses = self._superclasses(features, fid, configs)
@@ -301,7 +306,8 @@ class ChainRunner:
                 self._train_claimed(claimed, train, done, bar)
                 said = None
                 continue
-            message = (f"step {todo[0].step}: waiting for {len(held)} run(s) that other processes are training "
+            message = (f"step {todo[0].step}: waiting for {len(held)} run(s) "
+                       "that other processes are training "
                        f"({', '.join(sorted(set(held))[:3])}{', ...' if len(set(held)) > 3 else ''})")
             if message != said:
                 self.progress.note(message)
@@ -337,12 +343,14 @@ class ChainRunner:
                 resume = None if self.opts.overwrite else read_resume_state(run, self.log)
                 by_resume[resume[0] if resume else 0].append((run, resume, lease))
             for _, items in sorted(by_resume.items()):
-                items.sort(key=lambda item: item[0].cfg.seed)  # runs of one seed side by side (--fuse-shared-seeds)
+                # runs of one seed side by side (--fuse-shared-seeds)
+                items.sort(key=lambda item: item[0].cfg.seed)
                 try:
                     for record in train(items):
                         done[record["key"]] = record
                 except LeaseLost as exc:
-                    self.log(f"another process took over {exc} (its heartbeat looked stale); leaving it that run")
+                    self.log(f"another process took over {exc} (its heartbeat looked stale); "
+                             "leaving it that run")
         finally:
             for _, lease in claimed:
                 lease.release()
@@ -361,7 +369,8 @@ class ChainRunner:
 
     # ---- finished runs ----------------------------------------------------------------------
     def _finished_record(self, run: Run):
-        """The run's record if it is finished (completing it from its final checkpoints if needed), else None."""
+        """The run's record if it is finished (completing it from its final checkpoints if
+        needed), else None."""
         if self.opts.overwrite and run.key not in self.done_here:
             return None
         if self.store.has(run.key):
@@ -399,10 +408,12 @@ class ChainRunner:
     def _train_data(self, group: _Group, setups) -> TrainData:
         stack = lambda xs: torch.stack(xs).to(self.opts.device)  # noqa: E731
         has_val = setups[0].val_rows is not None
-        return TrainData(group.train_x, stack([s.train_rows for s in setups]), stack([s.noisy for s in setups]),
+        return TrainData(group.train_x, stack([s.train_rows for s in setups]),
+                         stack([s.noisy for s in setups]),
                          stack([s.true for s in setups]), *group.test,
                          stack([s.val_rows for s in setups]) if has_val else None,
-                         stack([s.val_labels for s in setups]) if has_val else None, group.features.num_classes)
+                         stack([s.val_labels for s in setups]) if has_val else None,
+                         group.features.num_classes)
 
     def _lesson(self, runs, data: TrainData, dim: int):
         """(what the runs learn from, each run's teacher key or None)."""
@@ -429,20 +440,24 @@ class ChainRunner:
         epochs, batch = cfgs[0].epochs, cfgs[0].train_batch
         num_train = data.train_rows.shape[1]
         eval_rows = [len(features.test_y)] + ([data.val_rows.shape[1]] if data.val_rows is not None else [])
-        threads, tuner = cpu_thread_plan(self.opts.device, [min(batch, num_train), num_train % batch or batch],
+        threads, tuner = cpu_thread_plan(self.opts.device,
+                                         [min(batch, num_train), num_train % batch or batch],
                                          features.dim, features.num_classes, self.log, eval_rows)
         desc = f"step {step}: {len(runs)} run{'s' if len(runs) > 1 else ''} of {features.name}"
         started = time.time()
         state = self._fit(runs, [lease for _, _, lease in chunk], data, lesson, resume, tuner, desc)
-        facts = {"device": str(self.opts.device), "threads": threads, "fused_batches": self.opts.fuse_shared_seeds,
+        facts = {"device": str(self.opts.device), "threads": threads,
+                 "fused_batches": self.opts.fuse_shared_seeds,
                  "wall_time_s": time.time() - started, "batch_runs": len(runs)}
         records = []
         for r, run in enumerate(runs):
-            facts.update(teacher_key=teacher_keys[r], teacher_top2_coverage=(lesson.coverage or [None] * len(runs))[r],
+            facts.update(teacher_key=teacher_keys[r],
+                         teacher_top2_coverage=(lesson.coverage or [None] * len(runs))[r],
                          resumed_from_epoch=resumes[r][0] if resumes[r] else 0)
             records.append(self._finish_run(run, state, r, setups[r], facts))
             bar.update(1)
-        self.progress.chunk_done(desc, time.time() - started, state.epoch, epochs, resume.epoch if resume else 0)
+        self.progress.chunk_done(desc, time.time() - started, state.epoch, epochs,
+                                 resume.epoch if resume else 0)
         return records
 
     def _fit(self, runs, leases, data, lesson, resume, tuner, desc) -> TrainState:
@@ -465,13 +480,15 @@ class ChainRunner:
 
         try:
             with heartbeat:
-                state = train_heads(data, lesson.targets, lesson.init, hyper, epochs, cfgs[0].train_batch, seeds,
-                                    resume, on_epoch, fuse_shared_order=self.opts.fuse_shared_seeds, tuner=tuner)
+                state = train_heads(data, lesson.targets, lesson.init, hyper, epochs, cfgs[0].train_batch,
+                                    seeds, resume, on_epoch, fuse_shared_order=self.opts.fuse_shared_seeds,
+                                    tuner=tuner)
             heartbeat.check()
         except NonFiniteLoss as exc:
             cfg = cfgs[exc.run]
-            raise UserError(f"loss became NaN/inf at epoch {exc.epoch} of step {step} ({cfg.dataset}, lr={cfg.lr:g}, "
-                            f"wd={cfg.wd:g}, eta={cfg.eta:g}, seed={cfg.seed}); use a smaller --lr") from None
+            raise UserError(f"loss became NaN/inf at epoch {exc.epoch} of step {step} ({cfg.dataset}, "
+                            f"lr={cfg.lr:g}, wd={cfg.wd:g}, eta={cfg.eta:g}, seed={cfg.seed}); "
+                            "use a smaller --lr") from None
         finally:
             ebar.close()
         return state
@@ -490,7 +507,8 @@ class ChainRunner:
             "threads": facts["threads"], "fused_batches": facts["fused_batches"],
             "torch_version": str(torch.__version__), "python": platform.python_version()},
             setup.superclasses)
-        record = {**payload, **write_final_checkpoints(run, state, r, payload), "trained_by": f"{HOST}:{os.getpid()}",
+        record = {**payload, **write_final_checkpoints(run, state, r, payload),
+                  "trained_by": f"{HOST}:{os.getpid()}",
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   **{name: facts[name] for name in ("wall_time_s", "batch_runs", "resumed_from_epoch")}}
         self.counts["trained"] += 1

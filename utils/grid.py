@@ -32,7 +32,8 @@ from utils.io import remove_stale_temporaries
 from utils.options import parse_with
 from utils.report import METRIC_DESCRIPTION, write_reports
 from utils.runs import ResultsStore, step_fields, step_settings
-from utils.settings import GRID_KEYS, RECIPE_KEY, RUN_OPTIONS, build_parser, config_from_args, finished_note, source_from_args
+from utils.settings import (GRID_KEYS, RECIPE_KEY, RUN_OPTIONS, build_parser, config_from_args, finished_note,
+                            source_from_args)
 from utils.steps import Step, chain_steps, step_of
 
 TOP_KEYS = {"name", "title", "rounds", "partial", "grid", "per_dataset", "report"}
@@ -125,7 +126,8 @@ def load_grid(path, max_chains=MAX_CHAINS) -> dict:
         _fail(path, "needs a 'grid:' mapping of train_linear.py options")
     chains = count_chains(grid)
     if max_chains is not None and chains > max_chains:
-        _fail(path, f"its grid has {chains:,} chains (the product of its list lengths, per_dataset included), more "
+        _fail(path, f"its grid has {chains:,} chains (the product of its list lengths, "
+                    "per_dataset included), more "
                     f"than {max_chains:,}; shrink the lists, split the recipe, or pass --allow-large-grid")
     parser = build_parser()
     grid["grid"] = _section(path, parser, "grid", grid["grid"])
@@ -286,7 +288,8 @@ def run_grid_command(args, opts) -> int:
     steps = grid_steps(grid)
     jobs = shard_jobs(all_jobs, args.shard) if args.shard is not None else all_jobs
     if not args.report_only:
-        part = f"shard {args.shard}: {len(jobs)} of {len(all_jobs)}" if args.shard is not None else str(len(jobs))
+        part = (f"shard {args.shard}: {len(jobs)} of {len(all_jobs)}" if args.shard is not None
+                else str(len(jobs)))
         print(f"recipe {grid['name']}: {part} configurations x {len(steps)} steps: "
               f"{runs_phrase(*distinct_runs(jobs, steps))} on {opts.device}")
         if jobs:
@@ -294,14 +297,16 @@ def run_grid_command(args, opts) -> int:
             runner.run(jobs, steps)
             trained = runner.counts["trained"]
             print(f"this process trained {trained} run{'s' if trained != 1 else ''}"
-                  + "".join(f"; {note}" for note in [finished_note(runner.counts, opts.results_root)] if note))
+                  + "".join(f"; {note}"
+                            for note in [finished_note(runner.counts, opts.results_root)] if note))
     # the whole grid's records, not only this shard's: the last shard to finish reports everything
     records = matching_records(ResultsStore(opts.results_root).records(), all_jobs, steps)
     if not records:
         if not args.report_only:
             print("no records of this recipe yet: no report written")
             return 0
-        raise UserError(f"no results yet for recipe {grid['name']} in {opts.results_root}; run it without --report-only")
+        raise UserError(f"no results yet for recipe {grid['name']} in {opts.results_root}; "
+                        "run it without --report-only")
     out_dir = Path(opts.results_root) / "reports" / grid["name"]
     remove_stale_temporaries(out_dir)  # of a report writer that was killed
     written = write_reports(records, out_dir, grid, checkpoint_root=opts.checkpoint_root)

@@ -78,19 +78,21 @@ def options_of(cls) -> dict:
     return out
 
 
-def add_options(parser, options, group_new: str = "[new] options not in the original") -> None:
+def add_options(parser, options, group_new: str = "[new] options not in the original"):
     """Add options (an iterable of Option with a dest) to `parser`: those of the original code first,
-    the [new] ones in their own group, each with its help, default and choices."""
+    the [new] ones in their own group, each with its help, default and choices. Returns that group
+    (for options argparse must add itself, such as a repeatable flag)."""
     options = [opt for opt in options if opt.flags]
-    new = parser.add_argument_group(group_new) if any(opt.new for opt in options) else None
+    new = parser.add_argument_group(group_new)
     for opt in sorted(options, key=lambda o: o.new):
         target = new if opt.new else parser
         if opt.type is bool:
             add_bool_flag(target, *opt.flags, default=opt.default, help=opt.help, dest=opt.dest)
             continue
         metavar = opt.metavar or (None if opt.choices else opt.flag.lstrip("-").replace("-", "_").upper())
-        target.add_argument(*opt.flags, dest=opt.dest, type=opt.type, default=opt.default, choices=opt.choices,
-                            metavar=metavar, help=opt.help)
+        target.add_argument(*opt.flags, dest=opt.dest, type=opt.type, default=opt.default,
+                            choices=opt.choices, metavar=metavar, help=opt.help)
+    return new
 
 
 def check_option_values(options, values) -> None:

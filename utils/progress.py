@@ -37,7 +37,8 @@ class Progress:
             self.log(message)
 
     def bar(self, total: int, desc: str, unit: str, initial: int = 0, leave: bool = True) -> tqdm:
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, disable=self.mode != "bars",
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave,
+                    disable=self.mode != "bars",
                     dynamic_ncols=True)
 
     def chunk_done(self, desc: str, seconds: float, epoch: int, epochs: int, resumed_from: int) -> None:

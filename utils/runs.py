@@ -46,34 +46,40 @@ class RunConfig:
     enters (`steps`: every setting that changes a step's numbers), and its place among the leading
     columns of records.csv. The field order is the order of a checkpoint's settings: keep it."""
     dataset: str = option(MISSING, "-d", "--dataset", cli_default=None, sweep=True, steps=ALL_STEPS, column=1,
-                          help=f"dataset: {', '.join(DATASETS)} (with --features: any plain name for the results)")
+                          help=f"dataset: {', '.join(DATASETS)} "
+                               "(with --features: any plain name for the results)")
     backbone: str = option(MISSING, steps=ALL_STEPS, column=2,
-                           help="tag of what produced the features (resnet34, pixels, file, ...): from --arch, "
-                                "--depth, --pretrained or --features")
+                           help="tag of what produced the features (resnet34, pixels, file, ...): "
+                                "from --arch, --depth, --pretrained or --features")
     ctype: str = option("cc", "--ctype", choices=CORRUPTION_TYPES, sweep=True, steps=ALL_STEPS, column=3,
                         help="corruption type: sym (symmetric), asym (asymmetric), cc (within superclasses)")
     eta: float = option(0.5, "--corruption", type=float, valid=within(0, 1), must="lie in [0, 1]", sweep=True,
                         steps=ALL_STEPS, column=4, help="label corruption ratio eta in [0, 1]")
     seed: int = option(0, "--manualSeed", type=int, valid=integer_within(0, MAX_SEED),
-                       must=f"be an integer in [0, {MAX_SEED}] (0 <= seed < 2**32)", sweep=True, steps=ALL_STEPS,
+                       must=f"be an integer in [0, {MAX_SEED}] (0 <= seed < 2**32)", sweep=True,
+                       steps=ALL_STEPS,
                        column=5, help="seed of corruption, initialisation and shuffling")
     lr: float = option(5e-4, "--lr", "--learning-rate", type=float, valid=positive_finite,
                        must="be positive and finite", sweep=True, steps=ALL_STEPS, column=7,
                        help="initial learning rate")
     wd: float = option(1e-4, "--weight-decay", "--wd", type=float, valid=nonnegative_finite,
                        must="be >= 0 and finite", sweep=True, steps=ALL_STEPS, column=8, help="weight decay")
-    momentum: float = option(0.9, "--momentum", type=float, valid=within(0, 1, high_open=True), must="lie in [0, 1)",
+    momentum: float = option(0.9, "--momentum", type=float, valid=within(0, 1, high_open=True),
+                             must="lie in [0, 1)",
                              sweep=True, steps=ALL_STEPS, help="SGD momentum")
-    gamma: float = option(0.98, "--gamma", type=float, valid=within(0, 1, low_open=True), must="lie in (0, 1]",
+    gamma: float = option(0.98, "--gamma", type=float, valid=within(0, 1, low_open=True),
+                          must="lie in (0, 1]",
                           sweep=True, steps=ALL_STEPS, help="lr is multiplied by gamma after every epoch")
     epochs: int = option(200, "--epochs", type=int, valid=positive_finite, must="be positive and finite",
                          sweep=True, steps=ALL_STEPS, column=9, help="epochs per step")
-    train_batch: int = option(128, "--train-batch", type=int, valid=positive_finite, must="be positive and finite",
+    train_batch: int = option(128, "--train-batch", type=int, valid=positive_finite,
+                              must="be positive and finite",
                               sweep=True, steps=ALL_STEPS, help="training batch size")
     label_smoothing: float = option(0.0, "--label-smoothing", type=float, valid=within(0, 1, high_open=True),
                                     must="lie in [0, 1)", new=True, sweep=True, steps=ALL_STEPS, column=10,
                                     metavar="A", help="teacher label smoothing alpha in [0, 1)")
-    val_split: float = option(0.0, "--val-split", type=float, valid=_val_fraction, must="lie in (0, 0.5] (or 0 for "
+    val_split: float = option(0.0, "--val-split", type=float, valid=_val_fraction,
+                              must="lie in (0, 0.5] (or 0 for "
                               "none)", new=True, sweep=True, steps=ALL_STEPS, column=13, metavar="F",
                               help="fraction of train held out for validation, in (0, 0.5]; 0: none")
     val_clean: bool = option(False, "--val-clean", type=bool, new=True, sweep=True, steps=ALL_STEPS,
@@ -81,7 +87,8 @@ class RunConfig:
     # added after stores existed: at "none" it stays out of run keys, so those stores keep their keys
     feature_norm: str = option("none", "--feature-norm", choices=FEATURE_NORMS, new=True, sweep=True,
                                steps=ALL_STEPS, neutral="none",
-                               help="transform of the features before the probe: none (paper), l2 (unit rows), "
+                               help="transform of the features before the probe: none (paper), "
+                                    "l2 (unit rows), "
                                     "standardize (train mean/std per dimension)")
     # the PLL student's top-2 candidate sets do not depend on the temperature
     temperature: float = option(1.0, "--temperature", type=float, valid=positive_finite,
@@ -89,8 +96,8 @@ class RunConfig:
                                 column=11, metavar="T", help="distillation temperature T > 0 (students)")
     selection: str = option("test", "--selection", cli_default=None, choices=SELECTIONS, new=True, sweep=True,
                             steps=STUDENTS, column=12,
-                            help="checkpoint that is the result and the next teacher: test (paper), val, last "
-                                 "(default: test; last with --last 1)")
+                            help="checkpoint that is the result and the next teacher: test (paper), "
+                                 "val, last (default: test; last with --last 1)")
 
 
 SETTINGS = options_of(RunConfig)
@@ -157,10 +164,12 @@ def record_payload(cfg: RunConfig, step, features_id: str, history: list, chosen
     key, realised corruption, teacher top-2 coverage, device, threads and package versions;
     `superclasses`: those labels moved within (cc corruption)."""
     record = {"key": run_key(cfg, step, features_id), **step_settings(cfg, step, features_id),
-              **{name: facts[name] for name in ("teacher_key", "realised_corruption", "teacher_top2_coverage")},
+              **{name: facts[name]
+                 for name in ("teacher_key", "realised_corruption", "teacher_top2_coverage")},
               "best_train_acc": max(h["train_acc"] for h in history),
               "best_train_acc_true": max(h["train_acc_true"] for h in history),
-              **{name: facts[name] for name in ("device", "threads", "fused_batches", "torch_version", "python")},
+              **{name: facts[name]
+                 for name in ("device", "threads", "fused_batches", "torch_version", "python")},
               "code_version": code_version()}
     for suffix, epoch in chosen.items():
         row = history[epoch - 1] if epoch else {}

@@ -46,17 +46,18 @@ COMMAND_OPTIONS = (
            help="CUDA device index; 'cpu' (or no GPU present) trains on the CPU"),
     Option(("--config",), new=True, dest="config", metavar="YAML",
            help="run a grid from a recipe file (see recipe.MD)"),
-    Option(("--shard",), new=True, dest="shard", metavar="I/N", help="with --config: run only shard I of N (0-based)"),
+    Option(("--shard",), new=True, dest="shard", metavar="I/N",
+           help="with --config: run only shard I of N (0-based)"),
     Option(("--allow-large-grid",), type=bool, new=True, dest="allow_large_grid",
            help="with --config: expand a grid of more than 100,000 chains"),
     Option(("--report-only",), type=bool, new=True, dest="report_only",
            help="with --config: only write tables and figures"),
     Option(("--extract-only",), type=bool, new=True, dest="extract_only",
-           help="only extract (or find cached) the features of -d through --arch and print the features file's "
-                "path, to probe later with --features"),
+           help="only extract (or find cached) the features of -d through --arch and print the features "
+                "file's path, to probe later with --features"),
     Option(("--quiet",), type=bool, new=True, dest="quiet",
-           help="no progress output (bars, per-step lines); errors, warnings and the final tables are still "
-                "printed"),
+           help="no progress output (bars, per-step lines); errors, warnings and the final tables are "
+                "still printed"),
 )
 ENGINE_OPTIONS = options_of(EngineOptions)
 OPTIONS = (*SETTINGS.values(), *SOURCE_OPTIONS, *ENGINE_OPTIONS.values(), *STEP_OPTIONS, *COMMAND_OPTIONS)
@@ -99,20 +100,24 @@ def source_from_args(args) -> FeatureSource:
             name = safe_name(Path(args.features).stem, "features")
         return FeatureSource(name, features_path=args.features)
     if args.dataset is None:
-        raise UserError("choose a dataset with -d (one of: " + ", ".join(DATASETS) + ") or pass --features PATH")
+        raise UserError("choose a dataset with -d (one of: " + ", ".join(DATASETS)
+                        + ") or pass --features PATH")
     if args.dataset not in DATASETS:
-        raise UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)} or pass --features PATH")
+        raise UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)} "
+                        "or pass --features PATH")
     arch = args.arch
     if arch is None:
         if args.depth not in DEPTHS:
-            raise UserError(f"--depth {args.depth} is not available; choose 18, 34 or 50 (or --arch vit_b_16)")
+            raise UserError(f"--depth {args.depth} is not available; choose 18, 34 or 50 "
+                            "(or --arch vit_b_16)")
         arch = DEPTHS[args.depth]
     return FeatureSource(args.dataset, check_arch(arch), args.pretrained)
 
 
 def selection_from_args(args) -> str:
     if args.last == 1 and args.selection not in (None, "last"):
-        raise UserError(f"--last 1 means --selection last, but --selection {args.selection} was given; drop one")
+        raise UserError(f"--last 1 means --selection last, but --selection {args.selection} "
+                        "was given; drop one")
     return args.selection or ("last" if args.last == 1 else "test")
 
 
@@ -140,8 +145,10 @@ def steps_from_args(args) -> list:
 def engine_options(args) -> EngineOptions:
     check_option_values(ENGINE_OPTIONS.values(), args)
     given = {name: getattr(args, name) for name in ENGINE_OPTIONS}
-    return EngineOptions(**{**given, "save_every": max(args.save_every, 0)}, device=resolve_device(args.gpu_id),
-                         poll_seconds=min(5.0, args.lease_timeout / 20), progress="none" if args.quiet else "auto")
+    return EngineOptions(**{**given, "save_every": max(args.save_every, 0)},
+                         device=resolve_device(args.gpu_id),
+                         poll_seconds=min(5.0, args.lease_timeout / 20),
+                         progress="none" if args.quiet else "auto")
 
 
 def finished_note(counts, results_root) -> str:

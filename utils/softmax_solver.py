@@ -136,7 +136,8 @@ class JacobianPreconditioner:
         Q = sol[: K * self.m].reshape(K, self.m)
         u = sol[K * self.m:]
         X = DR - torch.einsum("jkl,lj->kj", self.W, Q @ self.cvec.T)
-        strong_part = torch.zeros(N, K, dtype=R.dtype, device=R.device).index_add_(0, self.js, self.l * u[:, None])
+        strong_part = torch.zeros(N, K, dtype=R.dtype, device=R.device)
+        strong_part.index_add_(0, self.js, self.l * u[:, None])
         return (X - strong_part.T).reshape(-1).to(rhs.dtype)
 
 
@@ -202,12 +203,13 @@ class JacobianSolver:
     serves (the Jacobian changes little from one step to the next) and rebuilt at the current point
     when GMRES needs more than `rebuild_after` iterations. Counts its work."""
 
-    def __init__(self, kernel, basis: Basis, strong: float, krylov_dtype=torch.float32, rebuild_after: int = 15,
-                 max_krylov: int = 60, max_rank: int = 3000):
+    def __init__(self, kernel, basis: Basis, strong: float, krylov_dtype=torch.float32,
+                 rebuild_after: int = 15, max_krylov: int = 60, max_rank: int = 3000):
         self.kernel, self.basis, self.strong = kernel, basis, strong
         self.low = kernel.lowp(krylov_dtype)
         self.GT = self.low.G.T.contiguous()
-        self.dtype, self.rebuild_after, self.max_krylov, self.max_rank = krylov_dtype, rebuild_after, max_krylov, max_rank
+        self.dtype, self.rebuild_after = krylov_dtype, rebuild_after
+        self.max_krylov, self.max_rank = max_krylov, max_rank
         self.pre = None
         self.builds = self.krylov = self.largest_rank = 0
 
@@ -323,6 +325,104 @@ class PathResult:
     note: str = ""
 
 
+@dataclass
+class _Attempt:
+    """One predictor-corrector step: where the corrector ended, and how it went. P and BG belong
+    to (B, mu) when `ok`; z2 is the last bordered solve (arclength mode), the next tangent."""
+    B: torch.Tensor
+    mu: float
+    ok: bool = False
+    theta: float = 0.0
+    iterations: int = 0
+    z2: torch.Tensor | None = None
+    P: torch.Tensor | None = None
+    BG: torch.Tensor | None = None
+
+
+class _Branch:
+    """What the continuation's steps share: the equation's data (G, T), the Jacobian solver, the
+    inner product <dB, dB'>/N + dmu dmu' of (B, mu) pairs, and the count of corrector steps."""
+
+    def __init__(self, kernel, T: torch.Tensor, solver: JacobianSolver, path_tol: float,
+                 max_correction: float):
+        self.kernel, self.T, self.solver = kernel, T, solver
+        self.N = T.shape[1]
+        self.path_tol, self.max_correction = path_tol, max_correction
+        self.corrections = 0
+
+    def dot(self, B1, m1, B2, m2) -> float:
+        return (B1 * B2).sum().item() / self.N + m1 * m2
+
+    def dmu_term(self, BG, P, mu):            # dH/dmu = beta M(B G)
+        return math.exp(mu) * softmax_jac(P, BG)
+
+    def jsolve(self, P, mu, R, rtol):         # J_B X = R with J_B = I + beta M(.G) = beta (nl I + M(.G))
+        nl = math.exp(-mu)
+        X, _ = self.solver.solve(P, nl, nl * R, rtol)
+        return X
+
+    def first_tangent(self, B, mu, P):
+        """The tangent's B-part v (for mu-part 1) at a point of the branch: J_B v = -dH/dmu."""
+        return self.jsolve(P, mu, -self.dmu_term(self.kernel.matmul(B), P, mu), 1e-3)
+
+    def next_tangent(self, at: _Attempt):
+        """The same at a corrected step's end; in arclength mode its last bordered solve is it."""
+        if at.z2 is not None:
+            return -at.z2
+        return self.jsolve(at.P, at.mu, -self.dmu_term(at.BG, at.P, at.mu), 1e-3)
+
+    def correct(self, B, mu, tB, tm, h: float, arclength: bool) -> _Attempt:
+        """Predict along the unit tangent (tB, tm) by h, then correct with Newton: on the arclength
+        hyperplane by bordering (two Jacobian solves) when `arclength`, at the predicted mu otherwise
+        (one solve). It fails when the first correction is too large (the prediction cut across a
+        bend and could land on another part of the curve) or the iterates contract by less than 0.6."""
+        Bp, mp = B + h * tB, mu + h * tm
+        Bc, mc, ok, theta, prev, its, z2, Pc, BGc = Bp, mp, False, 0.0, None, 0, None, None, None
+        for its in range(1, 8):
+            Hc, Pc, BGc = equation(self.kernel, self.T, Bc, math.exp(mc))
+            hmax = Hc.abs().max().item()
+            if not math.isfinite(hmax):
+                break
+            if hmax <= self.path_tol and prev is not None:
+                ok = True
+                break
+            # inexact Newton: the first corrections need only a rough solve
+            rtol = 1e-2 if prev is None else min(1e-2, max(1e-4, hmax))
+            z1 = self.jsolve(Pc, mc, -Hc, rtol)
+            if arclength:
+                g = self.dot(tB, tm, Bc - Bp, mc - mp)
+                z2 = self.jsolve(Pc, mc, self.dmu_term(BGc, Pc, mc), rtol)
+                dm = (-g - self.dot(tB, 0.0, z1, 0.0)) / (tm - self.dot(tB, 0.0, z2, 0.0))
+                dB = z1 - dm * z2
+            else:
+                dB, dm = z1, 0.0
+            size = math.sqrt(self.dot(dB, dm, dB, dm))
+            if not math.isfinite(size) or (prev is None and size > min(0.3 * h, self.max_correction)):
+                break
+            if prev is not None:
+                theta = max(theta, size / prev)
+                if theta > 0.6:
+                    break
+            prev = size
+            Bc, mc = Bc + dB, mc + dm
+            self.corrections += 1
+        return _Attempt(Bc, mc, ok, theta, its, z2, Pc, BGc)
+
+    def step(self, B, mu, tB, tm, h: float) -> tuple[_Attempt | None, float]:
+        """A corrected step from (B, mu) along the tangent, halving h until one succeeds; returns
+        (the step, the h it took), or (None, h) when h fell below 1e-9."""
+        # away from folds (the tangent rises steadily in mu) the corrector keeps mu fixed, which
+        # needs one Jacobian solve per iteration instead of two; near a fold it needs the border
+        arclength = tm < 0.3
+        while True:
+            at = self.correct(B, mu, tB, tm, h, arclength)
+            if at.ok:
+                return at, h
+            h *= 0.5
+            if h < 1e-9:
+                return None, h
+
+
 def follow_weight_decay_path(kernel, T: torch.Tensor, beta: float, solver: JacobianSolver, *, tol: float,
                              gen: torch.Generator, max_newton: int = 60, max_steps: int = 2000,
                              path_tol: float = 1e-6, max_correction: float = 0.02,
@@ -356,94 +456,66 @@ def follow_weight_decay_path(kernel, T: torch.Tensor, beta: float, solver: Jacob
     start = newton_at(kernel, T, T - 1.0 / K, beta0, solver, 1e-12, max_newton, log, what="start")
     if not start.converged:
         return PathResult(start.B, start.P, False, float("inf"), 0, 0, 0, beta0,
-                          f"Newton failed at the path's start beta0 = {beta0:.3g} (a contraction: should not happen)")
-    mu_end = math.log(beta)
+                          f"Newton failed at the path's start beta0 = {beta0:.3g} "
+                          "(a contraction: should not happen)")
+    branch = _Branch(kernel, T, solver, path_tol, max_correction)
+    return _continue(branch, start, beta0, beta, tol=tol, max_newton=max_newton, max_steps=max_steps,
+                     log=log)
 
-    def dot(B1, m1, B2, m2):
-        return (B1 * B2).sum().item() / N + m1 * m2
 
-    def dmu_term(BG, P, mu):                # dH/dmu = beta M(B G)
-        return math.exp(mu) * softmax_jac(P, BG)
-
-    def jsolve(P, mu, R, rtol):             # J_B X = R with J_B = I + beta M(.G) = beta (nl I + M(.G))
-        nl = math.exp(-mu)
-        X, _ = solver.solve(P, nl, nl * R, rtol)
-        return X
-
+def _continue(branch: _Branch, start: NewtonResult, beta0: float, beta: float, *, tol: float,
+              max_newton: int, max_steps: int, log) -> PathResult:
+    """The steps of `follow_weight_decay_path` from its start at beta0 to the target beta."""
     B, mu, P = start.B, math.log(beta0), start.P
-    mu_start = mu
-    h, steps, folds, corrections = 0.05, 0, 0, 0
+    mu_start, mu_end = mu, math.log(beta)
+    h, steps, folds = 0.05, 0, 0
     tB_prev, tm_prev = None, 1.0
-    v = jsolve(P, mu, -dmu_term(kernel.matmul(B), P, mu), 1e-3)
+    v = branch.first_tangent(B, mu, P)
+
+    def failed(note: str) -> PathResult:
+        return PathResult(B, P, False, float("inf"), steps, folds, branch.corrections, beta0, note)
+
     while steps < max_steps:
-        size = math.sqrt(dot(v, 1.0, v, 1.0))
+        size = math.sqrt(branch.dot(v, 1.0, v, 1.0))
         tB, tm = v / size, 1.0 / size
-        if tB_prev is not None and dot(tB, tm, tB_prev, tm_prev) < 0:
+        if tB_prev is not None and branch.dot(tB, tm, tB_prev, tm_prev) < 0:
             tB, tm = -tB, -tm
-        # away from folds (the tangent rises steadily in mu) the corrector keeps mu fixed, which
-        # needs one Jacobian solve per iteration instead of two; near a fold it needs the border
-        arclength = tm < 0.3
-        while True:                         # predictor-corrector step; shrink h until it succeeds
-            Bp, mp = B + h * tB, mu + h * tm
-            Bc, mc, ok, theta, prev, its, z2 = Bp, mp, False, 0.0, None, 0, None
-            for its in range(1, 8):
-                Hc, Pc, BGc = equation(kernel, T, Bc, math.exp(mc))
-                hmax = Hc.abs().max().item()
-                if not math.isfinite(hmax):
-                    break
-                if hmax <= path_tol and prev is not None:
-                    ok = True
-                    break
-                # inexact Newton: the first corrections need only a rough solve
-                rtol = 1e-2 if prev is None else min(1e-2, max(1e-4, hmax))
-                z1 = jsolve(Pc, mc, -Hc, rtol)
-                if arclength:
-                    g = dot(tB, tm, Bc - Bp, mc - mp)
-                    z2 = jsolve(Pc, mc, dmu_term(BGc, Pc, mc), rtol)
-                    dm = (-g - dot(tB, 0.0, z1, 0.0)) / (tm - dot(tB, 0.0, z2, 0.0))
-                    dB = z1 - dm * z2
-                else:
-                    dB, dm = z1, 0.0
-                size = math.sqrt(dot(dB, dm, dB, dm))
-                if not math.isfinite(size) or (prev is None and size > min(0.3 * h, max_correction)):
-                    # the first correction says how far the prediction left the branch: far means
-                    # the step cut across a bend and could land on another part of the curve
-                    break
-                if prev is not None:
-                    theta = max(theta, size / prev)
-                    if theta > 0.6:
-                        break
-                prev = size
-                Bc, mc = Bc + dB, mc + dm
-                corrections += 1
-            if ok:
-                break
-            h *= 0.5
-            if h < 1e-9:
-                return PathResult(B, P, False, float("inf"), steps, folds, corrections, beta0,
-                                  f"path following stalled at beta = {math.exp(mu):.4g} (step length below 1e-9)")
-        if mc >= mu_end:                    # crossed the target: land on it from the secant point
-            a = (mu_end - mu) / (mc - mu)
-            out = newton_at(kernel, T, B + a * (Bc - B), beta, solver, tol, min(max_newton, 20), log, what="landing")
-            if out.converged:
-                note = (f"path from beta0 = {beta0:.3g}: {steps + 1} steps" +
-                        (f", the branch turned back {folds} time(s) (folds: other fixed points exist)" if folds else ""))
-                return PathResult(out.B, out.P, True, out.residual, steps + 1, folds, corrections, beta0, note)
+        at, h = branch.step(B, mu, tB, tm, h)
+        if at is None:
+            return failed(f"path following stalled at beta = {math.exp(mu):.4g} "
+                          "(step length below 1e-9)")
+        if at.mu >= mu_end:                 # crossed the target: land on it from the secant point
+            landed = _land(branch, B, mu, at, mu_end, beta, tol, max_newton, log)
+            if landed.converged:
+                return _landed(landed, beta0, steps + 1, folds, branch.corrections)
             h *= 0.5                        # too coarse near the target: approach it in shorter steps
             continue
-        # next tangent: in arclength mode the last corrector iterate's z2 gives it for free
-        v_new = -z2 if z2 is not None else jsolve(Pc, mc, -dmu_term(BGc, Pc, mc), 1e-3)
+        v_new = branch.next_tangent(at)
         steps += 1
-        if (dot(v_new, 1.0, tB, tm) < 0) != (tm < 0):   # the oriented tangent's mu-component changed sign
+        if (branch.dot(v_new, 1.0, tB, tm) < 0) != (tm < 0):   # the oriented tangent's mu-part changed sign
             folds += 1
-        B, mu, P, v = Bc, mc, Pc, v_new
+        B, mu, P, v = at.B, at.mu, at.P, v_new
         tB_prev, tm_prev = tB, tm
         if mu < mu_start - 1.0:             # below the start, where the solution is unique: reversed
-            return PathResult(B, P, False, float("inf"), steps, folds, corrections, beta0,
-                              "path following reversed (it walked back below its start beta0)")
+            return failed("path following reversed (it walked back below its start beta0)")
         if log:
-            log(f"    path {steps}: beta={math.exp(mu):.4g} h {h:.3g} corrector {its} contraction {theta:.2f} "
-                f"(preconditioner rank {solver.pre.rank if solver.pre is not None else '-'})")
-        h *= 2.0 if theta < 0.05 else min(2.0, max(0.5, 0.25 / theta))
-    return PathResult(B, P, False, float("inf"), steps, folds, corrections, beta0,
-                      f"path following did NOT reach the target within {max_steps} steps (at beta = {math.exp(mu):.4g})")
+            rank = branch.solver.pre.rank if branch.solver.pre is not None else "-"
+            log(f"    path {steps}: beta={math.exp(mu):.4g} h {h:.3g} corrector {at.iterations} "
+                f"contraction {at.theta:.2f} (preconditioner rank {rank})")
+        h *= 2.0 if at.theta < 0.05 else min(2.0, max(0.5, 0.25 / at.theta))
+    return failed(f"path following did NOT reach the target within {max_steps} steps "
+                  f"(at beta = {math.exp(mu):.4g})")
+
+
+def _land(branch: _Branch, B, mu: float, at: _Attempt, mu_end: float, beta: float, tol: float,
+          max_newton: int, log) -> NewtonResult:
+    """Newton at the target beta from the secant point between (B, mu) and the step beyond it."""
+    a = (mu_end - mu) / (at.mu - mu)
+    return newton_at(branch.kernel, branch.T, B + a * (at.B - B), beta, branch.solver, tol,
+                     min(max_newton, 20), log, what="landing")
+
+
+def _landed(out: NewtonResult, beta0: float, steps: int, folds: int, corrections: int) -> PathResult:
+    note = (f"path from beta0 = {beta0:.3g}: {steps} steps" +
+            (f", the branch turned back {folds} time(s) (folds: other fixed points exist)" if folds else ""))
+    return PathResult(out.B, out.P, True, out.residual, steps, folds, corrections, beta0, note)

@@ -109,7 +109,8 @@ class Lesson:
     coverage: Optional[list]    # students: % of training rows whose true class is in the teacher's top-2
 
 
-def lesson_for(step: Step, data: TrainData, seeds, dim: int, smoothing: torch.Tensor, temperature: torch.Tensor,
+def lesson_for(step: Step, data: TrainData, seeds, dim: int, smoothing: torch.Tensor,
+               temperature: torch.Tensor,
                teacher_weights: Optional[torch.Tensor] = None) -> Lesson:
     """The teacher fits the corrupted labels (label-smoothed by `smoothing`) from a fresh start; a
     round-t student fits its teacher's softmax at `temperature` from a fresh start; the PLL student
@@ -118,7 +119,8 @@ def lesson_for(step: Step, data: TrainData, seeds, dim: int, smoothing: torch.Te
     k = data.num_classes
 
     def fresh_start():
-        return torch.stack([init_head_weights(k, dim, torch.Generator().manual_seed(step.seed(s, SeedPurpose.INIT)))
+        return torch.stack([init_head_weights(k, dim,
+                                              torch.Generator().manual_seed(step.seed(s, SeedPurpose.INIT)))
                             for s in seeds])
 
     if step.is_teacher:

@@ -8,25 +8,23 @@ the simplex) and weight decay lambda. The optimal probe's outputs Y solve
 
 and round t + 1 solves the same equation with T := Y_t (round 1 uses the given labels).
 
-Everything here is a small function of tensors; the command line lives in `numerical_solving.py`.
-Sections: the model (matrix, labels), diagnostics, solvers (linear closed form, Newton-Krylov for
-softmax, the original's Adam), the closed-form theory of the class-wise model, one setting run
-round by round, and the files a run writes (arrays, records, figure).
+Everything here is a small function of tensors, with no files: the command line lives in
+`numerical_solving.py`, the names, arrays, records and figure of a run in `utils/theory_outputs.py`.
+Sections: the model (its settings, matrix, labels), diagnostics, solvers (linear closed form,
+Newton-Krylov for softmax, the original's Adam), the closed-form theory of the class-wise model,
+and one setting run round by round.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from utils import softmax_solver as ss
+from utils.options import integer_within, option, options_of, positive_finite, within
 
 GRAMS = ("original", "psd", "features")
 LABEL_NOISE = ("sampled", "exact")
@@ -40,21 +38,43 @@ ADAM_STOP_LOSS = 1e-5      # the original's stopping rule: ||Y - F(Y)||^2 below 
 
 @dataclass(frozen=True)
 class Setting:
-    """Everything that changes the numbers of one run (the seed included)."""
-    k: int = 4
-    n: int = 500
-    lbd: float = 1e-5
-    c: float = 0.4
-    d: float = 0.1
-    eta: float = 0.5
-    epsilon: float = 0.05
-    seed: int = 0
-    gram: str = "original"
-    labels: str = "sampled"
+    """Everything that changes the numbers of one run (the seed included), each declared once: its
+    flag, default, constraint and help, and whether a sweep may vary it. The parser, the checks and
+    the sweep keys (numerical_solving.py), the run names and the records' leading columns
+    (utils/theory_outputs.py) are derived from these declarations; the field order is the order of
+    the names and columns: keep it."""
+    k: int = option(4, "--k", type=int, valid=integer_within(2, math.inf),
+                    must="be >= 2 (number of classes)", sweep=True, help="number of classes K")
+    n: int = option(500, "--n", type=int, valid=integer_within(1, math.inf),
+                    must="be >= 1 (samples per class)", sweep=True, help="samples per class n (N = K n)")
+    lbd: float = option(1e-5, "--lbd", type=float, valid=positive_finite,
+                        must="be > 0 (the weight decay, e.g. --lbd 1e-5)", sweep=True,
+                        help="weight decay lambda > 0")
+    c: float = option(0.4, "--c", type=float, valid=within(-1, 1), must="lie in [-1, 1] (a correlation)",
+                      sweep=True, help="intra-class correlation, in [-1, 1]")
+    d: float = option(0.1, "--d", type=float, valid=within(-1, 1), must="lie in [-1, 1] (a correlation)",
+                      sweep=True, help="inter-class correlation, in [-1, 1]")
+    eta: float = option(0.5, "--eta", type=float, valid=within(0, 1),
+                        must="lie in [0, 1] (the corruption ratio)", sweep=True,
+                        help="label corruption ratio, in [0, 1]")
+    epsilon: float = option(0.05, "--epsilon", type=float, valid=within(0, 1),
+                            must="lie in [0, 1] (the noise level of G)", sweep=True,
+                            help="noise level of G (uniform in [-eps, eps]), in [0, 1]")
+    seed: int = option(0, "--seed", type=int, valid=integer_within(0, math.inf), must="be >= 0", new=True,
+                       sweep=True, help="seed of G's noise, the labels and Adam's starts")
+    gram: str = option("original", "--gram", choices=GRAMS, new=True, sweep=True,
+                       help="original: the original's non-symmetric noisy matrix; psd: its PSD projection; "
+                            "features: Gram matrix of noisy features (a true Gram matrix, fast)")
+    labels: str = option("sampled", "--labels", choices=LABEL_NOISE, new=True, sweep=True,
+                         help="sampled: each label flips with probability eta (original); "
+                              "exact: exactly eta n per class")
 
     @property
     def N(self) -> int:
         return self.k * self.n
+
+
+SETTING_OPTIONS = options_of(Setting)     # {field: Option}, in declaration order
 
 
 def sub_seeds(seed: int) -> dict:
@@ -62,7 +82,8 @@ def sub_seeds(seed: int) -> dict:
     same labels whatever --gram or --solver is chosen, so runs can be compared sample by sample."""
     children = np.random.SeedSequence(int(seed)).spawn(3)
     names = ("gram", "labels", "adam")
-    return {name: int(child.generate_state(1, dtype=np.uint64)[0] % (2 ** 63)) for name, child in zip(names, children)}
+    return {name: int(child.generate_state(1, dtype=np.uint64)[0] % (2 ** 63))
+            for name, child in zip(names, children)}
 
 
 def generator(seed: int) -> torch.Generator:
@@ -111,8 +132,8 @@ class Kernel:
     def lowp(self, dtype) -> "Kernel":
         """A copy in a lower precision for the inner Krylov solves (memory traffic halves)."""
         if dtype not in self._low:
-            self._low[dtype] = Kernel(self.G.to(dtype), None if self.factor is None else self.factor.to(dtype),
-                                      self.description, self.products)
+            factor = None if self.factor is None else self.factor.to(dtype)
+            self._low[dtype] = Kernel(self.G.to(dtype), factor, self.description, self.products)
         return self._low[dtype]
 
 
@@ -146,7 +167,8 @@ def feature_dim_for_noise(c: float, epsilon: float) -> int:
     return max(1, int(round(3 * (1 - c) ** 2 / epsilon ** 2)))
 
 
-def feature_gram(k, n, c, d, epsilon, gen: torch.Generator, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_gram(k, n, c, d, epsilon, gen: torch.Generator,
+                 dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """A true Gram matrix with the model's block means: phi_i = [B^(1/2) e_class(i), sqrt(1-c) z_i]
     with B = (c-d) I + d 11^T (K x K) and z_i unit vectors. ||phi_i|| = 1, <phi_i, phi_j> = c or d
     plus (1-c)<z_i, z_j>. epsilon = 0 uses orthonormal z_i (G is the block matrix exactly); otherwise
@@ -171,18 +193,21 @@ def build_kernel(s: Setting, dtype=torch.float64) -> Kernel:
     gen = generator(sub_seeds(s.seed)["gram"])
     if s.gram == "original":
         return Kernel(original_gram(s.k, s.n, s.c, s.d, s.epsilon, gen, dtype), None,
-                      "original: block matrix + uniform noise on every entry (not symmetrised), unit diagonal")
+                      "original: block matrix + uniform noise on every entry (not symmetrised), "
+                      "unit diagonal")
     if s.gram == "psd":
         G, Phi = psd_projection(original_gram(s.k, s.n, s.c, s.d, s.epsilon, gen, dtype))
-        return Kernel(G, Phi, f"psd: original symmetrised, negative eigenvalues clipped, unit diagonal (rank {Phi.shape[0]})")
+        return Kernel(G, Phi, "psd: original symmetrised, negative eigenvalues clipped, unit diagonal "
+                              f"(rank {Phi.shape[0]})")
     if s.gram == "features":
         G, Phi = feature_gram(s.k, s.n, s.c, s.d, s.epsilon, gen, dtype)
-        return Kernel(G, Phi, f"features: Gram matrix of {Phi.shape[0]}-dimensional features with the block means "
-                              f"and symmetric noise of the original's variance")
+        return Kernel(G, Phi, f"features: Gram matrix of {Phi.shape[0]}-dimensional features with the block "
+                              f"means and symmetric noise of the original's variance")
     raise ValueError(f"unknown gram {s.gram!r}")
 
 
-def noisy_labels(true: torch.Tensor, k: int, eta: float, gen: torch.Generator, exact: bool = False) -> torch.Tensor:
+def noisy_labels(true: torch.Tensor, k: int, eta: float, gen: torch.Generator,
+                 exact: bool = False) -> torch.Tensor:
     """Each sample keeps its class with probability 1-eta, else takes a uniformly random OTHER class
     (the original). `exact`: per class exactly round(eta n) samples are corrupted, spread as evenly
     as possible over the other classes, so realised label frequencies equal the population ones."""
@@ -221,8 +246,8 @@ def gram_diagnostics(G: torch.Tensor, full_spectrum_max_n: int = 1000) -> dict:
     lo = float(scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[0, 0], driver="evr")[0])
     hi = float(scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[N - 1, N - 1], driver="evr")[0])
     tol = 1e-9 * max(1.0, abs(hi))
-    out = {"symmetric": asym <= 1e-12 * max(1.0, abs(hi)), "asymmetry": asym, "min_eig_sym": lo, "max_eig_sym": hi,
-           "psd": lo >= -tol, "min_real_eig": None}
+    out = {"symmetric": asym <= 1e-12 * max(1.0, abs(hi)), "asymmetry": asym, "min_eig_sym": lo,
+           "max_eig_sym": hi, "psd": lo >= -tol, "min_real_eig": None}
     out["gram"] = out["symmetric"] and out["psd"]
     if N <= full_spectrum_max_n:
         out["min_real_eig"] = torch.linalg.eigvals(Gc).real.min().item()
@@ -232,20 +257,22 @@ def gram_diagnostics(G: torch.Tensor, full_spectrum_max_n: int = 1000) -> dict:
 def describe_diagnostics(diag: dict) -> list[str]:
     lines = [f"G symmetric: {'yes' if diag['symmetric'] else 'no'} (max|G - G^T| = {diag['asymmetry']:.3g}); "
              f"eigenvalues of (G + G^T)/2 in [{diag['min_eig_sym']:.4g}, {diag['max_eig_sym']:.4g}]"
-             + (f"; smallest real part of an eigenvalue of G: {diag['min_real_eig']:.4g}" if diag["min_real_eig"] is not None else "")]
+             + ("" if diag["min_real_eig"] is None
+                else f"; smallest real part of an eigenvalue of G: {diag['min_real_eig']:.4g}")]
     if diag["gram"]:
-        lines.append("G is a Gram matrix (symmetric PSD): the softmax fixed point is unique (strictly convex kernel "
-                     "logistic regression)")
+        lines.append("G is a Gram matrix (symmetric PSD): the softmax fixed point is unique (strictly convex "
+                     "kernel logistic regression)")
     else:
         why = []
         if not diag["symmetric"]:
             why.append("not symmetric")
         if not diag["psd"]:
             why.append(f"smallest eigenvalue {diag['min_eig_sym']:.3g} < 0")
-        lines.append(f"WARNING: G is NOT a Gram matrix ({', '.join(why)}): no features have this G, (1) is not the "
-                     "optimality condition of a convex problem, and the fixed point may not be unique; the exact "
-                     "solver reports the one on the branch that continues the unique solution for heavy weight "
-                     "decay (path following in lambda). --gram psd or --gram features keep G a true Gram matrix.")
+        lines.append(f"WARNING: G is NOT a Gram matrix ({', '.join(why)}): no features have this G, (1) is "
+                     "not the optimality condition of a convex problem, and the fixed point may not be "
+                     "unique; the exact solver reports the one on the branch that continues the unique "
+                     "solution for heavy weight decay (path following in lambda). --gram psd or --gram "
+                     "features keep G a true Gram matrix.")
     return lines
 
 
@@ -278,10 +305,11 @@ class Solve:
     note: str = ""
     work: int = 0          # products with G (exact softmax) or Adam steps
     folds: int | None = None   # exact softmax on the weight-decay path: times the branch turned back
-    growth: float | None = None    # exact linear: the rounds' growth factor per round in the limit (> 1: divergence)
+    growth: float | None = None    # exact linear: the rounds' growth per round in the limit (> 1: divergence)
 
 
-def linear_rounds(kernel: Kernel, T0: torch.Tensor, lbd: float, rounds: int, tol: float = 1e-10) -> list[Solve]:
+def linear_rounds(kernel: Kernel, T0: torch.Tensor, lbd: float, rounds: int,
+                  tol: float = 1e-10) -> list[Solve]:
     """All rounds of (2) in closed form: Y (I + S) = J/K + T S with S = G/(K N lambda); one LU of
     (I + S) serves every round (a round is one triangular solve). Every Solve carries the rounds'
     growth factor (`round_growth`): above 1 the rounds diverge, and each round's note says so."""
@@ -308,9 +336,10 @@ def linear_rounds(kernel: Kernel, T0: torch.Tensor, lbd: float, rounds: int, tol
         scale = max(1.0, sol.Y.abs().max().item())
         note = ""
         if growth > 1:
-            note = (f"outputs grow round after round (max|Y| = {scale:.3g}, x{growth:.3g} a round in the limit): "
-                    f"G has eigenvalues with real part below -K N lambda / 2 = {-K * N * lbd / 2:.3g}, along which "
-                    "a round multiplies by |s/(1+s)| > 1 instead of averaging (G is not PSD)")
+            note = (f"outputs grow round after round (max|Y| = {scale:.3g}, x{growth:.3g} a round in the "
+                    "limit): G has eigenvalues with real part below -K N lambda / 2 = "
+                    f"{-K * N * lbd / 2:.3g}, along which a round multiplies by |s/(1+s)| > 1 instead of "
+                    "averaging (G is not PSD)")
         if not sol.converged:
             note = (f"residual {sol.residual:.2e} above {tol:.0e} x max(1, max|Y|): "
                     f"I + G/(K N lambda) is ill-conditioned. " + note)
@@ -363,12 +392,13 @@ def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, solvers: di
     before = kernel.products[0]
     with ss.subnormals_flushed():
         if gram:
-            out = ss.newton_at(kernel, T, B0 if B0 is not None else torch.zeros_like(T), beta, solvers["newton"],
-                               tol, min(max_newton, 20), log)
+            start = B0 if B0 is not None else torch.zeros_like(T)
+            out = ss.newton_at(kernel, T, start, beta, solvers["newton"], tol, min(max_newton, 20), log)
             if out.converged:
-                return Solve(out.P, out.residual, out.iterations, True, "", kernel.products[0] - before), out.B
-        path = ss.follow_weight_decay_path(kernel, T, beta, solvers["path"], tol=tol, gen=gen, max_newton=max_newton,
-                                           log=log)
+                work = kernel.products[0] - before
+                return Solve(out.P, out.residual, out.iterations, True, "", work), out.B
+        path = ss.follow_weight_decay_path(kernel, T, beta, solvers["path"], tol=tol, gen=gen,
+                                           max_newton=max_newton, log=log)
     ok, res = path.converged, path.residual          # the landing stopped on max|Y - F(Y)| <= tol
     note = path.note if ok else f"did NOT reach the tolerance: residual {res:.2e} > {tol:.0e}; {path.note}"
     return Solve(path.P, res, path.steps, ok, note, kernel.products[0] - before, path.folds), path.B
@@ -464,8 +494,8 @@ def theory_rounds_to_perfect(k: int, n: int, c: float, d: float, lbd: float, eta
         out.update(t_star=0, reason="no corrupted labels: the given labels are already 100% correct")
         return out
     if not delta > 0:
-        out["reason"] = (f"the true class is not the most frequent given label (eta >= (K-1)/K = {(k - 1) / k:.3g}); "
-                         "no round reaches 100%")
+        out["reason"] = ("the true class is not the most frequent given label "
+                         f"(eta >= (K-1)/K = {(k - 1) / k:.3g}); no round reaches 100%")
         return out
     if not all(math.isfinite(v) and v >= 0 for v in (b, s)):
         out["reason"] = "a shrink factor is negative or undefined (G has eigenvalues <= -K N lambda)"
@@ -499,8 +529,9 @@ def accuracies(Y: torch.Tensor, true: torch.Tensor, given: torch.Tensor) -> dict
     return {"clean": pct(clean), "noisy": pct(~clean), "overall": 100.0 * ok.mean().item()}
 
 
-def first_perfect_round(accs: list[float], start: int = 1) -> int | None:
-    """First round whose accuracy is 100% (rounds numbered from `start`)."""
+def first_perfect_round(accs, start: int = 1) -> int | None:
+    """First round whose accuracy is 100% (rounds numbered from `start`). `accs`: any iterable of
+    accuracies, read only up to that round (a generator computes no round beyond it)."""
     for i, a in enumerate(accs):
         if a >= 100.0 - 1e-9:
             return i + start
@@ -536,10 +567,20 @@ def build_problem(s: Setting, device="cpu", dtype=torch.float64, diagnostics: bo
     diag = gram_diagnostics(kernel.G) if diagnostics else {}
     true = true_classes(s.k, s.n)
     given = noisy_labels(true, s.k, s.eta, generator(sub_seeds(s.seed)["labels"]), exact=s.labels == "exact")
-    kernel = Kernel(kernel.G.to(device, dtype), None if kernel.factor is None else kernel.factor.to(device, dtype),
-                    kernel.description)
+    factor = None if kernel.factor is None else kernel.factor.to(device, dtype)
+    kernel = Kernel(kernel.G.to(device, dtype), factor, kernel.description)
     T0 = one_hot(given, s.k, dtype).to(device)
     return Problem(s, kernel, true, given, T0, diag, time.perf_counter() - t0)
+
+
+def closed_form_first_perfect(problem: Problem, horizon: int) -> int | None:
+    """First round (1..horizon) whose closed-form accuracy with the realised labels is 100%
+    (cheap: a formula per round, evaluated until one is)."""
+    s = problem.setting
+    T0 = problem.T0.detach().to("cpu", torch.float64)
+    overall = (accuracies(closed_form_outputs(T0, problem.true, s.k, s.n, s.c, s.d, s.lbd, t), problem.true,
+                          problem.given)["overall"] for t in range(1, horizon + 1))
+    return first_perfect_round(overall)
 
 
 def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_iter: int = 100000,
@@ -550,8 +591,8 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
     true, given, T0 = problem.true, problem.given, problem.T0
     T0_cpu = T0.detach().to("cpu", torch.float64)
     yield {"round": 0, "Y": T0, "acc": accuracies(T0, true, given), "cf_acc": accuracies(T0, true, given),
-           "residual": 0.0, "iterations": 0, "work": 0, "converged": True, "seconds": 0.0, "note": "given labels",
-           "cf_gap": 0.0, "folds": None, "growth": None}
+           "residual": 0.0, "iterations": 0, "work": 0, "converged": True, "seconds": 0.0,
+           "note": "given labels", "cf_gap": 0.0, "folds": None, "growth": None}
     gen = generator(sub_seeds(s.seed)["adam"])
     T, B = T0, None
     linear = None
@@ -568,136 +609,16 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
             if jacobian is None:            # built once, they serve every round
                 jacobian = jacobian_solvers(kernel, s.k, sub_seeds(s.seed)["gram"])
                 gram = (problem.diagnostics or gram_diagnostics(kernel.G))["gram"]
-            sol, B = softmax_fixed_point(kernel, T, s.lbd, jacobian, gram=gram, B0=B, tol=tol, max_newton=max_newton,
-                                         gen=generator(sub_seeds(s.seed)["gram"]), log=log)
+            sol, B = softmax_fixed_point(kernel, T, s.lbd, jacobian, gram=gram, B0=B, tol=tol,
+                                         max_newton=max_newton, gen=generator(sub_seeds(s.seed)["gram"]),
+                                         log=log)
         if kernel.G.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         Ycf = closed_form_outputs(T0_cpu, true, s.k, s.n, s.c, s.d, s.lbd, t)
-        yield {"round": t, "Y": sol.Y, "acc": accuracies(sol.Y, true, given), "cf_acc": accuracies(Ycf, true, given),
-               "residual": sol.residual, "iterations": sol.iterations, "work": sol.work, "converged": sol.converged,
-               "seconds": seconds, "note": sol.note, "folds": sol.folds, "growth": sol.growth,
+        yield {"round": t, "Y": sol.Y, "acc": accuracies(sol.Y, true, given),
+               "cf_acc": accuracies(Ycf, true, given), "residual": sol.residual, "iterations": sol.iterations,
+               "work": sol.work, "converged": sol.converged, "seconds": seconds, "note": sol.note,
+               "folds": sol.folds, "growth": sol.growth,
                "cf_gap": (sol.Y.detach().to("cpu", torch.float64) - Ycf).abs().max().item()}
         T = sol.Y.detach()
-
-
-# ----------------------------------------------------------------------------------------------
-# Files a run writes (all through the atomic writers)
-# ----------------------------------------------------------------------------------------------
-
-def name_value(value) -> str:
-    """A setting's value as run names write it (floats in %g: 1e-05, 0.4)."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def run_tag(s: Setting, solver: str, mode: str = "softmax", options: str = "", grid: dict | None = None) -> str:
-    """The original's name `{K}_{n}_{lbd}_{c}_{d}_{eta}_{epsilon}` plus what the original left out
-    (seed, matrix variant, label noise, solver, mode `softmax`/`linear`, and `options`: the run
-    options that change the numbers when not at their defaults), so different runs never share a
-    name. `grid`: a sweep's values per key, written in that key's place joined by '+'."""
-    grid = grid or {}
-
-    def f(key):
-        return "+".join(name_value(v) for v in grid.get(key, [getattr(s, key)]))
-
-    return (f"{f('k')}_{f('n')}_{f('lbd')}_{f('c')}_{f('d')}_{f('eta')}_{f('epsilon')}"
-            f"_seed{f('seed')}_{f('gram')}_{f('labels')}_{solver}_{mode}{options}")
-
-
-def save_round_array(path: Path, Y: torch.Tensor, true: torch.Tensor, given: torch.Tensor, round_: int, info: dict):
-    """One .npz per round (plain arrays, loadable with allow_pickle=False)."""
-    from utils.io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.savez(buf, Y=Y.detach().cpu().numpy(), true_labels=true.numpy(), given_labels=given.numpy(),
-             round=np.int64(round_), residual=np.float64(info.get("residual", 0.0)),
-             iterations=np.int64(info.get("iterations", 0)))
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-RECORD_FIELDS = ["k", "n", "lbd", "c", "d", "eta", "epsilon", "seed", "gram", "labels", "solver", "mode", "round",
-                 "clean", "noisy", "overall", "cf_clean", "cf_noisy", "cf_overall", "cf_gap", "residual",
-                 "iterations", "work", "folds", "converged", "seconds", "t_star", "min_eig_sym", "symmetric", "device",
-                 "dtype", "torch"]
-
-
-def make_record(s: Setting, solver: str, approx: bool, r: dict, extra: dict) -> dict:
-    rec = asdict(s)
-    rec.update(solver=solver, mode="linear" if approx else "softmax", round=r["round"],
-               clean=r["acc"]["clean"], noisy=r["acc"]["noisy"], overall=r["acc"]["overall"],
-               cf_clean=r["cf_acc"]["clean"], cf_noisy=r["cf_acc"]["noisy"], cf_overall=r["cf_acc"]["overall"],
-               cf_gap=r["cf_gap"], residual=r["residual"], iterations=r["iterations"], work=r["work"], folds=r["folds"],
-               converged=r["converged"], seconds=round(r["seconds"], 4))
-    rec.update(extra)
-    return rec
-
-
-def write_records(folder: Path, records: list[dict]) -> tuple[Path, Path]:
-    """records.csv and records.jsonl, each rewritten atomically (a reader never sees half a file)."""
-    from utils.io import atomic_write_text
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RECORD_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for rec in records:
-        writer.writerow(rec)
-    csv_path = atomic_write_text(folder / "records.csv", buf.getvalue())
-    jsonl = "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in records)
-    return csv_path, atomic_write_text(folder / "records.jsonl", jsonl)
-
-
-def setting_label(rec: dict, varying: list[str]) -> str:
-    if not varying:
-        return f"{rec['solver']} ({rec['mode']})"
-    return ", ".join(f"{key}={rec[key]:g}" if isinstance(rec[key], float) else f"{key}={rec[key]}" for key in varying)
-
-
-def draw_figure(folder: Path, records: list[dict], varying: list[str], title: str) -> list[Path]:
-    """The figure of `theory_figure`, saved as folder/figure.png and .pdf."""
-    import matplotlib.pyplot as plt
-
-    from utils.io import atomic_save_figure
-
-    fig = theory_figure(records, varying, title)
-    paths = atomic_save_figure(fig, folder / "figure", bbox_inches="tight")
-    plt.close(fig)
-    return paths
-
-
-def theory_figure(records: list[dict], varying: list[str], title: str):
-    """The paper's picture for this experiment: accuracy of clean and of noisy samples against the
-    distillation round, one colour per setting: the solved fixed point (dots joined by a line) and
-    the closed form (crosses only: it exists at whole rounds). The legend sits outside the axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    groups: dict = {}
-    for rec in records:
-        key = tuple((k, rec[k]) for k in RECORD_FIELDS[:12])
-        groups.setdefault(key, []).append(rec)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, recs in enumerate(groups.values()):
-        recs = sorted(recs, key=lambda r: r["round"])
-        rounds = [r["round"] for r in recs]
-        color = colors[i % len(colors)]
-        label = setting_label(recs[0], varying)
-        for ax, part in zip(axes, ("clean", "noisy")):
-            ax.plot(rounds, [r[part] for r in recs], "-o", color=color, ms=3, label=label)
-            ax.plot(rounds, [r["cf_" + part] for r in recs], linestyle="none", marker="x", ms=5, color=color,
-                    alpha=0.7)
-    for ax, part in zip(axes, ("clean", "noisy")):
-        ax.set_title(f"{part} samples (given label {'correct' if part == 'clean' else 'corrupted'})")
-        ax.set_xlabel("distillation round (0 = given labels)")
-        ax.set_ylim(-3, 103)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy against the true class (%)")
-    axes[1].legend(fontsize=8, title="dots: solved; crosses: closed form", title_fontsize=8, loc="upper left",
-                   bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
