@@ -12,6 +12,7 @@ row-wise with the same per-element code whatever the batch. The one exception is
 (`fuse_shared_order`): runs that share their mini-batches multiply them as one wider product,
 faster but rounded differently from the same run alone on some BLAS builds.
 """
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -133,28 +134,51 @@ def shared_order_group_size(shuffle_seeds, train_rows: torch.Tensor) -> int:
     return 1
 
 
+def classes_below(logits: torch.Tensor, labels: torch.Tensor, compared: Optional[torch.Tensor] = None,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """How many classes have a logit strictly below the label's, per sample, as float32 (exact:
+    a sum of zeros and ones). logits (R, B, K), labels (R, B) or (S, R, B) for S label sets.
+
+    The comparison writes floats, not bools: torch vectorises a comparison whose result has the
+    inputs' dtype, not one that makes bools (5x slower). `compared`: a float buffer of shape
+    (*labels.shape, K) for the comparison; `out`: where the counts go."""
+    label_logit = logits.expand(*labels.shape, -1).gather(-1, labels.unsqueeze(-1))
+    if compared is None:
+        compared = logits.new_empty((*labels.shape, logits.shape[-1]))
+    return torch.sum(torch.lt(logits, label_logit, out=compared), -1, out=out)
+
+
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor):
     """(top-1 hits, top-2 hits) per run, summed over samples. logits (R, B, K), labels (R, B), or
     (S, R, B) for S label sets scored against the same logits (results then (S, R)).
 
     A sample's label ranks below every class whose logit is not strictly smaller, so ties and NaNs
     count against it (a constant predictor scores 0, not 100%). One compare and one count: topk is
-    several times slower on CPU and this runs every step."""
-    label_logit = logits.expand(*labels.shape, -1).gather(-1, labels.unsqueeze(-1))
-    below = (logits < label_logit).sum(-1, dtype=torch.int32)
-    num_classes = logits.shape[-1]
+    several times slower on CPU."""
+    return _hits(classes_below(logits, labels), logits.shape[-1])
+
+
+def _hits(below: torch.Tensor, num_classes: int):
     return (below == num_classes - 1).sum(-1), (below >= num_classes - 2).sum(-1)
 
 
-def _batch_loss(targets: Targets, options, logits, positions, arange_r):
+def _batch_loss(kind: str, options, logits: torch.Tensor, batch_targets: torch.Tensor):
+    """(loss (R,), gradient (R, B, K)) of a mini-batch against its targets: labels (R, B), soft
+    targets (R, B, K) or candidate sets (R, B, 2)."""
     smoothing, temperature = options
-    if targets.kind == "hard":
-        return hard_label_cross_entropy(logits, targets.values.gather(1, positions), smoothing)
-    if targets.kind == "soft":
-        return soft_cross_entropy(logits, targets.values[arange_r, positions], temperature)
-    if targets.kind == "partial":
-        return generalized_cross_entropy(logits, targets.values[arange_r, positions])
-    raise ValueError(f"unknown target kind {targets.kind!r}")
+    if kind == "hard":
+        return hard_label_cross_entropy(logits, batch_targets, smoothing)
+    if kind == "soft":
+        return soft_cross_entropy(logits, batch_targets, temperature)
+    if kind == "partial":
+        return generalized_cross_entropy(logits, batch_targets)
+    raise ValueError(f"unknown target kind {kind!r}")
+
+
+def _logits_by_run(features: torch.Tensor, weight: torch.Tensor) -> list:
+    """Each run's (N, K) logits, one (N x d)(d x K) product per run; features (N, d) or (R, N, d)."""
+    per_run = features.expand(weight.shape[0], -1, -1) if features.ndim == 2 else features
+    return [x @ w.T for x, w in zip(per_run, weight)]
 
 
 @torch.no_grad()
@@ -163,9 +187,7 @@ def head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     One (N x d)(d x K) product per run, never one (N x d)(d x R*K) product: a BLAS may round the
     columns of a wider product differently, which would make a run's numbers depend on its batch."""
-    if features.ndim == 2:
-        return torch.stack([features @ w.T for w in weight])
-    return torch.stack([x @ w.T for x, w in zip(features, weight)])
+    return torch.stack(_logits_by_run(features, weight))
 
 
 def _test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -184,19 +206,182 @@ def _test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch.Tensor] = None) -> dict:
-    """Per run: test loss, top-1/top-2 accuracy (percent), confidence and entropy; val accuracy when a
-    val split exists."""
-    logits = head_logits(data.test_features, weight)
+    """Per run: test loss, top-1/top-2 accuracy (percent), confidence and entropy; val accuracy
+    when a val split exists. Each run's logits are scored as they come (never stacked)."""
     labels = data.test_labels.unsqueeze(0)
-    runs = [_test_metrics(logits[r:r + 1], labels) for r in range(logits.shape[0])]
+    runs = [_test_metrics(logits.unsqueeze(0), labels) for logits in _logits_by_run(data.test_features, weight)]
     out = {name: torch.cat([run[name] for run in runs]) for name in runs[0]}
     if data.val_rows is not None:
         if val_features is None:
             val_features = data.features[data.val_rows]
-        val_logits = head_logits(val_features, weight)
-        hits = [topk_hits(val_logits[r:r + 1], data.val_labels[r:r + 1])[0] for r in range(val_logits.shape[0])]
+        val_logits = _logits_by_run(val_features, weight)
+        hits = [topk_hits(logits.unsqueeze(0), data.val_labels[r:r + 1])[0] for r, logits in enumerate(val_logits)]
         out["val_acc"] = torch.cat(hits) * (100.0 / data.val_rows.shape[1])
     return out
+
+
+# A step updates the heads of a few runs at a time, about this many bytes of weights each: their
+# weights, momenta and decay buffers then stay in a core's L2 cache through the update's passes
+# instead of streaming from memory once per pass. Every pass is elementwise per run and a slice of
+# a batched product is the same product per run, so this size changes speed, never a number.
+UPDATE_CHUNK_BYTES = 1 << 19
+
+
+class _BatchedSGD:
+    """What stays fixed through a train_heads call (how its runs share mini-batches, the slices of
+    runs updated together, preallocated step buffers) and its epochs of SGD steps.
+
+    Runs in blocks of `shared` see the same mini-batches (shared_order_group_size): gathered once
+    per block; their products are one wide matmul when fused, else one (B x d)(d x K) product per
+    run on the shared rows. Fresh MB-sized temporaries each step would cost page faults on CPU,
+    hence the buffers."""
+
+    def __init__(self, data: TrainData, targets: Targets, hyper: Hyper, batch_size: int, shuffle_seeds,
+                 fuse: bool, weight: torch.Tensor, momentum: torch.Tensor):
+        self.data, self.targets, self.hyper, self.batch_size = data, targets, hyper, batch_size
+        self.weight, self.momentum = weight, momentum
+        self.seeds = list(shuffle_seeds)
+        self.num_runs, self.num_train = data.train_rows.shape
+        self.shared = shared_order_group_size(self.seeds, data.train_rows)
+        self.group = self.shared if fuse else 1
+        self.num_orders = self.num_runs // self.shared
+        self.group_rows = data.train_rows[::self.shared]                                # (U, N_train)
+        self.noisy_and_true = torch.stack([data.noisy_labels, data.true_labels])        # (2, R, N_train)
+        self.loss_options = targets.loss_options()
+        # soft targets / candidate sets as rows of one matrix: a step gathers its own with
+        # index_select, several times faster than advanced indexing (R, N, K)[arange, positions]
+        self.target_rows = None if targets.kind == "hard" else targets.values.reshape(
+            self.num_runs * self.num_train, -1)
+        self.arange_r = torch.arange(self.num_runs, device=weight.device)[:, None]
+        self.num_classes, self.dim = weight.shape[1:]
+        self.fused_weight = weight.view(self.num_runs // self.group, self.group * self.num_classes, -1)
+        self.decayed = torch.empty_like(weight)  # wd * W + gradient, then lr * momentum
+        self.fused_decayed = self.decayed.view_as(self.fused_weight)
+        self.units = self._update_units(self.num_classes * self.dim * weight.element_size())
+        self.buffers = {}
+        self._step_buffers(min(batch_size, self.num_train))  # a full batch's: the others use their start
+
+    def _update_units(self, head_bytes: int) -> list:
+        """Per slice of runs updated together: (orders, runs, weight, momentum, decayed, wd, momentum
+        factor). `orders` index the step's gathered batches that those runs multiply: a slice, or
+        for runs sharing one block's batch, the block. Fused runs are updated in whole blocks."""
+        per_unit, shared = max(1, UPDATE_CHUNK_BYTES // head_bytes), self.shared
+        num_runs, num_orders = self.num_runs, self.num_orders
+        if shared == 1:
+            spans = [(slice(r, min(r + per_unit, num_runs)),) * 2 for r in range(0, num_runs, per_unit)]
+        elif self.group == 1:
+            spans = [(u, slice(r, min(r + per_unit, (u + 1) * shared)))
+                     for u in range(num_orders) for r in range(u * shared, (u + 1) * shared, per_unit)]
+        else:
+            blocks = max(1, per_unit // shared)
+            spans = [(slice(u, min(u + blocks, num_orders)), slice(u * shared, min(u + blocks, num_orders) * shared))
+                     for u in range(0, num_orders, blocks)]
+        view = lambda v: v.view(-1, 1, 1)  # noqa: E731 - (R,) -> broadcast over (R, K, d)
+        wd, mom = view(self.hyper.weight_decay), view(self.hyper.momentum)
+        return [(orders, runs, self.weight[runs], self.momentum[runs], self.decayed[runs], wd[runs], mom[runs])
+                for orders, runs in spans]
+
+    def _step_buffers(self, b: int):
+        """(gathered rows (U * b, d), logits (R, b, K), comparisons (2, R, b, K)) for batches of b
+        rows, as views of buffers allocated once."""
+        if b not in self.buffers:
+            shapes = [(self.num_orders * b, self.dim), (self.num_runs, b, self.num_classes),
+                      (2, self.num_runs, b, self.num_classes)]
+            if not self.buffers:
+                self.flat_buffers = [torch.empty(math.prod(s), device=self.weight.device) for s in shapes]
+            self.buffers[b] = [flat[:math.prod(s)].view(s) for flat, s in zip(self.flat_buffers, shapes)]
+        return self.buffers[b]
+
+    def epoch(self, epoch: int, tuner: Optional["ThreadTuner"]):
+        """One epoch of SGD steps of every run: (train loss (R,) float64, hits (4, R): noisy top-1,
+        top-2, true top-1, top-2, lr (R,))."""
+        device = self.weight.device
+        lr = self.hyper.lr * self.hyper.gamma ** epoch
+        unit_lr = [lr.view(-1, 1, 1)[unit[1]] for unit in self.units]
+        positions = shuffled_positions(self.num_train, self.seeds[::self.shared], epoch).to(device)  # (U, N)
+        rows = self.group_rows.gather(1, positions)
+        if self.shared > 1:
+            positions = positions.repeat_interleave(self.shared, 0)                                 # (R, N)
+        labels = self.noisy_and_true.gather(2, positions.expand(2, -1, -1))                       # (2, R, N)
+        # hard labels in this epoch's order, else where each (run, position) is in target_rows
+        targets = (self.targets.values.gather(1, positions) if self.target_rows is None
+                   else positions + self.arange_r * self.num_train)
+        loss_sum = torch.zeros(self.num_runs, device=device, dtype=torch.float64)
+        below = torch.empty(2, self.num_runs, self.num_train, device=device)
+        for step, start in enumerate(range(0, self.num_train, self.batch_size)):
+            if tuner is not None:
+                tuner.before_step(step)
+            batch = slice(start, start + self.batch_size)
+            loss, logits, compared = self._step(rows[:, batch], targets[:, batch], unit_lr)
+            # the product of a float32 loss and a batch size under 2^29 is exact in float64, so
+            # this rounds as `loss_sum += loss.double() * b` does, in one pass instead of three
+            loss_sum.add_(loss, alpha=logits.shape[1])
+            classes_below(logits, labels[:, :, batch], compared, out=below[:, :, batch])
+        top1, top2 = _hits(below, self.num_classes)
+        return loss_sum / self.num_train, torch.stack([top1, top2], 1).view(4, -1), lr
+
+    def _step(self, batch_rows: torch.Tensor, batch_targets: torch.Tensor, unit_lr: list):
+        """One SGD step of every run on its mini-batch: (loss (R,), logits (R, b, K), the buffer
+        for the train metrics' comparisons)."""
+        num_orders, b = batch_rows.shape
+        rows_buffer, logits, compared = self._step_buffers(b)
+        # index_select on flat indices is ~4x faster than advanced indexing for this gather
+        xb = torch.index_select(self.data.features, 0, batch_rows.reshape(-1), out=rows_buffer)
+        xb = xb.view(num_orders, b, -1)                                                     # (U, b, d)
+        self._forward(xb, logits)
+        if self.target_rows is not None:
+            batch_targets = self.target_rows.index_select(0, batch_targets.reshape(-1)).view(self.num_runs, b, -1)
+        loss, grad_logits = _batch_loss(self.targets.kind, self.loss_options, logits, batch_targets)
+        if self.group > 1:  # to the fused products' layout: (U, b, G*K)
+            grad_logits = grad_logits.view(num_orders, self.group, b, -1).transpose(1, 2).reshape(num_orders, b, -1)
+        grad_t = grad_logits.transpose(1, 2)
+        # grad = wd * W + dL/dlogits^T @ x, accumulated in place into the decay buffer; then SGD
+        for (orders, runs, weight, momentum, decayed, wd, mom), lr in zip(self.units, unit_lr):
+            torch.mul(weight, wd, out=decayed)
+            if self.group > 1:
+                self.fused_decayed[orders].baddbmm_(grad_t[orders], xb[orders])
+            elif self.shared > 1:  # the block's gathered rows, expanded (not copied) to its runs
+                decayed.baddbmm_(grad_t[runs], xb[orders].expand(decayed.shape[0], -1, -1))
+            else:
+                decayed.baddbmm_(grad_t[runs], xb[orders])
+            momentum.mul_(mom).add_(decayed)
+            weight.sub_(torch.mul(lr, momentum, out=decayed))
+        return loss, logits, compared
+
+    def _forward(self, xb: torch.Tensor, logits: torch.Tensor) -> None:
+        """The (R, b, K) logits of the step's gathered batches xb (U, b, d), into `logits`."""
+        num_orders, b, _ = xb.shape
+        if self.group > 1:  # fused: U matmuls of (b x d) @ (d x G*K)
+            wide = torch.bmm(xb, self.fused_weight.transpose(1, 2)).view(num_orders, b, self.group, -1)
+            logits.view(num_orders, self.group, b, -1).copy_(wide.transpose(1, 2))
+        elif self.shared > 1:
+            for u in range(num_orders):
+                block = slice(u * self.shared, (u + 1) * self.shared)
+                torch.bmm(xb[u].expand(self.shared, b, -1), self.weight[block].transpose(1, 2), out=logits[block])
+        else:
+            torch.bmm(xb, self.weight.transpose(1, 2), out=logits)
+
+
+def _initial_state(data: TrainData, init_weight: torch.Tensor) -> TrainState:
+    weight = init_weight.to(device=data.features.device, dtype=torch.float32).clone()
+    return TrainState(0, weight, torch.zeros_like(weight), Snapshot.empty(weight),
+                      Snapshot.empty(weight) if data.val_rows is not None else None,
+                      [[] for _ in range(weight.shape[0])])
+
+
+def _record_epoch(state: TrainState, train_loss, hits, lr, metrics: dict, num_train: int) -> None:
+    """Close epoch `state.epoch + 1`: best-epoch snapshots, one history entry per run."""
+    epoch = state.epoch + 1
+    state.best_test.update(metrics["test_acc"], epoch, state.weight, state.momentum)
+    if state.best_val is not None:
+        state.best_val.update(metrics["val_acc"], epoch, state.weight, state.momentum)
+    train_pct = hits.double() * (100.0 / num_train)
+    table = {"train_loss": train_loss, "train_acc": train_pct[0], "train_top2": train_pct[1],
+             "train_acc_true": train_pct[2], "train_top2_true": train_pct[3], "lr": lr, **metrics}
+    cpu = {k: v.double().cpu().tolist() for k, v in table.items()}
+    for r, history in enumerate(state.history):
+        history.append({"epoch": epoch, **{k: cpu[k][r] for k in cpu}})
+    state.epoch = epoch
 
 
 @torch.no_grad()
@@ -211,89 +396,19 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
     `shared_order_group_size`); faster, but a run's rounding may then depend on its batch.
     `tuner`: chooses the CPU thread count of the training steps epoch by epoch (ThreadTuner); only
     for a BLAS whose products do not depend on the thread count (`products_thread_invariant`)."""
-    device = data.features.device
-    num_runs, num_train = data.train_rows.shape
-    arange_r = torch.arange(num_runs, device=device)[:, None]
-    view = lambda v: v.view(-1, 1, 1)  # noqa: E731 - (R,) -> broadcast over (R, K, d)
-    wd, mom = view(hyper.weight_decay), view(hyper.momentum)
-    if resume is None:
-        weight = init_weight.to(device=device, dtype=torch.float32).clone()
-        state = TrainState(0, weight, torch.zeros_like(weight), Snapshot.empty(weight),
-                           Snapshot.empty(weight) if data.val_rows is not None else None,
-                           [[] for _ in range(num_runs)])
-    else:
-        state = resume
-    weight, momentum = state.weight, state.momentum
+    state = _initial_state(data, init_weight) if resume is None else resume
+    sgd = _BatchedSGD(data, targets, hyper, batch_size, shuffle_seeds, fuse_shared_order, state.weight,
+                      state.momentum)
     val_features = data.features[data.val_rows] if data.val_rows is not None else None  # gathered once
-    # runs in blocks of `shared` see the same mini-batches: gathered once per block; their products
-    # are one wide matmul when fused, else one (B x d)(d x K) product per run on the shared rows
-    shared = shared_order_group_size(list(shuffle_seeds), data.train_rows)
-    group = shared if fuse_shared_order else 1
-    num_orders = num_runs // shared
-    group_rows = data.train_rows[::shared]                                         # (U, N_train)
-    noisy_and_true = torch.stack([data.noisy_labels, data.true_labels])            # (2, R, N_train)
-    loss_options = targets.loss_options()
-    # preallocated step buffers: fresh MB-sized temporaries each step cost page faults on CPU
-    decayed, update = torch.empty_like(weight), torch.empty_like(weight)
-    fused_weight = weight.view(num_runs // group, group * data.num_classes, -1)
     for epoch in range(state.epoch, epochs):
-        lr = view(hyper.lr * hyper.gamma ** epoch)
-        positions_all = shuffled_positions(num_train, list(shuffle_seeds)[::shared], epoch).to(device)
-        rows_all = group_rows.gather(1, positions_all)
-        loss_sum = torch.zeros(num_runs, device=device, dtype=torch.float64)
-        hits = torch.zeros(4, num_runs, device=device, dtype=torch.long)
-        for step, start in enumerate(range(0, num_train, batch_size)):
-            if tuner is not None:
-                tuner.before_step(step)
-            batch_rows = rows_all[:, start:start + batch_size]
-            b = batch_rows.shape[1]
-            # index_select on flat indices is ~4x faster than advanced indexing for this gather
-            xb = data.features.index_select(0, batch_rows.reshape(-1)).view(num_orders, b, -1)  # (U, B, d)
-            positions = positions_all[:, start:start + batch_size]
-            if shared > 1:
-                positions = positions.repeat_interleave(shared, 0)                       # (R, B)
-            # grad = wd * W + dL/dlogits^T @ x, accumulated in place into the decay buffer
-            torch.mul(weight, wd, out=decayed)
-            if group > 1:  # fused: U matmuls of (B x d) @ (d x G*K)
-                logits = torch.bmm(xb, fused_weight.transpose(1, 2))
-                logits = logits.view(num_orders, b, group, -1).transpose(1, 2).reshape(num_runs, b, -1)
-                loss, grad_logits = _batch_loss(targets, loss_options, logits, positions, arange_r)
-                grad_logits = grad_logits.view(num_orders, group, b, -1).transpose(1, 2).reshape(num_orders, b, -1)
-                decayed.view_as(fused_weight).baddbmm_(grad_logits.transpose(1, 2), xb)
-            elif shared == 1:
-                logits = torch.bmm(xb, weight.transpose(1, 2))
-                loss, grad_logits = _batch_loss(targets, loss_options, logits, positions, arange_r)
-                decayed.baddbmm_(grad_logits.transpose(1, 2), xb)
-            else:  # each block's gathered rows, expanded (not copied) to its runs
-                blocks = [slice(u * shared, (u + 1) * shared) for u in range(num_orders)]
-                runs_x = [xb[u].expand(shared, b, -1) for u in range(num_orders)]
-                logits = torch.cat([torch.bmm(x, weight[blk].transpose(1, 2)) for x, blk in zip(runs_x, blocks)])
-                loss, grad_logits = _batch_loss(targets, loss_options, logits, positions, arange_r)
-                for x, blk in zip(runs_x, blocks):
-                    decayed[blk].baddbmm_(grad_logits[blk].transpose(1, 2), x)
-            momentum.mul_(mom).add_(decayed)
-            weight.sub_(torch.mul(lr, momentum, out=update))
-            loss_sum += loss.double() * b
-            top1, top2 = topk_hits(logits, noisy_and_true.gather(2, positions.expand(2, -1, -1)))
-            hits += torch.stack([top1, top2], 1).view(4, -1)  # noisy top-1, top-2, true top-1, top-2
-        train_loss = loss_sum / num_train
+        train_loss, hits, lr = sgd.epoch(epoch, tuner)
         bad = ~torch.isfinite(train_loss)
         if bad.any():
             raise NonFiniteLoss(epoch + 1, int(bad.nonzero()[0]))
         if tuner is not None:
             tuner.end_epoch()  # the thread count of evaluation (fixed, unless it cannot change a number)
-        metrics = evaluate(data, weight, val_features)
-        state.best_test.update(metrics["test_acc"], epoch + 1, weight, momentum)
-        if state.best_val is not None:
-            state.best_val.update(metrics["val_acc"], epoch + 1, weight, momentum)
-        train_pct = hits.double() * (100.0 / num_train)
-        table = {"train_loss": train_loss, "train_acc": train_pct[0], "train_top2": train_pct[1],
-                 "train_acc_true": train_pct[2], "train_top2_true": train_pct[3],
-                 "lr": lr.view(-1), **metrics}
-        cpu = {k: v.double().cpu().tolist() for k, v in table.items()}
-        for r in range(num_runs):
-            state.history[r].append({"epoch": epoch + 1, **{k: cpu[k][r] for k in cpu}})
-        state.epoch = epoch + 1
+        metrics = evaluate(data, state.weight, val_features)
+        _record_epoch(state, train_loss, hits, lr, metrics, data.train_rows.shape[1])
         if on_epoch is not None:
             on_epoch(state)
     return state
