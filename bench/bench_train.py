@@ -14,17 +14,22 @@ CIFAR-100-shaped features (default 50,000 x 512, 100 classes, 10,000 test rows):
       see the same batches), the latter both as the default computes it (one (B x d)@(d x K) product
       per run, bit-identical to the run alone) and fused (`--fuse-shared-seeds`: one
       (B x d)@(d x R*K) matmul, faster but not bit-identical on every BLAS): the difference is the
-      throughput that exactness costs.
-Targets (issue 4): >= 50% of the plain matmul at R >= 8; one run's epoch < 1/30 of the baseline's.
-Each timing is the minimum over repeats, at 1 thread and at torch's default thread count (with
-another process on the cores, one thread is often faster); the load average is printed with them.
+      throughput that exactness costs. `--reference FILE` times a saved copy of utils/train.py
+      (e.g. from before a change) on the same data right after the current one, row by row.
+Targets: >= 50% of the plain matmul at R >= 8 (issue 4; issue 16 asks 70%); one run's epoch < 1/30
+of the baseline's. Each timing is the minimum over repeats, at 1 thread and at torch's default
+thread count (with another process on the cores, one thread is often faster); the load average is
+printed with them.
 
     python bench/bench_train.py                       # defaults: runs 1,8,24,48, 2 epochs each
     python bench/bench_train.py --n 10000 --runs 1,8  # quicker
+    python bench/bench_train.py --targets soft        # distillation students (soft targets)
+    python bench/bench_train.py --runs 8 --reference /tmp/train_before.py  # before / after
     python bench/bench_train.py --workers4            # also the baseline with 4 workers (slow)
     python bench/bench_train.py --profile 8           # torch.profiler table of one epoch at R = 8
 """
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -33,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.losses import distillation_targets, pll_candidates  # noqa: E402
 from utils.train import Hyper, TrainData, Targets, train_heads  # noqa: E402
 
 BATCH, TEST_BATCH = 128, 100
@@ -47,14 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2, help="trainer epochs per R (min epoch time is reported)")
     p.add_argument("--baseline-epochs", type=int, default=2, help="baseline epochs (min is reported)")
     p.add_argument("--runs", default="1,8,24,48", help="comma-separated R values")
+    p.add_argument("--targets", choices=("hard", "soft", "partial"), default="hard",
+                   help="what the trainer's runs fit: labels, a random teacher's soft targets (T = 1) or its "
+                        "top-2 candidate sets")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--threads", default=None, help="comma-separated CPU thread counts (default: 1 and torch's)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated CPU thread counts (default: 1 and torch's)")
     p.add_argument("--workers4", action="store_true", help="also time the baseline with 4 DataLoader workers")
+    p.add_argument("--reference", metavar="FILE",
+                   help="a saved copy of utils/train.py to time alongside the current one")
     p.add_argument("--profile", type=int, default=0, metavar="R", help="profile one trainer epoch at R runs")
     p.add_argument("--repeats", type=int, default=5, help="repeats of each matmul timing")
     p.add_argument("--contention", action="store_true",
-                   help="also time R=1 and R=8, idle and with one busy process per core started by this bench: "
-                        "1 thread, the default thread count, and the engine's choice (ThreadTuner)")
+                   help="also time R=1 and R=8, idle and with one busy process per core started by this "
+                        "bench: 1 thread, the default thread count, and the engine's choice (ThreadTuner)")
     return p
 
 
@@ -98,8 +110,10 @@ def baseline_epoch(train_x, train_y, test_x, test_y, k, workers, epochs, device)
     model = torch.nn.Linear(train_x.shape[1], k, bias=False).to(device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=BATCH, shuffle=True, num_workers=workers)
-    test_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=TEST_BATCH, shuffle=False, num_workers=workers)
+    train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=BATCH, shuffle=True,
+                              num_workers=workers)
+    test_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=TEST_BATCH, shuffle=False,
+                             num_workers=workers)
     times = []
     for _ in range(epochs):
         t0 = time.perf_counter()
@@ -152,19 +166,31 @@ def make_data(features, labels, test_x, test_y, k, runs, device) -> TrainData:
     return TrainData(features.to(device), rows, lab, lab, test_x.to(device), test_y.to(device), num_classes=k)
 
 
-def run_inputs(data: TrainData, runs, device):
-    """(targets, initial weights, optimiser settings) of R plain cross-entropy runs (lr 0.05, wd 5e-4,
-    momentum 0.9, gamma 0.98), the same for timing and for profiling."""
+def run_inputs(data: TrainData, runs, device, kind="hard"):
+    """(targets, initial weights, optimiser settings) of R runs (lr 0.05, wd 5e-4, momentum 0.9,
+    gamma 0.98), the same for timing and for profiling: cross-entropy on the labels, or a random
+    teacher's soft targets at T = 1 or top-2 candidate sets."""
     k, d = data.num_classes, data.features.shape[1]
-    init = (torch.randn(runs, k, d, generator=torch.Generator().manual_seed(0)) * 0.01).to(device)
+    gen = torch.Generator().manual_seed(0)
+    init = (torch.randn(runs, k, d, generator=gen) * 0.01).to(device)
     vec = lambda v: torch.full((runs,), v, dtype=torch.float32, device=device)  # noqa: E731
-    return Targets("hard", data.noisy_labels, smoothing=vec(0.0)), init, Hyper(vec(0.05), vec(5e-4), vec(0.9), vec(0.98))
+    hyper = Hyper(vec(0.05), vec(5e-4), vec(0.9), vec(0.98))
+    if kind == "hard":
+        return Targets("hard", data.noisy_labels, smoothing=vec(0.0)), init, hyper
+    teacher_logits = torch.randn(runs, data.train_rows.shape[1], k, generator=gen).to(device)
+    if kind == "soft":
+        targets = Targets("soft", distillation_targets(teacher_logits, vec(1.0)), temperature=vec(1.0))
+    else:
+        targets = Targets("partial", pll_candidates(teacher_logits))
+    return targets, init, hyper
 
 
-def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fused=False, tuner=None) -> float:
-    """Min seconds of one epoch (train + test eval) of train_heads with `runs` runs at once, each
-    with its own shuffle seed or all with one (`fused`: as --fuse-shared-seeds trains them)."""
-    targets, init, hyper = run_inputs(data, runs, device)
+def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fused=False, tuner=None,
+                  kind="hard", train=train_heads) -> float:
+    """Min seconds of one epoch (train + test eval) of train_heads (or `train`, a reference copy)
+    with `runs` runs at once, each with its own shuffle seed or all with one (`fused`: as
+    --fuse-shared-seeds trains them)."""
+    targets, init, hyper = run_inputs(data, runs, device, kind)
     stamps = []
 
     def on_epoch(state):
@@ -174,15 +200,15 @@ def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fuse
     sync(device)
     stamps.append(time.perf_counter())
     seeds = [0] * runs if shared_seed else list(range(runs))
-    train_heads(data, targets, init, hyper, epochs, BATCH, seeds, on_epoch=on_epoch, fuse_shared_order=fused,
-                tuner=tuner)
+    train(data, targets, init, hyper, epochs, BATCH, seeds, on_epoch=on_epoch, fuse_shared_order=fused,
+          tuner=tuner)
     return min(b - a for a, b in zip(stamps, stamps[1:]))
 
 
-def profile_epoch(data, runs, device):
+def profile_epoch(data, runs, device, kind):
     from torch.profiler import ProfilerActivity, profile
 
-    targets, init, hyper = run_inputs(data, runs, device)
+    targets, init, hyper = run_inputs(data, runs, device, kind)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         train_heads(data, targets, init, hyper, 1, BATCH, list(range(runs)))
@@ -206,7 +232,8 @@ def contention(train_x, train_y, test_x, test_y, k, epochs, device, default_thre
                 time.sleep(1)
             what = f"with {len(busy)} busy process(es) on the cores" if busy else "as the machine is"
             print(f"\n(d) thread choice, {what} (load average {load_average()})")
-            print(f"  {'R':>3} {'1 thread':>9} {f'{default_threads} threads':>10} {'default':>9}  default / best")
+            print(f"  {'R':>3} {'1 thread':>9} {f'{default_threads} threads':>10} {'default':>9}  "
+                  "default / best")
             for runs in (1, 8):
                 data = make_data(train_x, train_y, test_x, test_y, k, runs, device)
                 sec = {}
@@ -216,8 +243,9 @@ def contention(train_x, train_y, test_x, test_y, k, epochs, device, default_thre
                 _, tuner = cpu_thread_plan(device, [BATCH], data.features.shape[1], k, lambda line: None,
                                            [len(data.test_labels)])
                 chosen = trainer_epoch(data, runs, epochs, device, tuner=tuner)
+                kept = tuner.chosen if tuner else 1
                 print(f"  {runs:>3} {sec[1]:>9.3f} {sec[default_threads]:>10.3f} {chosen:>9.3f}  "
-                      f"{chosen / min(sec.values()):.2f}x (threads kept per epoch: {tuner.chosen if tuner else 1})")
+                      f"{chosen / min(sec.values()):.2f}x (threads kept per epoch: {kept})")
                 torch.set_num_threads(default_threads)
     finally:
         for proc in busy:
@@ -225,11 +253,127 @@ def contention(train_x, train_y, test_x, test_y, k, epochs, device, default_thre
             proc.wait()
 
 
+def load_reference(path: str):
+    """train_heads of a saved copy of utils/train.py (it takes this version's inputs: the same
+    fields and methods)."""
+    spec = importlib.util.spec_from_file_location("reference_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.train_heads
+
+
+def at_threads(threads: int, default_threads: int, fn):
+    """fn() at `threads` CPU threads, then back to the default count."""
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def matmul_section(args, thread_options, default_threads, device, title="(a) plain float32 matmul") -> dict:
+    """(a): the best plain matmul GFLOP/s per thread count."""
+    print(f"\n{title}")
+    peak = {}
+    for threads in thread_options:
+        rates = at_threads(threads, default_threads,
+                           lambda: matmul_gflops(args.n, args.dim, args.classes, args.repeats, device))
+        peak[threads] = max(rates.values())
+        print(f"  threads={threads}: " + ", ".join(f"{name} {g:.1f} GFLOP/s" for name, g in rates.items())
+              + f"  -> best {peak[threads]:.1f}")
+    return peak
+
+
+def baseline_section(args, arrays, thread_options, default_threads, device, gflop_per_run_epoch):
+    """(b): (the DataLoader loop's best s/epoch over thread counts, its s/epoch with 4 workers or None)."""
+    train_x, train_y, test_x, test_y = arrays
+    n, k, epochs = args.n, args.classes, args.baseline_epochs
+    print("\n(b) baseline: per-sample DataLoader loop, one epoch incl. test eval (the best thread count is "
+          "the baseline below)")
+    base_at = {}
+    for threads in thread_options:
+        base_at[threads] = sec = at_threads(threads, default_threads, lambda: baseline_epoch(
+            train_x, train_y, test_x, test_y, k, 0, epochs, device))
+        print(f"  num_workers=0, threads={threads}: {sec:.3f} s/epoch ({n / sec:,.0f} samples/s); "
+              f"200 epochs = {200 * sec:.0f} s")
+    for threads in thread_options:
+        sec = at_threads(threads, default_threads,
+                         lambda: plain_epoch(train_x, train_y, test_x, k, epochs, device))
+        print(f"  reference, plain tensor ops, threads={threads}: {sec:.3f} s/epoch "
+              f"({n / sec:,.0f} samples/s, {gflop_per_run_epoch / sec:.1f} GFLOP/s)")
+    base4 = None
+    if args.workers4:
+        base4 = baseline_epoch(train_x, train_y, test_x, test_y, k, 4, epochs, device)
+        print(f"  num_workers=4: {base4:.3f} s/epoch; 200 epochs = {200 * base4:.0f} s")
+    return min(base_at.values()), base4
+
+
+def trainer_section(args, arrays, thread_options, default_threads, device, peak, base, gflop_per_run_epoch):
+    """(c): {(mode, R, threads, trainer): s/epoch}, trainer 'current' or 'reference'."""
+    trainers = {"current": train_heads}
+    if args.reference:
+        trainers["reference"] = load_reference(args.reference)
+    print(f"\n(c) utils.train.train_heads, R runs at once, {args.targets} targets (min over {args.epochs} "
+          "epochs; 'of matmul' is against the best plain matmul at the same thread count)")
+    print(f"  {'seeds':<12} {'R':>3} {'thr':>3} {'code':<9} {'s/epoch':>8} {'samples/s':>11} {'GFLOP/s':>8} "
+          f"{'of matmul':>9} {'s/run-epoch':>11} {'speed-up':>8}")
+    at = {}
+    for mode in ("independent", "shared", "shared+fused"):
+        for runs in [int(r) for r in args.runs.split(",") if r.strip()]:
+            if mode != "independent" and runs == 1:
+                continue  # one run is the same computation either way
+            data = make_data(*arrays, args.classes, runs, device)
+            for threads in thread_options:
+                for name, train in trainers.items():
+                    sec = at_threads(threads, default_threads, lambda: trainer_epoch(
+                        data, runs, args.epochs, device, shared_seed=mode != "independent",
+                        fused=mode == "shared+fused", kind=args.targets, train=train))
+                    at[mode, runs, threads, name] = sec
+                    rate = runs * gflop_per_run_epoch / sec
+                    print(f"  {mode:<12} {runs:>3} {threads:>3} {name:<9} {sec:>8.3f} "
+                          f"{runs * args.n / sec:>11,.0f} {rate:>8.1f} {rate / peak[threads]:>8.0%} "
+                          f"{sec / runs:>11.4f} {base / (sec / runs):>7.1f}x")
+            del data
+    return at
+
+
+def targets_section(at, peak, base, base4, gflop_per_run_epoch) -> None:
+    """The issue's targets, from the current trainer's times."""
+    print(f"\ntargets (load average now {load_average()})")
+    current = {key[:3]: sec for key, sec in at.items() if key[3] == "current"}
+    one_run = [sec for (mode, runs, _), sec in current.items() if runs == 1]
+    if one_run:
+        sec = min(one_run)
+        print(f"  one run alone: {sec:.3f} s/epoch = DataLoader loop ({base:.3f} s) / {base / sec:.1f} "
+              f"(target: / 30 or more) -> {'met' if base / sec >= 30 else 'NOT met'}")
+        if base4 is not None:
+            print(f"  one run alone vs the 4-worker loop (the original's default -j 4, {base4:.3f} s): "
+                  f"/ {base4 / sec:.1f}")
+    per_run = min(sec / runs for (_, runs, _), sec in current.items())
+    print(f"  best per-run epoch, amortised over R runs: {per_run:.4f} s = DataLoader loop / "
+          f"{base / per_run:.1f}")
+    floor = gflop_per_run_epoch / max(peak.values())
+    print(f"  floor at this machine's best plain matmul ({max(peak.values()):.1f} GFLOP/s): {floor:.4f} s "
+          f"per run-epoch = DataLoader loop / {base / floor:.1f}")
+    fraction = {}
+    for (mode, runs, threads), sec in current.items():
+        if runs >= 8:
+            fraction[mode] = max(fraction.get(mode, 0.0), runs * gflop_per_run_epoch / sec / peak[threads])
+    for mode, frac in fraction.items():
+        verdict = "both met" if frac >= 0.7 else "50% met" if frac >= 0.5 else "NOT met"
+        print(f"  {mode} seeds, best at R >= 8: {frac:.0%} of plain-matmul GFLOP/s (targets: >= 50%, >= 70%) "
+              f"-> {verdict}")
+    for (mode, runs, threads), sec in sorted(current.items()):
+        if mode == "shared+fused":
+            exact = current["shared", runs, threads]
+            print(f"  cost of bit-exact batching, shared seeds, R={runs}, {threads} thread(s): "
+                  f"{exact:.3f} s/epoch exact vs {sec:.3f} fused ({exact / sec - 1:+.0%})")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     n, d, k, nt = args.n, args.dim, args.classes, args.n_test
-    run_counts = [int(r) for r in args.runs.split(",") if r.strip()]
     default_threads = torch.get_num_threads()
     if device.type != "cpu":
         thread_options = [default_threads]
@@ -240,94 +384,26 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     train_x, train_y = torch.randn(n, d, generator=gen), torch.randint(0, k, (n,), generator=gen)
     test_x, test_y = torch.randn(nt, d, generator=gen), torch.randint(0, k, (nt,), generator=gen)
-    gflop_per_run_epoch = (2 * n * d * k * 2 + 2 * nt * d * k) / 1e9
+    arrays = (train_x, train_y, test_x, test_y)
+    gflop = (2 * n * d * k * 2 + 2 * nt * d * k) / 1e9  # per run-epoch
     print(f"torch {torch.__version__} on {device}; {os.cpu_count()} CPUs, default threads {default_threads}; "
           f"load average {load_average()}")
-    print(f"N={n} d={d} K={k} N_test={nt}; {gflop_per_run_epoch:.2f} GFLOP per run-epoch "
+    print(f"N={n} d={d} K={k} N_test={nt}; {gflop:.2f} GFLOP per run-epoch "
           "(2NdK forward + 2NdK weight gradient + 2 N_test dK test eval)")
-
-    print("\n(a) plain float32 matmul")
-    peak = {}
-    for threads in thread_options:
-        torch.set_num_threads(threads)
-        rates = matmul_gflops(n, d, k, args.repeats, device)
-        peak[threads] = max(rates.values())
-        print(f"  threads={threads}: " + ", ".join(f"{name} {g:.1f} GFLOP/s" for name, g in rates.items())
-              + f"  -> best {peak[threads]:.1f}")
-    torch.set_num_threads(default_threads)
-
-    print("\n(b) baseline: per-sample DataLoader loop, one epoch incl. test eval (the best thread count is "
-          "the baseline below)")
-    base_at = {}
-    for threads in thread_options:
-        torch.set_num_threads(threads)
-        base_at[threads] = sec = baseline_epoch(train_x, train_y, test_x, test_y, k, 0, args.baseline_epochs, device)
-        print(f"  num_workers=0, threads={threads}: {sec:.3f} s/epoch ({n / sec:,.0f} samples/s); "
-              f"200 epochs = {200 * sec:.0f} s")
-    for threads in thread_options:
-        torch.set_num_threads(threads)
-        sec = plain_epoch(train_x, train_y, test_x, k, args.baseline_epochs, device)
-        print(f"  reference, plain tensor ops, threads={threads}: {sec:.3f} s/epoch ({n / sec:,.0f} samples/s, "
-              f"{gflop_per_run_epoch / sec:.1f} GFLOP/s)")
-    torch.set_num_threads(default_threads)
-    base = min(base_at.values())
-    base4 = None
-    if args.workers4:
-        base4 = baseline_epoch(train_x, train_y, test_x, test_y, k, 4, args.baseline_epochs, device)
-        print(f"  num_workers=4: {base4:.3f} s/epoch; 200 epochs = {200 * base4:.0f} s")
-
-    print(f"\n(c) utils.train.train_heads, R runs at once (min over {args.epochs} epochs; 'of matmul' is "
-          "against the best plain matmul at the same thread count)")
-    print(f"  {'seeds':<11} {'R':>3} {'thr':>3} {'s/epoch':>8} {'samples/s':>11} {'GFLOP/s':>8} {'of matmul':>9} "
-          f"{'s/run-epoch':>11} {'speed-up':>8}")
-    one_run, fraction, per_run, at = {}, {}, [], {}
-    for mode in ("independent", "shared", "shared+fused"):
-        for runs in run_counts:
-            if mode != "independent" and runs == 1:
-                continue  # one run is the same computation either way
-            data = make_data(train_x, train_y, test_x, test_y, k, runs, device)
-            for threads in thread_options:
-                torch.set_num_threads(threads)
-                sec = trainer_epoch(data, runs, args.epochs, device, shared_seed=mode != "independent",
-                                    fused=mode == "shared+fused")
-                at[mode, runs, threads] = sec
-                rate = runs * gflop_per_run_epoch / sec
-                print(f"  {mode:<11} {runs:>3} {threads:>3} {sec:>8.3f} {runs * n / sec:>11,.0f} {rate:>8.1f} "
-                      f"{rate / peak[threads]:>8.0%} {sec / runs:>11.4f} {base / (sec / runs):>7.1f}x")
-                per_run.append(sec / runs)
-                if runs == 1:
-                    one_run[threads] = sec
-                elif runs >= 8:
-                    fraction[mode] = max(fraction.get(mode, 0.0), rate / peak[threads])
-            torch.set_num_threads(default_threads)
-            del data
-
-    print(f"\ntargets (load average now {load_average()})")
-    if one_run:
-        sec = min(one_run.values())
-        print(f"  one run alone: {sec:.3f} s/epoch = DataLoader loop ({base:.3f} s) / {base / sec:.1f} "
-              f"(target: / 30 or more) -> {'met' if base / sec >= 30 else 'NOT met'}")
-        if base4 is not None:
-            print(f"  one run alone vs the 4-worker loop (the original's default -j 4, {base4:.3f} s): / {base4 / sec:.1f}")
-    if per_run:
-        print(f"  best per-run epoch, amortised over R runs: {min(per_run):.4f} s = DataLoader loop / "
-              f"{base / min(per_run):.1f}")
-    floor = gflop_per_run_epoch / max(peak.values())
-    print(f"  floor at this machine's best plain matmul ({max(peak.values()):.1f} GFLOP/s): {floor:.4f} s per "
-          f"run-epoch = DataLoader loop / {base / floor:.1f}")
-    for mode, frac in fraction.items():
-        print(f"  {mode} seeds, best at R >= 8: {frac:.0%} of plain-matmul GFLOP/s (target: >= 50%) -> "
-              f"{'met' if frac >= 0.5 else 'NOT met'}")
-    for (mode, runs, threads), sec in sorted(at.items()):
-        if mode == "shared+fused":
-            exact = at["shared", runs, threads]
-            print(f"  cost of bit-exact batching, shared seeds, R={runs}, {threads} thread(s): {exact:.3f} s/epoch "
-                  f"exact vs {sec:.3f} fused ({exact / sec - 1:+.0%})")
+    peak = matmul_section(args, thread_options, default_threads, device)
+    base, base4 = baseline_section(args, arrays, thread_options, default_threads, device, gflop)
+    at = trainer_section(args, arrays, thread_options, default_threads, device, peak, base, gflop)
+    # a matmul timed while another process held the core would flatter every fraction: time it again
+    again = matmul_section(args, thread_options, default_threads, device,
+                           "(a') plain float32 matmul again; the targets use the better of (a) and (a')")
+    peak = {threads: max(peak[threads], again[threads]) for threads in peak}
+    if at:
+        targets_section(at, peak, base, base4, gflop)
     if args.contention and device.type == "cpu":
-        contention(train_x, train_y, test_x, test_y, k, args.epochs, device, default_threads)
+        contention(*arrays, k, args.epochs, device, default_threads)
     if args.profile:
         print(f"\nprofile of one epoch at R = {args.profile}")
-        profile_epoch(make_data(train_x, train_y, test_x, test_y, k, args.profile, device), args.profile, device)
+        profile_epoch(make_data(*arrays, k, args.profile, device), args.profile, device, args.targets)
     return 0
 
 

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from utils.losses import distillation_targets, pll_candidates
-from utils.train import (Hyper, NonFiniteLoss, Snapshot, Targets, ThreadTuner, TrainData, batched_products_match_lone,
-                         evaluate, products_thread_invariant, shuffled_positions, topk_hits, train_heads)
+import utils.train
+from utils.train import (Hyper, NonFiniteLoss, Snapshot, Targets, ThreadTuner, TrainData,
+                         batched_products_match_lone, evaluate, products_thread_invariant, shuffled_positions,
+                         topk_hits, train_heads)
 
 N, D, K, N_TRAIN, N_TEST = 120, 6, 4, 90, 50
 
@@ -84,8 +86,9 @@ def test_batched_runs_equal_runs_done_alone_bit_for_bit(kind, threads, shape, mo
     torch.set_num_threads(threads)
     try:
         if threads > 1 and not batched_products_match_lone([16, 10], D, K):
-            pytest.skip(f"this BLAS rounds batch items differently at {threads} threads: the engine trains on "
-                        "1 thread then (test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact)")
+            pytest.skip(f"this BLAS rounds batch items differently at {threads} threads: the engine trains "
+                        "on 1 thread then "
+                        "(test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact)")
         data = make_data(3, val=True)
         targets = make_targets(kind, data, 3)
         hp = ([0.1, 0.03, 0.2], [1e-3, 0.0, 5e-2], [0.9, 0.5, 0.0], [0.98, 0.9, 1.0])
@@ -117,9 +120,10 @@ def test_runs_sharing_their_batches_equal_runs_done_alone_bit_for_bit(kind, monk
                      data.test_labels, num_classes=K)
     logits = torch.bmm(data.features[data.train_rows],
                        torch.randn(6, K, D, generator=torch.Generator().manual_seed(9)).transpose(1, 2))
-    targets = {"hard": Targets("hard", data.noisy_labels, smoothing=torch.tensor([0.0, 0.2, 0.05, 0.0, 0.1, 0.0])),
-               "soft": Targets("soft", distillation_targets(logits, torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 3.0])),
-                               temperature=torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 3.0])),
+    smoothing = torch.tensor([0.0, 0.2, 0.05, 0.0, 0.1, 0.0])
+    temperature = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 3.0])
+    targets = {"hard": Targets("hard", data.noisy_labels, smoothing=smoothing),
+               "soft": Targets("soft", distillation_targets(logits, temperature), temperature=temperature),
                "partial": Targets("partial", pll_candidates(logits))}[kind]
     hp = ([0.1, 0.03, 0.2, 0.05, 0.1, 0.01], [1e-3, 0.0, 5e-2, 1e-4, 0.0, 1e-3], [0.9] * 6, [0.98] * 6)
     seeds = [5, 5, 5, 7, 7, 7]
@@ -131,6 +135,46 @@ def test_runs_sharing_their_batches_equal_runs_done_alone_bit_for_bit(kind, monk
         alone = train_heads(select(data, r), select_targets(targets, r), init[r:r + 1],
                             hyper(*[[v[r]] for v in hp]), 3, 16, [seeds[r]])
         assert torch.equal(together.weight[r], alone.weight[0]) and together.history[r] == alone.history[0]
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+@pytest.mark.parametrize("order, seeds, runs_per_update, updates", [
+    ("independent, a last shorter chunk", [1, 2, 3, 4, 5, 6], 4, [(0, 4), (4, 6)]),
+    ("independent, one run at a time", [1, 2, 3, 4, 5, 6], 1, [(r, r + 1) for r in range(6)]),
+    ("shared, blocks of 3 split 2 + 1", [5, 5, 5, 7, 7, 7], 2, [(0, 2), (2, 3), (3, 5), (5, 6)]),
+    ("fused, 2 blocks of 2 then 1", [5, 5, 7, 7, 9, 9], 4, [(0, 4), (4, 6)]),
+])
+def test_updating_a_few_runs_at_a_time_changes_no_number(kind, order, seeds, runs_per_update, updates,
+                                                         monkeypatch):
+    """On one thread a step updates the heads of a few runs at a time (UPDATE_CHUNK_BYTES, for the
+    cache): every number is the one of all runs updated at once."""
+    monkeypatch.setattr(__import__(__name__), "D", 96)
+    monkeypatch.setattr(__import__(__name__), "K", 24)
+    torch.set_num_threads(1)
+    data = make_data(6, val=True)
+    if not order.startswith("independent"):
+        data.train_rows = data.train_rows[:1].expand(6, -1).clone()
+    logits = torch.bmm(data.features[data.train_rows],
+                       torch.randn(6, K, D, generator=torch.Generator().manual_seed(9)).transpose(1, 2))
+    spread = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.5, 3.0])
+    targets = (Targets("hard", data.noisy_labels, smoothing=spread / 10) if kind == "hard" else
+               Targets("soft", distillation_targets(logits, spread), temperature=spread))
+    hp = hyper([0.1, 0.03, 0.2, 0.05, 0.1, 0.01], [1e-3, 0.0, 5e-2, 1e-4, 0.0, 1e-3],
+               [0.9, 0.5, 0.0, 0.9, 0.8, 0.9], [0.98] * 6)
+    fuse = order.startswith("fused")
+
+    def train():
+        return train_heads(data, targets, init_weights(6), hp, 3, 16, seeds, fuse_shared_order=fuse)
+
+    monkeypatch.setattr(utils.train, "UPDATE_CHUNK_BYTES", 1 << 40)
+    whole = train()
+    monkeypatch.setattr(utils.train, "UPDATE_CHUNK_BYTES", runs_per_update * K * D * 4)
+    heads = init_weights(6)
+    sgd = utils.train._BatchedSGD(data, targets, hp, 16, seeds, fuse, heads, torch.zeros_like(heads))
+    assert [(unit.runs.start, unit.runs.stop) for unit in sgd.units[True]] == updates
+    chunked = train()
+    assert torch.equal(whole.weight, chunked.weight) and torch.equal(whole.momentum, chunked.momentum)
+    assert whole.history == chunked.history
 
 
 def test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact(monkeypatch):
@@ -178,7 +222,8 @@ def test_the_tuner_keeps_the_faster_thread_count_and_tries_again_now_and_then(se
             tuner.end_epoch()
             assert torch.get_num_threads() == 2  # evaluation at the fixed count
         trials = [2] * 4 + [1] * 4 + [best] * 4
-        assert used[:12] == trials and used[12:36] == [best] * 24 and used[36:] == trials  # epoch 3 tries again
+        # epoch 3 tries again
+        assert used[:12] == trials and used[12:36] == [best] * 24 and used[36:] == trials
         assert tuner.chosen == [best] * 4
     finally:
         torch.set_num_threads(1)
@@ -202,6 +247,25 @@ def test_an_epoch_much_slower_than_the_last_makes_the_tuner_try_again():
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("case, seconds, steps, used, chosen", [
+    ("short steps: 8 timed at 2 threads, 4 at 1", {2: 0.125, 1: 0.25}, 20, [2] * 9 + [1] * 5 + [2] * 6, 2),
+    ("an epoch shorter than its trials keeps the faster yet", {2: 0.25, 1: 0.125}, 8, [2] * 5 + [1] * 3, 1),
+])
+def test_a_trial_lasts_its_seconds_not_only_its_steps(case, seconds, steps, used, chosen):
+    """A few steps of a few milliseconds time the scheduler, not the load: a trial lasts one
+    second here (trial_seconds), whatever its steps take."""
+    tuner = ThreadTuner(2, trial_steps=3, trial_seconds=1.0, clock=FakeClock(seconds))
+    try:
+        seen = []
+        for step in range(steps):
+            tuner.before_step(step)
+            seen.append(torch.get_num_threads())
+        tuner.end_epoch()
+        assert seen == used and tuner.chosen == [chosen]
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("shape", ["tiny", "wide"])
 def test_tuned_threads_change_no_number(shape, monkeypatch):
     if shape == "wide":
@@ -216,7 +280,8 @@ def test_tuned_threads_change_no_number(shape, monkeypatch):
     torch.set_num_threads(2)  # the tuner evaluates at its fixed count (2): so does the plain run
     plain = train_heads(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3])
     clock = FakeClock({2: 1.0, 1: 0.1})  # one thread "wins" the trials
-    tuned = train_heads(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3], tuner=ThreadTuner(2, 2, clock=clock))
+    tuned = train_heads(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3],
+                        tuner=ThreadTuner(2, 2, clock=clock))
     torch.set_num_threads(1)
     assert torch.equal(plain.weight, tuned.weight) and plain.history == tuned.history
 
@@ -257,11 +322,12 @@ def _reference_sgd(data, init, lr, wd, mom, gamma, epochs, batch, seed, loss_of=
         sched.step()
         with torch.no_grad():
             test_pred = lin(data.test_features).topk(2, -1).indices
-        history.append({"train_loss": loss_sum / N_TRAIN, "train_acc": float(hits[0]) * 100 / N_TRAIN,
-                        "train_top2": float(hits[1]) * 100 / N_TRAIN, "train_acc_true": float(hits[2]) * 100 / N_TRAIN,
-                        "train_top2_true": float(hits[3]) * 100 / N_TRAIN,
-                        "test_acc": float((test_pred[:, 0] == data.test_labels).double().mean() * 100),
-                        "test_top2": float((test_pred == data.test_labels[:, None]).any(-1).double().mean() * 100)})
+        pct = [float(h) * 100 / N_TRAIN for h in hits]
+        test_hit = test_pred == data.test_labels[:, None]
+        history.append({"train_loss": loss_sum / N_TRAIN, "train_acc": pct[0], "train_top2": pct[1],
+                        "train_acc_true": pct[2], "train_top2_true": pct[3],
+                        "test_acc": float(test_hit[:, 0].double().mean() * 100),
+                        "test_top2": float(test_hit.any(-1).double().mean() * 100)})
     return lin.weight.detach(), history
 
 
@@ -307,9 +373,11 @@ def test_smoothed_and_tempered_targets_train_as_their_torch_losses(kind):
     else:
         t = 3.0
         teacher = torch.randn(1, K, D, generator=torch.Generator().manual_seed(9))
-        q = distillation_targets(torch.bmm(data.features[data.train_rows], teacher.transpose(1, 2)), torch.tensor([t]))
+        teacher_logits = torch.bmm(data.features[data.train_rows], teacher.transpose(1, 2))
+        q = distillation_targets(teacher_logits, torch.tensor([t]))
         targets = Targets("soft", q, temperature=torch.tensor([t]))
-        loss_of = lambda out, pos: t ** 2 * -(q[0, pos] * torch.log_softmax(out / t, -1)).sum(-1).mean()  # noqa: E731
+        loss_of = lambda out, pos: (  # noqa: E731
+            t ** 2 * -(q[0, pos] * torch.log_softmax(out / t, -1)).sum(-1).mean())
     state = train_heads(data, targets, init, hyper([0.2], [5e-3], [0.9], [0.8]), 2, 25, [17])
     ref_w, ref_hist = _reference_sgd(data, init[0], 0.2, 5e-3, 0.9, 0.8, 2, 25, 17, loss_of)
     torch.testing.assert_close(state.weight[0], ref_w, atol=1e-5, rtol=0)
@@ -320,8 +388,9 @@ def test_smoothed_and_tempered_targets_train_as_their_torch_losses(kind):
 def test_same_seeds_give_bit_identical_runs():
     def once():
         data = make_data(2, seed=1)
-        return train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(2)), init_weights(2),
-                           hyper([0.1, 0.05], [1e-3, 1e-3], [0.9, 0.9], [0.98, 0.98]), 3, 16, [4, 5])
+        return train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(2)),
+                           init_weights(2), hyper([0.1, 0.05], [1e-3, 1e-3], [0.9, 0.9], [0.98, 0.98]), 3, 16,
+                           [4, 5])
     a, b = once(), once()
     assert torch.equal(a.weight, b.weight) and torch.equal(a.momentum, b.momentum)
     assert a.history == b.history
@@ -365,7 +434,8 @@ def test_nan_loss_raises_with_epoch_and_run():
     data = make_data(3, scale=1e4)
     with pytest.raises(NonFiniteLoss) as err:
         train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(3)), init_weights(3),
-                    hyper([0.01, 1e30, 0.01], [0.0, 0.1, 0.0], [0.9, 0.9, 0.9], [1.0, 1.0, 1.0]), 3, 16, [1, 2, 3])
+                    hyper([0.01, 1e30, 0.01], [0.0, 0.1, 0.0], [0.9, 0.9, 0.9], [1.0, 1.0, 1.0]), 3, 16,
+                    [1, 2, 3])
     assert err.value.epoch == 1 and err.value.run == 1
 
 
@@ -408,15 +478,17 @@ def test_topk_hits_agree_with_topk_and_count_ties_and_nans_as_misses():
 def test_evaluate_metrics_against_torch():
     torch.manual_seed(12)
     test_x, test_y = torch.randn(40, D), torch.randint(0, K, (40,))
-    data = TrainData(torch.randn(10, D), torch.zeros(2, 10, dtype=torch.long), torch.zeros(2, 10, dtype=torch.long),
-                     torch.zeros(2, 10, dtype=torch.long), test_x, test_y, num_classes=K)
+    zeros = torch.zeros(2, 10, dtype=torch.long)
+    data = TrainData(torch.randn(10, D), zeros, zeros, zeros, test_x, test_y, num_classes=K)
     weight = torch.randn(2, K, D)
     got = evaluate(data, weight)
     for r in range(2):
         logits = test_x @ weight[r].T
         p = torch.softmax(logits, -1)
         assert got["test_loss"][r].item() == pytest.approx(F.cross_entropy(logits, test_y).item(), abs=1e-5)
-        assert got["test_acc"][r].item() == pytest.approx((logits.argmax(-1) == test_y).float().mean().item() * 100)
-        assert got["test_confidence"][r].item() == pytest.approx(p.max(-1).values.mean().item() * 100, abs=1e-4)
+        accuracy = (logits.argmax(-1) == test_y).float().mean().item() * 100
+        assert got["test_acc"][r].item() == pytest.approx(accuracy)
+        confidence = p.max(-1).values.mean().item() * 100
+        assert got["test_confidence"][r].item() == pytest.approx(confidence, abs=1e-4)
         entropy = torch.distributions.Categorical(logits=logits).entropy().mean()
         assert got["test_entropy"][r].item() == pytest.approx(entropy.item(), abs=1e-5)

@@ -15,7 +15,7 @@ faster but rounded differently from the same run alone on some BLAS builds.
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -75,8 +75,9 @@ class Snapshot:
     @staticmethod
     def empty(weight):
         r = weight.shape[0]
-        return Snapshot(torch.full((r,), -1.0, device=weight.device), torch.zeros(r, dtype=torch.long, device=weight.device),
-                        weight.clone(), torch.zeros_like(weight))
+        acc = torch.full((r,), -1.0, device=weight.device)
+        epoch = torch.zeros(r, dtype=torch.long, device=weight.device)
+        return Snapshot(acc, epoch, weight.clone(), torch.zeros_like(weight))
 
     def update(self, acc, epoch, weight, momentum):
         better = acc > self.acc
@@ -112,7 +113,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def shuffled_positions(num_rows: int, seeds, epoch: int) -> torch.Tensor:
     """(R, num_rows) permutations, each from its run's own seed (independent of the batch)."""
     gen = torch.Generator()
-    return torch.stack([torch.randperm(num_rows, generator=gen.manual_seed(epoch_seed(s, epoch))) for s in seeds])
+    return torch.stack([torch.randperm(num_rows, generator=gen.manual_seed(epoch_seed(seed, epoch)))
+                        for seed in seeds])
 
 
 def shared_order_group_size(shuffle_seeds, train_rows: torch.Tensor) -> int:
@@ -134,7 +136,7 @@ def shared_order_group_size(shuffle_seeds, train_rows: torch.Tensor) -> int:
     return 1
 
 
-def classes_below(logits: torch.Tensor, labels: torch.Tensor, compared: Optional[torch.Tensor] = None,
+def _classes_below(logits: torch.Tensor, labels: torch.Tensor, compared: Optional[torch.Tensor] = None,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """How many classes have a logit strictly below the label's, per sample, as float32 (exact:
     a sum of zeros and ones). logits (R, B, K), labels (R, B) or (S, R, B) for S label sets.
@@ -155,7 +157,7 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor):
     A sample's label ranks below every class whose logit is not strictly smaller, so ties and NaNs
     count against it (a constant predictor scores 0, not 100%). One compare and one count: topk is
     several times slower on CPU."""
-    return _hits(classes_below(logits, labels), logits.shape[-1])
+    return _hits(_classes_below(logits, labels), logits.shape[-1])
 
 
 def _hits(below: torch.Tensor, num_classes: int):
@@ -175,10 +177,11 @@ def _batch_loss(kind: str, options, logits: torch.Tensor, batch_targets: torch.T
     raise ValueError(f"unknown target kind {kind!r}")
 
 
-def _logits_by_run(features: torch.Tensor, weight: torch.Tensor) -> list:
-    """Each run's (N, K) logits, one (N x d)(d x K) product per run; features (N, d) or (R, N, d)."""
+def _logits_by_run(features: torch.Tensor, weight: torch.Tensor):
+    """Each run's (N, K) logits in turn, one (N x d)(d x K) product per run; features (N, d) or
+    (R, N, d)."""
     per_run = features.expand(weight.shape[0], -1, -1) if features.ndim == 2 else features
-    return [x @ w.T for x, w in zip(per_run, weight)]
+    return (x @ w.T for x, w in zip(per_run, weight))
 
 
 @torch.no_grad()
@@ -187,7 +190,7 @@ def head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     One (N x d)(d x K) product per run, never one (N x d)(d x R*K) product: a BLAS may round the
     columns of a wider product differently, which would make a run's numbers depend on its batch."""
-    return torch.stack(_logits_by_run(features, weight))
+    return torch.stack(list(_logits_by_run(features, weight)))
 
 
 def _test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -209,27 +212,44 @@ def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch
     """Per run: test loss, top-1/top-2 accuracy (percent), confidence and entropy; val accuracy
     when a val split exists. Each run's logits are scored as they come (never stacked)."""
     labels = data.test_labels.unsqueeze(0)
-    runs = [_test_metrics(logits.unsqueeze(0), labels) for logits in _logits_by_run(data.test_features, weight)]
+    runs = [_test_metrics(run_logits.unsqueeze(0), labels)
+            for run_logits in _logits_by_run(data.test_features, weight)]
     out = {name: torch.cat([run[name] for run in runs]) for name in runs[0]}
     if data.val_rows is not None:
         if val_features is None:
             val_features = data.features[data.val_rows]
         val_logits = _logits_by_run(val_features, weight)
-        hits = [topk_hits(logits.unsqueeze(0), data.val_labels[r:r + 1])[0] for r, logits in enumerate(val_logits)]
+        hits = [topk_hits(run_logits.unsqueeze(0), val_labels.unsqueeze(0))[0]
+                for run_logits, val_labels in zip(val_logits, data.val_labels)]
         out["val_acc"] = torch.cat(hits) * (100.0 / data.val_rows.shape[1])
     return out
 
 
-# A step updates the heads of a few runs at a time, about this many bytes of weights each: their
-# weights, momenta and decay buffers then stay in a core's L2 cache through the update's passes
-# instead of streaming from memory once per pass. Every pass is elementwise per run and a slice of
-# a batched product is the same product per run, so this size changes speed, never a number.
+# On one CPU thread a step updates the heads of a few runs at a time, about this many bytes of
+# weights each: their weights, momenta and decay buffers then stay in the core's L2 cache through
+# the update's passes instead of streaming from memory once per pass (~7% of an epoch at R = 8,
+# d = 512, K = 100). Threads, or a GPU, have more cache and pay more per call: all runs at once.
+# Every pass is elementwise per run and a slice of a batched product is the same product per run,
+# so this changes speed, never a number.
 UPDATE_CHUNK_BYTES = 1 << 19
 
 
+@dataclass
+class _Unit:
+    """Runs whose heads are updated together, as views of the whole batch's tensors."""
+    orders: Union[slice, int]  # the gathered batches they multiply (for runs sharing one: its index)
+    runs: slice
+    weight: torch.Tensor
+    momentum: torch.Tensor
+    decayed: torch.Tensor  # wd * W + gradient, then lr * momentum
+    weight_decay: torch.Tensor
+    momentum_factor: torch.Tensor
+    lr: torch.Tensor
+
+
 class _BatchedSGD:
-    """What stays fixed through a train_heads call (how its runs share mini-batches, the slices of
-    runs updated together, preallocated step buffers) and its epochs of SGD steps.
+    """What stays fixed through a train_heads call (how its runs share mini-batches, the runs
+    updated together, preallocated step buffers) and its epochs of SGD steps.
 
     Runs in blocks of `shared` see the same mini-batches (shared_order_group_size): gathered once
     per block; their products are one wide matmul when fused, else one (B x d)(d x K) product per
@@ -250,36 +270,39 @@ class _BatchedSGD:
         self.loss_options = targets.loss_options()
         # soft targets / candidate sets as rows of one matrix: a step gathers its own with
         # index_select, several times faster than advanced indexing (R, N, K)[arange, positions]
-        self.target_rows = None if targets.kind == "hard" else targets.values.reshape(
-            self.num_runs * self.num_train, -1)
+        num_targets = self.num_runs * self.num_train
+        self.target_rows = None if targets.kind == "hard" else targets.values.reshape(num_targets, -1)
         self.arange_r = torch.arange(self.num_runs, device=weight.device)[:, None]
         self.num_classes, self.dim = weight.shape[1:]
         self.fused_weight = weight.view(self.num_runs // self.group, self.group * self.num_classes, -1)
-        self.decayed = torch.empty_like(weight)  # wd * W + gradient, then lr * momentum
+        self.decayed = torch.empty_like(weight)
         self.fused_decayed = self.decayed.view_as(self.fused_weight)
-        self.units = self._update_units(self.num_classes * self.dim * weight.element_size())
+        self.lr = torch.empty_like(hyper.lr).view(-1, 1, 1)  # this epoch's, per run
+        per_unit = max(1, UPDATE_CHUNK_BYTES // (self.num_classes * self.dim * weight.element_size()))
+        if weight.device.type != "cpu":
+            per_unit = self.num_runs
+        # keyed by "on one thread": see UPDATE_CHUNK_BYTES
+        self.units = {True: self._update_units(per_unit), False: self._update_units(self.num_runs)}
         self.buffers = {}
         self._step_buffers(min(batch_size, self.num_train))  # a full batch's: the others use their start
 
-    def _update_units(self, head_bytes: int) -> list:
-        """Per slice of runs updated together: (orders, runs, weight, momentum, decayed, wd, momentum
-        factor). `orders` index the step's gathered batches that those runs multiply: a slice, or
-        for runs sharing one block's batch, the block. Fused runs are updated in whole blocks."""
-        per_unit, shared = max(1, UPDATE_CHUNK_BYTES // head_bytes), self.shared
-        num_runs, num_orders = self.num_runs, self.num_orders
+    def _update_units(self, per_unit: int) -> list:
+        """The runs updated together, `per_unit` at most. Runs sharing a block's batch (not fused)
+        are updated block by block, fused runs in whole blocks."""
+        num_runs, num_orders, shared = self.num_runs, self.num_orders, self.shared
         if shared == 1:
             spans = [(slice(r, min(r + per_unit, num_runs)),) * 2 for r in range(0, num_runs, per_unit)]
         elif self.group == 1:
             spans = [(u, slice(r, min(r + per_unit, (u + 1) * shared)))
                      for u in range(num_orders) for r in range(u * shared, (u + 1) * shared, per_unit)]
         else:
-            blocks = max(1, per_unit // shared)
-            spans = [(slice(u, min(u + blocks, num_orders)), slice(u * shared, min(u + blocks, num_orders) * shared))
-                     for u in range(0, num_orders, blocks)]
-        view = lambda v: v.view(-1, 1, 1)  # noqa: E731 - (R,) -> broadcast over (R, K, d)
-        wd, mom = view(self.hyper.weight_decay), view(self.hyper.momentum)
-        return [(orders, runs, self.weight[runs], self.momentum[runs], self.decayed[runs], wd[runs], mom[runs])
-                for orders, runs in spans]
+            blocks, spans = max(1, per_unit // shared), []
+            for u in range(0, num_orders, blocks):
+                end = min(u + blocks, num_orders)
+                spans.append((slice(u, end), slice(u * shared, end * shared)))
+        wd, mom = self.hyper.weight_decay.view(-1, 1, 1), self.hyper.momentum.view(-1, 1, 1)
+        return [_Unit(orders, runs, self.weight[runs], self.momentum[runs], self.decayed[runs], wd[runs],
+                      mom[runs], self.lr[runs]) for orders, runs in spans]
 
     def _step_buffers(self, b: int):
         """(gathered rows (U * b, d), logits (R, b, K), comparisons (2, R, b, K)) for batches of b
@@ -292,12 +315,11 @@ class _BatchedSGD:
             self.buffers[b] = [flat[:math.prod(s)].view(s) for flat, s in zip(self.flat_buffers, shapes)]
         return self.buffers[b]
 
-    def epoch(self, epoch: int, tuner: Optional["ThreadTuner"]):
+    def train_epoch(self, epoch: int, tuner: Optional["ThreadTuner"]):
         """One epoch of SGD steps of every run: (train loss (R,) float64, hits (4, R): noisy top-1,
-        top-2, true top-1, top-2, lr (R,))."""
+        top-2, true top-1, top-2)."""
         device = self.weight.device
-        lr = self.hyper.lr * self.hyper.gamma ** epoch
-        unit_lr = [lr.view(-1, 1, 1)[unit[1]] for unit in self.units]
+        self.lr.copy_((self.hyper.lr * self.hyper.gamma ** epoch).view(-1, 1, 1))
         positions = shuffled_positions(self.num_train, self.seeds[::self.shared], epoch).to(device)  # (U, N)
         rows = self.group_rows.gather(1, positions)
         if self.shared > 1:
@@ -312,15 +334,15 @@ class _BatchedSGD:
             if tuner is not None:
                 tuner.before_step(step)
             batch = slice(start, start + self.batch_size)
-            loss, logits, compared = self._step(rows[:, batch], targets[:, batch], unit_lr)
+            loss, logits, compared = self._step(rows[:, batch], targets[:, batch])
             # the product of a float32 loss and a batch size under 2^29 is exact in float64, so
             # this rounds as `loss_sum += loss.double() * b` does, in one pass instead of three
             loss_sum.add_(loss, alpha=logits.shape[1])
-            classes_below(logits, labels[:, :, batch], compared, out=below[:, :, batch])
+            _classes_below(logits, labels[:, :, batch], compared, out=below[:, :, batch])
         top1, top2 = _hits(below, self.num_classes)
-        return loss_sum / self.num_train, torch.stack([top1, top2], 1).view(4, -1), lr
+        return loss_sum / self.num_train, torch.stack([top1, top2], 1).view(4, -1)
 
-    def _step(self, batch_rows: torch.Tensor, batch_targets: torch.Tensor, unit_lr: list):
+    def _step(self, batch_rows: torch.Tensor, batch_targets: torch.Tensor):
         """One SGD step of every run on its mini-batch: (loss (R,), logits (R, b, K), the buffer
         for the train metrics' comparisons)."""
         num_orders, b = batch_rows.shape
@@ -330,22 +352,25 @@ class _BatchedSGD:
         xb = xb.view(num_orders, b, -1)                                                     # (U, b, d)
         self._forward(xb, logits)
         if self.target_rows is not None:
-            batch_targets = self.target_rows.index_select(0, batch_targets.reshape(-1)).view(self.num_runs, b, -1)
+            batch_targets = self.target_rows.index_select(0, batch_targets.reshape(-1))
+            batch_targets = batch_targets.view(self.num_runs, b, -1)
         loss, grad_logits = _batch_loss(self.targets.kind, self.loss_options, logits, batch_targets)
         if self.group > 1:  # to the fused products' layout: (U, b, G*K)
-            grad_logits = grad_logits.view(num_orders, self.group, b, -1).transpose(1, 2).reshape(num_orders, b, -1)
+            grad_logits = grad_logits.view(num_orders, self.group, b, -1).transpose(1, 2)
+            grad_logits = grad_logits.reshape(num_orders, b, -1)
         grad_t = grad_logits.transpose(1, 2)
         # grad = wd * W + dL/dlogits^T @ x, accumulated in place into the decay buffer; then SGD
-        for (orders, runs, weight, momentum, decayed, wd, mom), lr in zip(self.units, unit_lr):
-            torch.mul(weight, wd, out=decayed)
+        for unit in self.units[torch.get_num_threads() == 1]:
+            torch.mul(unit.weight, unit.weight_decay, out=unit.decayed)
             if self.group > 1:
-                self.fused_decayed[orders].baddbmm_(grad_t[orders], xb[orders])
+                self.fused_decayed[unit.orders].baddbmm_(grad_t[unit.orders], xb[unit.orders])
             elif self.shared > 1:  # the block's gathered rows, expanded (not copied) to its runs
-                decayed.baddbmm_(grad_t[runs], xb[orders].expand(decayed.shape[0], -1, -1))
+                x = xb[unit.orders].expand(unit.decayed.shape[0], -1, -1)
+                unit.decayed.baddbmm_(grad_t[unit.runs], x)
             else:
-                decayed.baddbmm_(grad_t[runs], xb[orders])
-            momentum.mul_(mom).add_(decayed)
-            weight.sub_(torch.mul(lr, momentum, out=decayed))
+                unit.decayed.baddbmm_(grad_t[unit.runs], xb[unit.orders])
+            unit.momentum.mul_(unit.momentum_factor).add_(unit.decayed)
+            unit.weight.sub_(torch.mul(unit.lr, unit.momentum, out=unit.decayed))
         return loss, logits, compared
 
     def _forward(self, xb: torch.Tensor, logits: torch.Tensor) -> None:
@@ -357,7 +382,8 @@ class _BatchedSGD:
         elif self.shared > 1:
             for u in range(num_orders):
                 block = slice(u * self.shared, (u + 1) * self.shared)
-                torch.bmm(xb[u].expand(self.shared, b, -1), self.weight[block].transpose(1, 2), out=logits[block])
+                x = xb[u].expand(self.shared, b, -1)
+                torch.bmm(x, self.weight[block].transpose(1, 2), out=logits[block])
         else:
             torch.bmm(xb, self.weight.transpose(1, 2), out=logits)
 
@@ -401,17 +427,30 @@ def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hy
                       state.momentum)
     val_features = data.features[data.val_rows] if data.val_rows is not None else None  # gathered once
     for epoch in range(state.epoch, epochs):
-        train_loss, hits, lr = sgd.epoch(epoch, tuner)
+        train_loss, hits = sgd.train_epoch(epoch, tuner)
         bad = ~torch.isfinite(train_loss)
         if bad.any():
             raise NonFiniteLoss(epoch + 1, int(bad.nonzero()[0]))
         if tuner is not None:
             tuner.end_epoch()  # the thread count of evaluation (fixed, unless it cannot change a number)
         metrics = evaluate(data, state.weight, val_features)
-        _record_epoch(state, train_loss, hits, lr, metrics, data.train_rows.shape[1])
+        _record_epoch(state, train_loss, hits, sgd.lr.view(-1), metrics, data.train_rows.shape[1])
         if on_epoch is not None:
             on_epoch(state)
     return state
+
+
+def _random_products(gen: torch.Generator, runs: int, batch: int, dim: int, num_classes: int):
+    """Random inputs of the trainer's products: x (R, B, d), w (R, K, d), g (R, B, K), base (R, K, d)."""
+    shapes = [(runs, batch, dim), (runs, num_classes, dim), (runs, batch, num_classes),
+              (runs, num_classes, dim)]
+    return [torch.randn(shape, generator=gen) for shape in shapes]
+
+
+def _products(x, w, g, base):
+    """The trainer's products: the forward (B x d)(d x K) and the weight gradient (K x B)(B x d)
+    accumulated into a copy of `base`."""
+    return torch.bmm(x, w.transpose(1, 2)), base.clone().baddbmm_(g.transpose(1, 2), x)
 
 
 @torch.no_grad()
@@ -423,21 +462,15 @@ def batched_products_match_lone(batch_sizes, dim: int, num_classes: int, runs=(2
     gen = torch.Generator().manual_seed(0)
     for b in sorted(set(batch_sizes)):
         for r in runs:
-            x = torch.randn(r, b, dim, generator=gen)
-            w = torch.randn(r, num_classes, dim, generator=gen)
-            g = torch.randn(r, b, num_classes, generator=gen)
-            base = torch.randn(r, num_classes, dim, generator=gen)
-            forward = torch.bmm(x, w.transpose(1, 2))
-            backward = base.clone().baddbmm_(g.transpose(1, 2), x)
-            shared = x[:1].expand(r, b, dim)  # runs sharing their mini-batch: one gathered copy, expanded
-            forward_shared = torch.bmm(shared, w.transpose(1, 2))
-            backward_shared = base.clone().baddbmm_(g.transpose(1, 2), shared)
+            x, w, g, base = _random_products(gen, r, b, dim, num_classes)
+            together = _products(x, w, g, base)
+            # runs sharing their mini-batch: one gathered copy, expanded
+            shared = _products(x[:1].expand(r, b, dim), w, g, base)
             for i in range(r):
                 one = slice(i, i + 1)
-                if not (torch.equal(forward[one], torch.bmm(x[one], w[one].transpose(1, 2))) and
-                        torch.equal(backward[one], base[one].clone().baddbmm_(g[one].transpose(1, 2), x[one])) and
-                        torch.equal(forward_shared[one], torch.bmm(x[:1], w[one].transpose(1, 2))) and
-                        torch.equal(backward_shared[one], base[one].clone().baddbmm_(g[one].transpose(1, 2), x[:1]))):
+                alone = _products(x[one], w[one], g[one], base[one])
+                alone += _products(x[:1], w[one], g[one], base[one])
+                if not all(torch.equal(t[one], a) for t, a in zip(together + shared, alone)):
                     return False
     return True
 
@@ -449,46 +482,58 @@ class ThreadTuner:
     several times slower (a step waits for its slowest thread). So an epoch now and then times its
     first steps with each count (after one warm-up step each) and keeps the faster; the other
     epochs use the kept count, and time themselves: an epoch 1.5 times slower than the last one
-    (the load changed) makes the next epoch try both counts again. Trials cost little: a few steps
-    every `retune_every` epochs. Evaluation uses the kept count when `tune_evaluation` (its numbers
-    do not depend on the thread count either), else `threads`. Only valid where the thread count
-    changes no result (`products_thread_invariant`): the choice changes speed, never numbers."""
+    (the load changed) makes the next epoch try both counts again. A trial lasts `trial_steps`
+    steps and `trial_seconds` at least: a few short steps measure whether the scheduler happened
+    to run the process just then, several of its time slices what the load costs. Trials cost
+    little: a fraction of an epoch every `retune_every` epochs. Evaluation uses the kept count when
+    `tune_evaluation` (its numbers do not depend on the thread count either), else `threads`. Only
+    valid where the thread count changes no result (`products_thread_invariant`): the choice
+    changes speed, never numbers."""
 
     def __init__(self, threads: int, trial_steps: int = 3, retune_every: int = 10, clock=time.perf_counter,
-                 tune_evaluation=False):
+                 tune_evaluation=False, trial_seconds: float = 0.03):
         self.counts = (threads, 1)
-        self.trial, self.retune_every, self.clock = trial_steps, retune_every, clock
+        self.trial, self.trial_seconds = trial_steps, trial_seconds
+        self.retune_every, self.clock = retune_every, clock
         self.tune_evaluation = tune_evaluation
         self.chosen = []  # per epoch: the thread count kept after its trials (or carried over)
         self._epoch, self._kept, self._last_epoch_time, self._retune = 0, None, None, True
         self._times, self._started, self._epoch_started = {}, None, None
+        self._trying = None  # while trials run: the index in `counts` of the count on trial
 
     def before_step(self, step: int) -> None:
         now = self.clock()
         if step == 0:
-            self._epoch_started = now
-        if not self._retune:
-            if step == 0:
-                torch.set_num_threads(self._kept)
+            self._epoch_started, self._started = now, None
+            self._trying = 0 if self._retune else None
+            torch.set_num_threads(self.counts[0] if self._retune else self._kept)
+            return  # the first step of a trial warms its count up: not timed
+        if self._trying is None:
             return
+        times = self._times.setdefault(self.counts[self._trying], [])
         if self._started is not None:
-            self._times.setdefault(self._current, []).append(now - self._started)
-            self._started = None
-        block = step // (self.trial + 1)
-        if block < len(self.counts):
-            self._current = self.counts[block]
-            torch.set_num_threads(self._current)
-            if step % (self.trial + 1):  # the first step of a block warms up the new count
-                self._started = now
-        elif block == len(self.counts) and step % (self.trial + 1) == 0:
-            self._kept = min(self.counts, key=lambda c: sum(self._times.get(c, [float("inf")])))
+            times.append(now - self._started)
+        if len(times) < self.trial or sum(times) < self.trial_seconds:
+            self._started = now
+            return
+        self._trying, self._started = self._trying + 1, None
+        if self._trying < len(self.counts):
+            torch.set_num_threads(self.counts[self._trying])
+        else:
+            self._kept, self._trying = self._fastest(), None
             torch.set_num_threads(self._kept)
+
+    def _fastest(self) -> int:
+        """The count of the fastest mean step, or `threads` until every count has a timed step."""
+        if not all(self._times.get(count) for count in self.counts):
+            return self.counts[0]
+        return min(self.counts, key=lambda count: sum(self._times[count]) / len(self._times[count]))
 
     def end_epoch(self) -> None:
         now = self.clock()
         if self._retune:
-            if self._kept is None or len(self._times) < len(self.counts):  # an epoch shorter than its trials
-                self._kept = self.counts[0]
+            if self._trying is not None:  # an epoch shorter than its trials
+                self._kept, self._trying = self._fastest(), None
             self.chosen.append(self._kept)
             self._retune = False
         else:
@@ -533,7 +578,8 @@ def evaluation_thread_invariant(rows, dim: int, num_classes: int, threads: int) 
 
 
 @torch.no_grad()
-def products_thread_invariant(batch_sizes, dim: int, num_classes: int, threads: int, runs=(1, 2, 8, 64)) -> bool:
+def products_thread_invariant(batch_sizes, dim: int, num_classes: int, threads: int,
+                              runs=(1, 2, 8, 64)) -> bool:
     """Whether the trainer's products (one item alone or in a batch) give the same bits at
     `threads` CPU threads as at one: then the thread count is free to change between steps and
     processes without changing any number. True for MKL's AVX-512 code here; its AVX2 code splits a
@@ -543,12 +589,11 @@ def products_thread_invariant(batch_sizes, dim: int, num_classes: int, threads: 
     try:
         for b in sorted(set(batch_sizes)):
             for r in runs:
-                x, w = torch.randn(r, b, dim, generator=gen), torch.randn(r, num_classes, dim, generator=gen)
-                g, base = torch.randn(r, b, num_classes, generator=gen), torch.randn(r, num_classes, dim, generator=gen)
+                inputs = _random_products(gen, r, b, dim, num_classes)
                 results = []
                 for count in (1, threads):
                     torch.set_num_threads(count)
-                    results.append((torch.bmm(x, w.transpose(1, 2)), base.clone().baddbmm_(g.transpose(1, 2), x)))
+                    results.append(_products(*inputs))
                 if not all(torch.equal(a, b) for a, b in zip(*results)):
                     return False
         return True
