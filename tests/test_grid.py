@@ -311,6 +311,9 @@ def test_run_flags_beside_config_are_refused_not_ignored(cli, tmp_path, capsys, 
     assert cli("--config", write_recipe(tmp_path), "--epochs", 5, "--lr", 0.1) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--epochs" in err and "--lr" in err
+    # named by the flags the user typed, not by the settings they fill (eta, seed)
+    assert cli("--config", write_recipe(tmp_path), "--corruption", 0.3, "--manualSeed", 2) == 2
+    assert "--corruption, --manualSeed cannot be combined with --config" in capsys.readouterr().err
 
 
 def test_string_numbers_and_integers_in_recipes_become_the_flag_types(cli, tmp_path, spy, reference):

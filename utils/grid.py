@@ -32,8 +32,8 @@ from utils.io import remove_stale_temporaries
 from utils.options import parse_with
 from utils.report import METRIC_DESCRIPTION, write_reports
 from utils.runs import ResultsStore, step_fields, step_settings
-from utils.settings import (GRID_KEYS, RECIPE_KEY, RUN_OPTIONS, build_parser, config_from_args, finished_note,
-                            source_from_args)
+from utils.settings import (FLAG, GRID_KEYS, RECIPE_KEY, RUN_OPTIONS, build_parser, config_from_args,
+                            finished_note, source_from_args)
 from utils.steps import Step, chain_steps, step_of
 
 TOP_KEYS = {"name", "title", "rounds", "partial", "grid", "per_dataset", "report"}
@@ -49,8 +49,8 @@ def _fail(path, message):
     raise UserError(f"recipe {path}: {message}")
 
 
-def _option(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+def _flag_of_key(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _flag_value(parser, key: str, value):
@@ -60,7 +60,7 @@ def _flag_value(parser, key: str, value):
     if isinstance(value, (list, dict)) or value is None:
         raise UserError(f"{value!r} is not a single value")
     try:
-        return parse_with(parser, GRID_KEYS[key], _option(key), value)
+        return parse_with(parser, GRID_KEYS[key], _flag_of_key(key), value)
     except UserError as exc:
         text = str(exc).removeprefix(f"{parser.prog}: ").removesuffix(" (see --help)")
         raise UserError(f"{value!r} is not a valid value ({text})") from None
@@ -77,7 +77,7 @@ def _section(path, parser, name: str, body) -> dict:
             _fail(path, f"unknown key {key!r} in '{name}'; allowed: {', '.join(sorted(GRID_KEYS))}")
         dest = GRID_KEYS[canon]
         if dest in out:
-            _fail(path, f"'{name}' sets {_option(dest)} twice (as {key!r} and another name); keep one")
+            _fail(path, f"'{name}' sets {FLAG[dest]} twice (as {key!r} and another name); keep one")
         values = value if isinstance(value, list) else [value]
         if not values:
             _fail(path, f"'{name}.{key}' is an empty list; give at least one value")
@@ -265,7 +265,7 @@ def run_grid_command(args, opts) -> int:
     """`train_linear.py --config YAML`: train what is missing, then write the reports."""
     parser = build_parser()
     defaults = parser.parse_args([])
-    given = [_option(d) for d in RUN_OPTIONS if getattr(args, d) != getattr(defaults, d)]
+    given = [FLAG[d] for d in RUN_OPTIONS if getattr(args, d) != getattr(defaults, d)]
     if given:
         raise UserError(f"{', '.join(given)} cannot be combined with --config: the recipe chooses the runs "
                         "(set them in its grid:, rounds: or partial:)")

@@ -65,6 +65,8 @@ OPTIONS = (*SETTINGS.values(), *SOURCE_OPTIONS, *ENGINE_OPTIONS.values(), *STEP_
 # recipe key -> the option it sets (its dest): every long flag of a sweepable option, without the
 # dashes and with '-' read as '_' (`weight-decay`, `weight_decay` and `wd` are one key)
 GRID_KEYS = {name: opt.dest for opt in OPTIONS if opt.sweep for name in opt.grid_names}
+# option dest -> the flag that names it in messages (eta -> --corruption, wd -> --wd)
+FLAG = {opt.dest: opt.flag for opt in OPTIONS if opt.flags}
 # option dest -> the recipe key that names it in messages (eta -> corruption, seed -> manualSeed)
 RECIPE_KEY = {opt.dest: opt.flag[2:].replace("-", "_") for opt in OPTIONS if opt.sweep}
 # Options that choose runs or steps: with --config the recipe says them, so the command line must not.
