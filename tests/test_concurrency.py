@@ -399,7 +399,7 @@ def test_the_issue_scenario_four_processes_three_shards_and_ten_kills(busy, tmp_
         assert_same_as_one_process(store, reference)
     store = tmp_path / "kills"
     for _ in range(10):
-        kill_mid_grid([start(recipe, store, save_every=5)], store, rng, within=1.5)
+        kill_mid_grid([start(recipe, store, save_every=5)], store, rng, within=0.7)
     assert len(list((store / "results" / "records").glob("*.json"))) < ISSUE_RUNS
     finish([start(recipe, store, save_every=5)])
     assert_same_as_one_process(store, reference)
