@@ -57,10 +57,6 @@ class FeatureSource:
         return "pixels" if self.dataset == "digits" else backbone_tag(self.arch, self.pretrained)
 
 
-def _positive(x) -> bool:
-    return isinstance(x, int) and x > 0
-
-
 @dataclass
 class EngineOptions:
     """How runs are trained and stored (none of it changes a run's numbers), each option declared
@@ -75,9 +71,9 @@ class EngineOptions:
     device: torch.device = torch.device("cpu")
     workers: int = option(4, "-j", "--workers", type=int,
                           help="data loading workers of feature extraction (at most the CPU cores available)")
-    test_batch: int = option(100, "--test-batch", type=int, valid=_positive, must="be positive",
+    test_batch: int = option(100, "--test-batch", type=int, valid=positive_finite, must="be positive",
                              help="batch size of feature extraction")
-    max_batch_runs: int = option(64, "--max-batch-runs", type=int, valid=_positive, must="be positive",
+    max_batch_runs: int = option(64, "--max-batch-runs", type=int, valid=positive_finite, must="be positive",
                                  new=True, metavar="N", help="most runs trained together in one batch")
     save_every: int = option(25, "--save-every", type=int, new=True, metavar="N",
                              help="epochs between resumable checkpoints (0: end only)")

@@ -13,7 +13,6 @@ from typing import Any, Callable, Optional
 from utils.cli import UserError, add_bool_flag
 
 _UNSET = object()
-STEP_KINDS = frozenset({"teacher", "student", "pll"})
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,11 @@ class Step:
 
     @property
     def round(self) -> int:
-        """Distillation round: 0 for the teacher, t for round t; the PLL student learns from round 0's
-        teacher and is ordered after every round."""
-        return -1 if self.is_pll else int(self.code)
+        """Distillation round: 0 for the teacher, t for round t. The PLL student has none (it
+        learns from the round-0 teacher and is ordered after every round)."""
+        if self.is_pll:
+            raise ValueError("the PLL student is not a distillation round")
+        return int(self.code)
 
     @property
     def learns_from(self) -> "Step":
