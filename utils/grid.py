@@ -49,10 +49,6 @@ def _fail(path, message):
     raise UserError(f"recipe {path}: {message}")
 
 
-def _flag_of_key(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _flag_value(parser, key: str, value):
     """`value` exactly as train_linear.py parses `--key=value`: YAML's integer 0 and its text '5e-3'
     (no dot) become the floats the command line gives, so a grid run and the same run started by
@@ -60,7 +56,7 @@ def _flag_value(parser, key: str, value):
     if isinstance(value, (list, dict)) or value is None:
         raise UserError(f"{value!r} is not a single value")
     try:
-        return parse_with(parser, GRID_KEYS[key], _flag_of_key(key), value)
+        return parse_with(parser, GRID_KEYS[key], FLAG[GRID_KEYS[key]], value)
     except UserError as exc:
         text = str(exc).removeprefix(f"{parser.prog}: ").removesuffix(" (see --help)")
         raise UserError(f"{value!r} is not a valid value ({text})") from None

@@ -4,8 +4,6 @@ import sys
 
 from tqdm import tqdm
 
-PROGRESS_MODES = ("auto", "bars", "lines", "none")
-
 
 def say(message) -> None:
     """print() that leaves progress bars intact: tqdm.write clears the bars, prints, redraws them."""
