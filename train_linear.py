@@ -5,6 +5,7 @@ Flags follow the option table of the paper's code (see README); new flags are ma
 One step:       python train_linear.py -d cifar100 --ctype cc --corruption 0.5 --dist 0
 A whole chain:  python train_linear.py -d digits --rounds 4          (teacher, rounds 1..4, PLL)
 A grid:         python train_linear.py --config recipes/fig2.yaml    (batched, resumable, reports)
+Evidence:       python train_linear.py -d digits --evidence          (feature correlations, no training)
 """
 import argparse
 import sys
@@ -13,6 +14,8 @@ from models.extract import features_cache_path
 from utils.checkpoints import TeacherUnavailable
 from utils.cli import UserError, run_main, str2bool
 from utils.engine import ChainRunner, FeatureSource, load_source
+from utils.evidence import feature_evidence
+from utils.evidence_report import check_folder_free, evidence_folder, summary_lines, write_source_evidence
 from utils.grid import run_grid_command
 from utils.settings import (build_parser, config_from_args, engine_options, finished_note, source_from_args,
                             steps_from_args)
@@ -77,6 +80,21 @@ def extract_only(source: FeatureSource, opts) -> int:
     return 0
 
 
+def evidence(args, opts) -> int:
+    """`--evidence`: what the features of one source say about the paper's mechanism; no training."""
+    if args.rounds is not None or args.partial or args.dist:
+        raise UserError("--evidence trains nothing: drop --dist, --partial and --rounds")
+    cfg = config_from_args(args)
+    features = load_source(source_from_args(args), opts, print)
+    folder = evidence_folder(opts.results_root, features.name, features.backbone)
+    check_folder_free(folder, features.fingerprint(), opts.overwrite)
+    ev = feature_evidence(features, [(cfg.ctype, cfg.eta, cfg.seed)])
+    written = write_source_evidence(ev, folder)
+    print("\n".join(summary_lines(ev)))
+    print(f"-> {folder}/: " + ", ".join(path.name for path in written))
+    return 0
+
+
 def run_chain(args, opts) -> int:
     """One configuration's steps (--dist, --partial or --rounds): train what is missing, print the table."""
     source = source_from_args(args)
@@ -103,6 +121,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.config and args.extract_only:
         raise UserError("--extract-only extracts the features of one -d/--arch; drop --config")
+    if args.evidence and args.extract_only:
+        raise UserError("--evidence and --extract-only are two commands; give one")
     if not args.config and (args.shard is not None or args.report_only or args.allow_large_grid):
         raise UserError("--shard, --report-only and --allow-large-grid work with a recipe: add --config YAML")
     opts = engine_options(args)
@@ -111,6 +131,8 @@ def main(argv=None) -> int:
             return run_grid_command(args, opts)
         if args.extract_only:
             return extract_only(source_from_args(args), opts)
+        if args.evidence:
+            return evidence(args, opts)
         return run_chain(args, opts)
     except TeacherUnavailable as exc:  # name the exact command that trains (or retrains) the teacher
         command = "python train_linear.py " + " ".join(argv_without_step_flags(argv)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
 
+from data.class_correlation import class_pair_stats
+
 CORRUPTION_TYPES = ("sym", "asym", "cc")
 
 # The original cuts the superclass dendrogram at this fraction of its largest merge height.
@@ -51,27 +53,14 @@ def superclass_matrix(superclass_of: np.ndarray, eta: float) -> np.ndarray:
 
 
 def class_correlation_map(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """Mean cosine similarity between the centred features of every pair of classes.
-
-    Equals averaging all N^2 pairwise cosines per class pair (self-pairs left out on the diagonal),
-    but costs O(N d): with unit rows u, sum over a in i, b in j of <u_a, u_b> = <s_i, s_j>, where
-    s_i is the sum of the unit rows of class i, and the n_i self-pairs contribute exactly n_i."""
-    x = features.double()
-    x = x - x.mean(dim=0, keepdim=True)
-    u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sums = torch.zeros(num_classes, u.shape[1], dtype=u.dtype).index_add_(0, labels.long(), u)
-    counts = torch.bincount(labels.long(), minlength=num_classes).double()
-    pair_sums = sums @ sums.T
-    pair_counts = counts[:, None] * counts[None, :]
-    diag_counts = counts * (counts - 1)
-    pair_sums.diagonal().sub_(counts)
-    pair_counts.diagonal().copy_(diag_counts)
-    return (pair_sums / pair_counts.clamp_min(1)).numpy()
+    """Mean cosine similarity between the centred features of every pair of classes: the average of
+    all pairwise cosines per class pair (self-pairs left out on the diagonal), computed from per-class
+    sums of unit rows in O(N d) (data/class_correlation.py)."""
+    return class_pair_stats(features, labels, num_classes, second_moments=False).mean
 
 
-def superclasses_from_correlation(correlation: np.ndarray, cut: float = SUPERCLASS_CUT) -> np.ndarray:
-    """Superclass id (0-based) of every class: complete-linkage clustering cut at `cut` x the
-    largest merge height.
+def class_linkage(correlation: np.ndarray) -> np.ndarray:
+    """scipy's complete-linkage tree of the classes, from the correlation map.
 
     Faithful quirk: like the original we hand the square matrix 1 - M to scipy's `linkage`, which
     treats its K rows as observation vectors (Euclidean distances between rows), not as a
@@ -79,9 +68,18 @@ def superclasses_from_correlation(correlation: np.ndarray, cut: float = SUPERCLA
     distance_rows = 1.0 - np.asarray(correlation, dtype=np.float64)
     with warnings.catch_warnings():  # scipy warns that the matrix looks like distances: here it is on purpose
         warnings.simplefilter("ignore", ClusterWarning)
-        tree = linkage(distance_rows, method="complete")
-    ids = fcluster(tree, t=cut * tree[:, 2].max(), criterion="distance")
-    return ids - 1
+        return linkage(distance_rows, method="complete")
+
+
+def clusters_at(tree: np.ndarray, cut: float) -> np.ndarray:
+    """Cluster id (0-based) of every class: the tree cut at `cut` x its largest merge height."""
+    return fcluster(tree, t=cut * tree[:, 2].max(), criterion="distance") - 1
+
+
+def superclasses_from_correlation(correlation: np.ndarray, cut: float = SUPERCLASS_CUT) -> np.ndarray:
+    """Superclass id (0-based) of every class: complete-linkage clustering (`class_linkage`) cut at
+    `cut` x the largest merge height."""
+    return clusters_at(class_linkage(correlation), cut)
 
 
 def transition_matrix(ctype: str, eta: float, num_classes: int, superclass_of=None) -> np.ndarray:

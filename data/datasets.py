@@ -89,7 +89,18 @@ def digits_features() -> FeatureSet:
     x = torch.from_numpy(digits.data / 16.0).float()
     y = torch.from_numpy(digits.target).long()
     train, test = fixed_train_test_split(len(y))
-    return FeatureSet("digits", "pixels", x[train], y[train], x[test], y[test], 10)
+    return FeatureSet("digits", "pixels", x[train], y[train], x[test], y[test], 10,
+                      class_names=[str(d) for d in range(10)])
+
+
+def class_names_of(split, num_classes: int):
+    """The class names of a split made by `image_splits` (torchvision's `classes`, or Caltech's
+    `categories` without the dropped clutter class), or None when the dataset does not name them."""
+    full = getattr(split, "dataset", split)  # a Subset's underlying dataset
+    names = getattr(full, "classes", None) or getattr(full, "categories", None)
+    if names is None or len(names) < num_classes:
+        return None
+    return [str(name) for name in names[:num_classes]]
 
 
 def _subset(dataset, indices):

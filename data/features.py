@@ -5,13 +5,15 @@ by `torch.load(weights_only=True)` or a `.npz` file, with
   train_features  float (N_train, d)      train_labels  int (N_train,)  in [0, K)
   test_features   float (N_test, d)       test_labels   int (N_test,)   in [0, K)
 and optionally `num_classes` (int; default max label + 1), `name` and `backbone` (strings; mapped
-by `safe_name`, since they become parts of file paths).
+by `safe_name`, since they become parts of file paths) and `class_names` (K strings, shown on the
+axes of the evidence figures).
 """
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -74,6 +76,7 @@ class FeatureSet:
     # how the features were made (backbone weights, preprocessing, package versions), as text:
     # written into the features file so that a shared file says what it holds
     provenance: dict = field(default_factory=dict)
+    class_names: Optional[list] = None  # K strings (figures only), when the source names its classes
 
     @property
     def dim(self) -> int:
@@ -91,6 +94,7 @@ class FeatureSet:
         return {"train_features": self.train_x, "train_labels": self.train_y,
                 "test_features": self.test_x, "test_labels": self.test_y,
                 "num_classes": self.num_classes, "backbone": self.backbone, "name": self.name,
+                **({"class_names": list(self.class_names)} if self.class_names is not None else {}),
                 **{key: str(value) for key, value in self.provenance.items()}}
 
 
@@ -205,7 +209,17 @@ def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str)
     tx, vx = tx.float(), vx.float()
     if not (torch.isfinite(tx).all() and torch.isfinite(vx).all()):
         raise UserError(f"features file {source} contains NaN or inf features; recompute them")
-    return FeatureSet(name, backbone, tx.contiguous(), ty, vx.contiguous(), vy, k)
+    names = _class_names(arrays["class_names"], k, source) if "class_names" in arrays else None
+    return FeatureSet(name, backbone, tx.contiguous(), ty, vx.contiguous(), vy, k, class_names=names)
+
+
+def _class_names(value, k: int, source: str) -> list:
+    """The optional `class_names` entry as K strings (a list, or a numpy array of strings)."""
+    names = value.tolist() if isinstance(value, np.ndarray) else value
+    if not isinstance(names, (list, tuple)) or len(names) != k or not all(isinstance(n, str) for n in names):
+        raise UserError(f"features file {source}: class_names must be a list of {k} strings (one per class), "
+                        f"got {str(value)[:60]!r}; fix it or leave class_names out")
+    return list(names)
 
 
 def load_features_file(path, name=None) -> FeatureSet:
@@ -266,5 +280,4 @@ def normalize_features(features: FeatureSet, mode: str) -> FeatureSet:
         train, test = (train - mean) / std, (test - mean) / std
     else:
         raise UserError(f"unknown --feature-norm {mode!r}; choose from {', '.join(FEATURE_NORMS)}")
-    return FeatureSet(features.name, features.backbone, train.float(), features.train_y, test.float(),
-                      features.test_y, features.num_classes)
+    return replace(features, train_x=train.float(), test_x=test.float(), provenance={})

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.datasets import digits_features, image_splits
+from data.datasets import class_names_of, digits_features, image_splits
 from data.features import FeatureSet, cache_path, load_cached_features, safe_name, save_features
 from models.backbones import backbone_preprocessing, backbone_tag, load_backbone, weights_file
 from utils.cli import UserError
@@ -142,6 +142,7 @@ def load_or_extract_features(dataset: str, arch: str, pretrained: bool, data_roo
     features = FeatureSet(dataset, tag, train_x, train_y, test_x, test_y, num_classes,
                           provenance={"arch": arch, "pretrained": pretrained,
                                       "preprocessing": json.dumps(preprocessing),
-                                      "versions": json.dumps(package_versions())})
+                                      "versions": json.dumps(package_versions())},
+                          class_names=class_names_of(train_set, num_classes))
     save_features(path, features)
     return features

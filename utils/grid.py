@@ -27,17 +27,19 @@ from dataclasses import replace
 from pathlib import Path
 
 from utils.cli import UserError, load_yaml_file
-from utils.engine import ChainRunner
+from utils.claims_report import write_claims
+from utils.engine import ChainRunner, load_source
+from utils.evidence_report import grid_evidence
 from utils.io import remove_stale_temporaries
 from utils.options import parse_with
-from utils.report import METRIC_DESCRIPTION, write_reports
-from utils.runs import ResultsStore, step_fields, step_settings
+from utils.report import METRIC_DESCRIPTION, report_options, write_reports
+from utils.runs import ResultsStore, step_fields, step_settings, with_key_neutral_settings
 from utils.settings import (FLAG, GRID_KEYS, RECIPE_KEY, RUN_OPTIONS, build_parser, config_from_args,
                             finished_note, source_from_args)
 from utils.steps import Step, chain_steps, step_of
 
 TOP_KEYS = {"name", "title", "rounds", "partial", "grid", "per_dataset", "report"}
-REPORT_KEYS = {"kind", "metric", "gain_etas", "title"}
+REPORT_KEYS = {"kind", "metric", "gain_etas", "title", "claims_margin"}
 REPORT_KINDS = ("distillation", "ls_temperature")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # reports go to <results>/reports/<name>/
 # Most chains a recipe may expand to without --allow-large-grid (100,000 expand in ~3 s; checked by
@@ -151,6 +153,9 @@ def load_grid(path, max_chains=MAX_CHAINS) -> dict:
     etas = etas if isinstance(etas, list) else [etas]
     if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in etas):
         _fail(path, f"report gain_etas must be a list of numbers, got {report['gain_etas']!r}")
+    margin = report.get("claims_margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < float("inf"):
+        _fail(path, f"report claims_margin must be a number of accuracy points >= 0, got {margin!r}")
     rounds = grid.get("rounds", 4)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         _fail(path, f"'rounds' must be an integer >= 0, got {rounds!r}")
@@ -257,8 +262,38 @@ def runs_phrase(count: int, shared: list) -> str:
     return text
 
 
+def evidence_sources(jobs: list) -> dict:
+    """{feature source: [(ctype, eta, seed)]}: each source's corruption settings at its smallest seed,
+    whose corrupted labels the evidence's label energy reports."""
+    seeds, settings = {}, {}
+    for source, cfg in jobs:
+        seeds[source] = min(seeds.get(source, cfg.seed), cfg.seed)
+        settings.setdefault(source, {})[(cfg.ctype, cfg.eta)] = None
+    return {source: [(ctype, eta, seeds[source]) for ctype, eta in pairs]
+            for source, pairs in settings.items()}
+
+
+def _write_evidence(jobs: list, opts, out_dir: Path, title: str) -> list:
+    return grid_evidence(evidence_sources(jobs), lambda source: load_source(source, opts, print), out_dir,
+                         title)
+
+
+def _train_grid(args, opts, grid: dict, all_jobs: list, jobs: list, steps: list) -> None:
+    part = (f"shard {args.shard}: {len(jobs)} of {len(all_jobs)}" if args.shard is not None
+            else str(len(jobs)))
+    print(f"recipe {grid['name']}: {part} configurations x {len(steps)} steps: "
+          f"{runs_phrase(*distinct_runs(jobs, steps))} on {opts.device}")
+    if jobs:
+        runner = ChainRunner(opts)
+        runner.run(jobs, steps)
+        trained = runner.counts["trained"]
+        print(f"this process trained {trained} run{'s' if trained != 1 else ''}"
+              + "".join(f"; {note}" for note in [finished_note(runner.counts, opts.results_root)] if note))
+
+
 def run_grid_command(args, opts) -> int:
-    """`train_linear.py --config YAML`: train what is missing, then write the reports."""
+    """`train_linear.py --config YAML`: train what is missing, then write the reports (tables,
+    figures, claims and the feature evidence); with --evidence only the evidence, training nothing."""
     parser = build_parser()
     defaults = parser.parse_args([])
     given = [FLAG[d] for d in RUN_OPTIONS if getattr(args, d) != getattr(defaults, d)]
@@ -283,18 +318,15 @@ def run_grid_command(args, opts) -> int:
     all_jobs = expand_grid(grid, make_job)
     steps = grid_steps(grid)
     jobs = shard_jobs(all_jobs, args.shard) if args.shard is not None else all_jobs
+    out_dir = Path(opts.results_root) / "reports" / grid["name"]
+    options = report_options(grid)
+    if args.evidence:
+        written = _write_evidence(all_jobs, opts, out_dir, options["title"])
+        print(f"feature evidence of {len(evidence_sources(all_jobs))} source(s) -> "
+              + ", ".join(str(p) for p in written))
+        return 0
     if not args.report_only:
-        part = (f"shard {args.shard}: {len(jobs)} of {len(all_jobs)}" if args.shard is not None
-                else str(len(jobs)))
-        print(f"recipe {grid['name']}: {part} configurations x {len(steps)} steps: "
-              f"{runs_phrase(*distinct_runs(jobs, steps))} on {opts.device}")
-        if jobs:
-            runner = ChainRunner(opts)
-            runner.run(jobs, steps)
-            trained = runner.counts["trained"]
-            print(f"this process trained {trained} run{'s' if trained != 1 else ''}"
-                  + "".join(f"; {note}"
-                            for note in [finished_note(runner.counts, opts.results_root)] if note))
+        _train_grid(args, opts, grid, all_jobs, jobs, steps)
     # the whole grid's records, not only this shard's: the last shard to finish reports everything
     records = matching_records(ResultsStore(opts.results_root).records(), all_jobs, steps)
     if not records:
@@ -303,9 +335,13 @@ def run_grid_command(args, opts) -> int:
             return 0
         raise UserError(f"no results yet for recipe {grid['name']} in {opts.results_root}; "
                         "run it without --report-only")
-    out_dir = Path(opts.results_root) / "reports" / grid["name"]
     remove_stale_temporaries(out_dir)  # of a report writer that was killed
     written = write_reports(records, out_dir, grid, checkpoint_root=opts.checkpoint_root)
+    if options["kind"] == "distillation":
+        written += write_claims([with_key_neutral_settings(r) for r in records], out_dir, options["title"],
+                                float(options["claims_margin"]))
+        if not args.report_only:  # reports alone never load features (a store copied without them works)
+            written += _write_evidence(all_jobs, opts, out_dir, options["title"])
     needed, shared = distinct_runs(all_jobs, steps)
     missing = max(needed - len(records), 0)
     state = "all finished" if not missing else f"of which {missing} not finished yet"

@@ -31,6 +31,8 @@ from utils.steps import Step, step_of
 
 MISSING = "-"
 DEFAULT_GAIN_ETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# C2's non-inferiority margin (accuracy points) in claims.md: PLL may trail the best round by less
+DEFAULT_CLAIMS_MARGIN = 1.0
 # What each metric choice reads, and the words that say so in every caption.
 METRIC_DESCRIPTION = {
     "test": "test accuracy at the best-by-test epoch (the paper's protocol: the epoch of highest test "
@@ -65,10 +67,11 @@ def record_value(record: dict, metric: str, quantity: str = "test_acc"):
     return _value(record, metric_field(chosen, quantity))
 
 
-def _report_options(grid: dict) -> dict:
+def report_options(grid: dict) -> dict:
     report = dict(grid.get("report") or {})
     report.setdefault("kind", "distillation")
     report.setdefault("metric", "test")
+    report.setdefault("claims_margin", DEFAULT_CLAIMS_MARGIN)
     report["title"] = report.get("title") or grid.get("title") or grid.get("name", "report")
     return report
 
@@ -96,7 +99,7 @@ def _pm(stat, pm: str = "±", digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} {pm} {std:.{digits}f}"
 
 
-def _fmt_eta(eta) -> str:
+def format_eta(eta) -> str:
     text = f"{float(eta):g}"
     return text if ("." in text or "e" in text) else text + ".0"
 
@@ -105,7 +108,7 @@ def _fmt_setting(name: str, value) -> str:
     return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
 
 
-def _steps_in(records: list, kinds=("teacher", "student", "pll")) -> list:
+def steps_in(records: list, kinds=("teacher", "student", "pll")) -> list:
     """The steps (of the given kinds) that records hold, teacher first, rounds in order, PLL last."""
     steps = {step_of(r["step"]) for r in records}
     return sorted((s for s in steps if s.kind in kinds), key=Step.sort_key)
@@ -145,7 +148,7 @@ def group_records(records: list, exclude=()) -> list:
     return out
 
 
-def _group_title(settings: dict, members: list) -> str:
+def group_title(settings: dict, members: list) -> str:
     """Dataset first, then the settings that say what the table is (constant ones included)."""
     first = members[0]
     parts = [str(settings.get("dataset", first.get("dataset", "?")))]
@@ -182,7 +185,7 @@ def distillation_table(members: list, metric: str) -> dict:
     """Cells of one appendix table: {'etas', 'steps', 'cells': {(step, eta): (mean, std, n) | None},
     'best': {eta: best displayed mean}, 'bold': {eta: steps shown in bold}, 'n': most seeds in a cell}."""
     etas = sorted({float(r["eta"]) for r in members})
-    steps = [s.code for s in _steps_in(members)]
+    steps = [s.code for s in steps_in(members)]
     values = defaultdict(list)
     for r in members:
         values[r["step"], float(r["eta"])].append(record_value(r, metric))
@@ -223,7 +226,7 @@ def _caption(title: str, metric: str, n: int, what: str) -> str:
             "when k = 1).")
 
 
-def _markdown_table(caption: str, head: str, columns: int, rows: list) -> list:
+def markdown_table(caption: str, head: str, columns: int, rows: list) -> list:
     """Lines of a Markdown table: the caption in italics, the `head` line, the rule under it (`columns`
     wide), then one line per (label, cell texts) row."""
     return ([f"*{caption}*", "", head, "|" + " --- |" * columns]
@@ -239,9 +242,9 @@ def _distillation_rows(table: dict, bold, pm: str) -> list:
 
 
 def _table_markdown(table: dict, caption: str) -> str:
-    head = "| step | " + " | ".join(f"eta = {_fmt_eta(e)}" for e in table["etas"]) + " |"
+    head = "| step | " + " | ".join(f"eta = {format_eta(e)}" for e in table["etas"]) + " |"
     rows = _distillation_rows(table, lambda t: f"**{t}**", "±")
-    return "\n".join(_markdown_table(caption, head, len(table["etas"]) + 1, rows)) + "\n"
+    return "\n".join(markdown_table(caption, head, len(table["etas"]) + 1, rows)) + "\n"
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
@@ -253,7 +256,7 @@ def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
 
 
-def _latex_table(caption: str, columns: str, head: str, rows: list, label=None) -> list:
+def latex_table(caption: str, columns: str, head: str, rows: list, label=None) -> list:
     """Lines of a booktabs table: caption (escaped), optional label, tabular of `columns`, the `head`
     line, then one line per (label, cell texts) row (the label escaped, the cells already LaTeX)."""
     return ([r"\begin{table}[ht]", r"\centering", r"\small", r"\caption{" + _latex_escape(caption) + "}"]
@@ -264,9 +267,9 @@ def _latex_table(caption: str, columns: str, head: str, rows: list, label=None) 
 
 
 def _table_latex(table: dict, caption: str, label: str) -> str:
-    head = "Step & " + " & ".join(rf"$\eta={_fmt_eta(e)}$" for e in table["etas"])
+    head = "Step & " + " & ".join(rf"$\eta={format_eta(e)}$" for e in table["etas"])
     rows = _distillation_rows(table, lambda t: r"\textbf{" + t + "}", r"$\pm$")
-    return "\n".join(_latex_table(caption, "l" + "c" * len(table["etas"]), head, rows, label)) + "\n"
+    return "\n".join(latex_table(caption, "l" + "c" * len(table["etas"]), head, rows, label)) + "\n"
 
 
 # ---- records.csv -----------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def distillation_gains(members: list, metric: str, etas) -> dict:
     return {k: _stats(v) for k, v in gains.items()}
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -344,7 +347,7 @@ def _captioned_panels(plt, nrows: int, ncols: int, caption_lines: list, *, fig_w
     return fig, axes
 
 
-def _save_figure(plt, fig, stem: Path) -> list:
+def save_figure(plt, fig, stem: Path) -> list:
     written = atomic_save_figure(fig, stem, bbox_inches="tight")
     plt.close(fig)
     return written
@@ -373,13 +376,13 @@ def _gain_bars(ax, members: list, metric: str, gain_etas, steps: list, colours) 
         ax.bar(xs, means, bar, yerr=[(s[1] or 0.0) if s else 0.0 for s in stats], capsize=2, color=colours[i],
                label=step.label)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(etas)), [_fmt_eta(e) for e in etas])
+    ax.set_xticks(range(len(etas)), [format_eta(e) for e in etas])
     ax.set_xlabel("corruption rate eta")
     return etas
 
 
 def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path) -> list:
-    plt = _pyplot()
+    plt = pyplot()
     count = max(len(groups), 1)
     ncols = min(3, count)
     nrows = math.ceil(count / ncols)
@@ -387,7 +390,7 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
     fig, axes = _captioned_panels(plt, nrows, ncols, _gain_caption(groups, metric, title),
                                   fig_width=max(4.6 * ncols, 7.0), panel_in=2.6, gap_in=0.9, wspace=0.12,
                                   sharey=True)
-    steps = _steps_in([r for _, m in groups for r in m], kinds=("student", "pll"))
+    steps = steps_in([r for _, m in groups for r in m], kinds=("student", "pll"))
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(steps), 1)))
     for ax in axes.flat[len(groups):]:
         ax.axis("off")
@@ -395,14 +398,14 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
         etas = _gain_bars(ax, members, metric, gain_etas, steps, colours)
         if index % ncols == 0:
             ax.set_ylabel("gain over teacher (pp)")
-        ax.set_title(_group_title(settings, members), fontsize=8)
+        ax.set_title(group_title(settings, members), fontsize=8)
         if not etas:
             ax.text(0.5, 0.5, "no runs at the gain etas", ha="center", va="center", transform=ax.transAxes)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:  # below the panels, never on the bars
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9,
                    title="step (1 = teacher)", title_fontsize=9)
-    return _save_figure(plt, fig, out_dir / "gain")
+    return save_figure(plt, fig, out_dir / "gain")
 
 
 # ---- the training-curve figure ---------------------------------------------------------------
@@ -419,7 +422,7 @@ def curve_etas(present, gain_etas) -> list:
 
 def curve_steps(members: list) -> list:
     """Teacher, last distillation round and PLL (Steps), those present."""
-    present = _steps_in(members)
+    present = steps_in(members)
     rounds = [s for s in present if s.kind == "student"]
     return [s for s in [Step.teacher()] + rounds[-1:] + [Step.pll()] if s in present]
 
@@ -512,7 +515,7 @@ def _draw_curve_panels(axes, groups: list, etas: list, curves: dict) -> tuple:
                     colour = CURVE_COLOURS[step.kind]
                     shown[col] += _plot_step_curves(ax, runs, colour)
                     labels.setdefault(step.label, colour)
-            ax.set_title(f"{_group_title(settings, members)}, eta = {_fmt_eta(eta)}", fontsize=8)
+            ax.set_title(f"{group_title(settings, members)}, eta = {format_eta(eta)}", fontsize=8)
             ax.set_xlabel("epoch")
             if col == 0:
                 ax.set_ylabel("test accuracy (%)")
@@ -550,7 +553,7 @@ def curves_figure(groups: list, title: str, gain_etas, out_dir: Path, checkpoint
     if checkpoint_root is None or missing or not curves:
         _skip_curves(out_dir, checkpoint_root, missing)
         return []
-    plt = _pyplot()
+    plt = pyplot()
     # Panels of one corruption rate share their y-axis (rows are comparable); rates differ too much.
     fig, axes = _captioned_panels(plt, len(groups), len(etas), _curves_caption(groups, title),
                                   fig_width=max(4.8 * len(etas), 7.0), panel_in=2.3, gap_in=0.8, wspace=0.2,
@@ -558,7 +561,7 @@ def curves_figure(groups: list, title: str, gain_etas, out_dir: Path, checkpoint
     labels, shown = _draw_curve_panels(axes, groups, etas, curves)
     _fit_column_ylims(axes, shown)
     _curves_legend(fig, labels)
-    return _save_figure(plt, fig, out_dir / "curves")
+    return save_figure(plt, fig, out_dir / "curves")
 
 
 # ---- kinds -----------------------------------------------------------------------------------
@@ -574,14 +577,14 @@ def _write_tables(out_dir: Path, md: list, tex: list, records: list) -> list:
 
 
 def distillation_report(records: list, out_dir: Path, grid: dict, checkpoint_root=None) -> list:
-    opts = _report_options(grid)
+    opts = report_options(grid)
     metric, title = opts["metric"], opts["title"]
     groups = group_records(records)
     md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}.", ""]
     tex = [_tex_header(title), ""]
     for index, (settings, members) in enumerate(groups):
         table = distillation_table(members, metric)
-        name = _group_title(settings, members)
+        name = group_title(settings, members)
         caption = _caption(title, metric, table["n"], name)
         md += [f"## {name}", "", _table_markdown(table, caption)]
         label = _slug(f"{grid.get('name', 'grid')}-{index}-{members[0].get('dataset', '')}")
@@ -609,7 +612,7 @@ def ls_temperature_table(members: list, metric: str, eta: float) -> dict:
         return {a: cell([r for r in rs if float(r["label_smoothing"]) == a]) for a in alphas}
 
     rows = [("Teacher", by_alpha([r for r in at_eta if step_of(r["step"]).is_teacher]))]
-    students = _steps_in(at_eta, kinds=("student",))
+    students = steps_in(at_eta, kinds=("student",))
     temps = sorted({float(r["temperature"]) for r in at_eta
                     if "temperature" in r and not step_of(r["step"]).is_teacher})
     for step in students:
@@ -659,7 +662,7 @@ def _ls_caption(title: str, what: str, n: int, metric: str) -> str:
 
 
 def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
-    opts = _report_options(grid)
+    opts = report_options(grid)
     metric, title = opts["metric"], opts["title"]
     md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}, mean ± std ({STD_WORDS}) over "
           "seeds; the teacher's columns are its label-smoothing alpha, each student learns from the teacher "
@@ -667,16 +670,16 @@ def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
     tex = [_tex_header(title), ""]
     for settings, members in group_records(records, exclude=("label_smoothing", "temperature")):
         for eta in sorted({float(r["eta"]) for r in members}):
-            what = f"{_group_title(settings, members)}, eta = {_fmt_eta(eta)}"
+            what = f"{group_title(settings, members)}, eta = {format_eta(eta)}"
             table = ls_temperature_table(members, metric, eta)
             n = _ls_seed_count(table)
             caption, rows, alphas = _ls_caption(title, what, n, metric), _ls_rows(table, n), table["alphas"]
             head = "| | " + " | ".join(f"alpha = {a:g}: top-1 / top-2 | alpha = {a:g}: conf. / entropy"
                                        for a in alphas) + " |"
-            md += [f"## {what}", ""] + _markdown_table(caption, head, 2 * len(alphas) + 1, rows) + [""]
+            md += [f"## {what}", ""] + markdown_table(caption, head, 2 * len(alphas) + 1, rows) + [""]
             head = " & " + " & ".join(rf"$\alpha={a:g}$: top-1 / top-2 & $\alpha={a:g}$: conf. / entropy"
                                       for a in alphas)
-            tex += _latex_table(caption, "l" + "cc" * len(alphas), head, rows) + [""]
+            tex += latex_table(caption, "l" + "cc" * len(alphas), head, rows) + [""]
     return _write_tables(out_dir, md, tex, records)
 
 
@@ -687,7 +690,7 @@ def write_reports(records: list, out_dir, grid: dict, checkpoint_root=None) -> l
     """Write the report files of `grid['report']['kind']` under out_dir; return their paths.
     `checkpoint_root` is where the runs' log.jsonl files are (the training-curve figure reads them;
     without it, or without the logs, that figure is skipped with one printed line)."""
-    kind = _report_options(grid)["kind"]
+    kind = report_options(grid)["kind"]
     assert kind in REPORTS, f"report kind {kind!r} has no writer (load_grid validates kinds)"
     records = [with_key_neutral_settings(r) for r in records]  # a record without feature_norm: 'none'
     if kind == "distillation":

@@ -55,6 +55,13 @@ COMMAND_OPTIONS = (
     Option(("--extract-only",), type=bool, new=True, dest="extract_only",
            help="only extract (or find cached) the features of -d through --arch and print the features "
                 "file's path, to probe later with --features"),
+    Option(("--evidence",), type=bool, new=True, dest="evidence",
+           help="train nothing: write the feature evidence of -d/--arch or --features to "
+                "<results>/evidence/<dataset>/<backbone>/ (evidence.json; heatmaps of the class-wise "
+                "correlation mean and std; the class dendrogram; the Gram spectrum and the share of the "
+                "clean and the --ctype/--corruption/--manualSeed labels along its top eigenvectors; the "
+                "clusters / c / d / e table); with --config, of every feature source of the recipe, into its "
+                "report folder"),
     Option(("--quiet",), type=bool, new=True, dest="quiet",
            help="no progress output (bars, per-step lines); errors, warnings and the final tables are "
                 "still printed"),
