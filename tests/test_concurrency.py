@@ -178,6 +178,19 @@ def test_a_live_holder_elsewhere_is_left_alone_until_its_heartbeat_is_stale(tmp_
     assert lease is not None
 
 
+@pytest.mark.parametrize("heartbeat", [float("nan"), float("inf"), time.time() + 1e6, "soon"],
+                         ids=["nan", "inf", "far future", "text"])
+def test_a_heartbeat_that_cannot_be_right_goes_stale_by_the_file_age(tmp_path, heartbeat):
+    """Judged by the lease file's modification time: left alone while the file is fresh, taken over
+    once it is older than the timeout (it used to be held forever)."""
+    write_lease(tmp_path, 1, heartbeat, host="other-node")
+    assert try_claim(tmp_path, stale_after=60) == (None, read_holder(tmp_path / LEASE_NAME))
+    old = time.time() - 120
+    os.utime(tmp_path / LEASE_NAME, (old, old))
+    lease, _ = try_claim(tmp_path, stale_after=60)
+    assert lease is not None
+
+
 def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_heartbeat(tmp_path):
     lease, _ = try_claim(tmp_path, stale_after=60)
     write_lease(tmp_path, 1, time.time(), host="other-node", token="new")  # what a takeover leaves

@@ -9,6 +9,7 @@ the old lease away (only one renamer can succeed), checks that what it renamed i
 judged stale, and then claims the run as if it were free.
 """
 import json
+import math
 import os
 import secrets
 import threading
@@ -20,6 +21,10 @@ from typing import Optional
 from utils.io import HOST, atomic_write_json, process_alive
 
 LEASE_NAME = "lease.json"
+# A heartbeat more than this many seconds ahead of this host's clock cannot be right (hosts sharing a
+# filesystem keep their clocks within seconds of each other): such a lease is judged by its file's
+# modification time instead, as a NaN or unreadable heartbeat is.
+FUTURE_HEARTBEAT_S = 3600.0
 
 
 class LeaseLost(Exception):
@@ -45,14 +50,20 @@ class Holder:
 
 
 def read_holder(path: Path) -> Optional[Holder]:
-    """The lease's holder, or None when there is no lease (or it vanished while being read)."""
+    """The lease's holder, or None when there is no lease (or it vanished while being read). A
+    heartbeat that cannot be right (not a number, NaN, far in the future) is replaced by the file's
+    modification time, so such a lease still goes stale after the timeout."""
     try:
         data = json.loads(path.read_text())
-        return Holder(str(data["host"]), int(data["pid"]), str(data["token"]), float(data["started"]),
-                      float(data["heartbeat"]))
+        holder = Holder(str(data["host"]), int(data["pid"]), str(data["token"]), float(data["started"]),
+                        float(data["heartbeat"]))
+        if math.isfinite(holder.heartbeat) and holder.heartbeat <= time.time() + FUTURE_HEARTBEAT_S:
+            return holder
+        holder.heartbeat = path.stat().st_mtime
+        return holder
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
         # not ours or damaged: held by nobody we can name; judged by its age alone
         try:
             age_base = path.stat().st_mtime
