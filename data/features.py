@@ -105,9 +105,12 @@ def _numeric_tensor(value, key: str, source: str) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError) as exc:
         raise UserError(f"features file {source}: {key} is not a numeric array ({one_line(exc, 120)}); store "
                         "float features and integer labels") from None
-    if t.is_complex():
-        raise UserError(f"features file {source}: {key} is complex; store real-valued features and integer "
-                        "labels")
+    if t.layout != torch.strided:  # sparse (COO, CSR, ...): its values cannot be read as rows
+        raise UserError(f"features file {source}: {key} is a {str(t.layout).removeprefix('torch.')} tensor; "
+                        "store dense arrays (e.g. tensor.to_dense()) of float features and integer labels")
+    if t.is_complex() or (t.dtype == torch.bool and key.endswith("features")):  # bool labels are class ids
+        raise UserError(f"features file {source}: {key} holds {str(t.dtype).removeprefix('torch.')} values; "
+                        "store real-valued (float) features and integer labels")
     return t
 
 

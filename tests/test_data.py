@@ -555,3 +555,24 @@ def test_cores_without_an_affinity_mask_come_from_cpu_count(monkeypatch):
     assert models.extract.available_cores() == 3
     monkeypatch.setattr(models.extract.os, "cpu_count", lambda: None)
     assert models.extract.available_cores() == 1
+
+
+@pytest.mark.parametrize("change", ["sparse features", "sparse csr labels", "complex features", "bool features"])
+def test_features_of_a_layout_or_type_no_probe_reads_are_one_line(tmp_path, change):
+    """Sparse tensors used to fail deep inside torch (NotImplementedError); now one line naming the fix."""
+    from utils.cli import UserError
+    arrays = {k: torch.from_numpy(v) for k, v in blob_features().items()}
+    if change == "sparse features":
+        arrays["train_features"] = arrays["train_features"].to_sparse()
+    elif change == "sparse csr labels":
+        arrays["test_labels"] = arrays["test_labels"].view(-1, 1).to_sparse_csr()
+    elif change == "complex features":
+        arrays["test_features"] = arrays["test_features"].to(torch.complex64)
+    else:
+        arrays["train_features"] = arrays["train_features"] > 0
+    path = tmp_path / "f.pt"
+    torch.save(arrays, path)
+    expected = {"sparse features": "train_features is a sparse_coo tensor", "sparse csr labels": "sparse_csr",
+                "complex features": "complex64 values", "bool features": "bool values"}[change]
+    with pytest.raises(UserError, match=expected):
+        load_features_file(path)

@@ -34,3 +34,20 @@ def test_torch_round_trip_and_truncated_file_is_one_line_error(tmp_path):
     with pytest.raises(UserError) as err:
         load_torch_file(path, "checkpoint", "retrain")
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch, capsys):
+    """write() and fsync() raise ENOSPC without any file name: the message must still say where."""
+    import errno
+
+    import utils.io
+    from utils.cli import run_main
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(utils.io.os, "fsync", full)
+    target = tmp_path / "results" / "records" / "r.json"
+    assert run_main(lambda argv: atomic_write_text(target, "x") and 0) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write or read {target}: No space left on device" in err
+    assert "free some space" in err and list(target.parent.iterdir()) == []

@@ -80,9 +80,15 @@ def remove_stale_temporaries(folder) -> int:
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file and a rename. A failure (a full disk, a
+    read-only folder) is an OSError naming `path`, not the temporary file or no file at all (a
+    failed write() names none), so the user's message says where."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path.name), suffix=_TMP_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path.name), suffix=_TMP_SUFFIX)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
@@ -90,11 +96,20 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
     return path
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` with `path` as its file name (kept when it names a file of its own other than a temporary)."""
+    if exc.filename is not None and not str(exc.filename).endswith(_TMP_SUFFIX):
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def atomic_write_text(path, text: str) -> Path:
