@@ -27,14 +27,10 @@ import torch
 from utils import theory as th
 from utils import theory_outputs as tho
 from utils.cli import (ArgumentParser, DefaultsHelpFormatter, UserError, load_yaml_file, os_error_line,
-                       run_main)
-from utils.options import Option, add_options, check_option_values, integer_within, positive_finite
+                       resolve_device, run_main)
+from utils.options import Interval, Option, add_options, check_option_values, read_as_flag
 
 MAX_N = 30000   # G is N x N in float64: 7 GB at this size
-# argparse reads a token after --lbd as its value only when it looks like a number, and its idea of a
-# negative number is -1 or -0.5: '-1e-5' or '-inf' were taken for an unknown option ("expected one
-# argument"). This pattern also takes exponents and -inf/-nan, so the value is read and then validated.
-NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")   # a folder name that stays under --out
 RECORD_FILES = ("records.csv", "records.jsonl", "figure.png", "figure.pdf")   # a run's files in its folder
 MAX_NAME = 200          # characters of a derived folder name (file systems allow 255 bytes)
@@ -45,47 +41,43 @@ NEW_GROUP = "[new] options not in the original"
 # Options: the model's settings are declared on theory.Setting, the run's here
 # ---------------------------------------------------------------------------------------------
 
-def run_option(*flags: str, **spec) -> Option:
-    """An option of the run (not of the model): parsed under its first flag's name, '-' read as '_'."""
-    return Option(flags, dest=flags[0].lstrip("-").replace("-", "_"), **spec)
-
-
-AT_LEAST_ONE = integer_within(1, math.inf)
+# the options of the run (not of the model), each parsed under its first flag's name, '-' read as '_'
 RUN_OPTIONS = {opt.dest: opt for opt in (
-    run_option("--max_dist", type=int, default=10, valid=AT_LEAST_ONE, must="be >= 1 (distillation rounds)",
-               help="distillation rounds (>= 1)"),
-    run_option("--max_iter", type=int, default=100000, valid=AT_LEAST_ONE, must="be >= 1 (Adam steps)",
-               help="Adam steps per round of the faithful solver"),
-    run_option("--approx", type=bool, default=False,
-               help="linear approximation of the softmax (bare flag or True/False)"),
-    run_option("--solver", choices=th.SOLVERS, default="exact", new=True,
-               help="exact: closed form (linear) / Newton-Krylov (softmax) to --tol; "
-                    "faithful: the original's Adam"),
-    run_option("--device", default="auto", new=True, help="auto (GPU when present), cpu, cuda or cuda:i"),
-    run_option("--threads", type=int, default=0, valid=integer_within(0, math.inf),
-               must="be >= 0 (0: one thread on the CPU)", new=True,
-               help="CPU threads (torch's and the BLAS's). 0: one for the exact solver on the CPU (two "
-                    "collapse when another process holds a core), torch's default otherwise. "
-                    "See docs/numerical_solving.md"),
-    run_option("--dtype", choices=("auto", "float32", "float64"), default="auto", new=True,
-               help="auto: float64 for the exact solver, float32 (the original's) for the faithful one"),
-    run_option("--tol", type=float, default=1e-10, valid=positive_finite, must="be > 0 (e.g. --tol 1e-10)",
-               new=True, help="exact solver: target of max|Y - F(Y)| (linear mode: times max(1, max|Y|), "
-                              "relative to the outputs)"),
-    run_option("--max-newton", type=int, default=60, valid=AT_LEAST_ONE, must="be >= 1", new=True,
-               help="exact softmax solver: most Newton steps of one solve (warm start, path start, landing)"),
-    run_option("--out", default="outputs", new=True, help="root of the arrays, records and figures"),
-    run_option("--name", default=None, new=True,
-               help="folder under --out for records.csv/jsonl and figure.png/pdf (default: derived from "
-                    "every setting that changes the numbers)"),
-    run_option("--save", type=bool, default=True, new=True,
-               help="save Y of every round as .npz (False: records only)"),
-    run_option("--overwrite", type=bool, default=False, new=True,
-               help="replace the records, figure and arrays of an earlier run with the same output names "
-                    "(default: refuse and say what exists)"),
-    run_option("--config", default=None, metavar="YAML", new=True,
-               help="options and sweep from a file (see recipes/theory/eta.yaml)"),
-    run_option("--verbose", type=bool, default=False, new=True, help="print the Newton iterations"),
+    Option(("--max_dist",), type=int, default=10, valid=Interval(int, 1, note="distillation rounds"),
+           help="distillation rounds (>= 1)"),
+    Option(("--max_iter",), type=int, default=100000, valid=Interval(int, 1, note="Adam steps"),
+           help="Adam steps per round of the faithful solver"),
+    Option(("--approx",), type=bool, default=False,
+           help="linear approximation of the softmax (bare flag or True/False)"),
+    Option(("--solver",), choices=th.SOLVERS, default="exact", new=True,
+           help="exact: closed form (linear) / Newton-Krylov (softmax) to --tol; "
+                "faithful: the original's Adam"),
+    Option(("--device",), default="auto", new=True, help="auto (GPU when present), cpu, cuda or cuda:i"),
+    Option(("--threads",), type=int, default=0, valid=Interval(int, 0, note="0: one thread on the CPU"),
+           new=True,
+           help="CPU threads (torch's and the BLAS's). 0: one for the exact solver on the CPU (two "
+                "collapse when another process holds a core), torch's default otherwise. "
+                "See docs/numerical_solving.md"),
+    Option(("--dtype",), choices=("auto", "float32", "float64"), default="auto", new=True,
+           help="auto: float64 for the exact solver, float32 (the original's) for the faithful one"),
+    Option(("--tol",), type=float, default=1e-10,
+           valid=Interval(float, 0, closed="neither", note="e.g. --tol 1e-10"), new=True,
+           help="exact solver: target of max|Y - F(Y)| (linear mode: times max(1, max|Y|), "
+                "relative to the outputs)"),
+    Option(("--max-newton",), type=int, default=60, valid=Interval(int, 1), new=True,
+           help="exact softmax solver: most Newton steps of one solve (warm start, path start, landing)"),
+    Option(("--out",), default="outputs", new=True, help="root of the arrays, records and figures"),
+    Option(("--name",), default=None, new=True,
+           help="folder under --out for records.csv/jsonl and figure.png/pdf (default: derived from "
+                "every setting that changes the numbers)"),
+    Option(("--save",), type=bool, default=True, new=True,
+           help="save Y of every round as .npz (False: records only)"),
+    Option(("--overwrite",), type=bool, default=False, new=True,
+           help="replace the records, figure and arrays of an earlier run with the same output names "
+                "(default: refuse and say what exists)"),
+    Option(("--config",), default=None, metavar="YAML", new=True,
+           help="options and sweep from a file (see recipes/theory/eta.yaml)"),
+    Option(("--verbose",), type=bool, default=False, new=True, help="print the Newton iterations"),
 )}
 SWEEPABLE = tuple(name for name, opt in th.SETTING_OPTIONS.items() if opt.sweep)
 
@@ -93,7 +85,6 @@ SWEEPABLE = tuple(name for name, opt in th.SETTING_OPTIONS.items() if opt.sweep)
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="numerical_solving.py", description=__doc__.splitlines()[0],
                        formatter_class=DefaultsHelpFormatter)
-    p._negative_number_matcher = NEGATIVE_NUMBER      # see NEGATIVE_NUMBER; no option looks like a number
     new = add_options(p, [*th.SETTING_OPTIONS.values(), *RUN_OPTIONS.values()], NEW_GROUP)
     new.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                      help=f"solve a grid (repeatable: the product); KEY in {', '.join(SWEEPABLE)} "
@@ -105,23 +96,9 @@ def build_parser() -> ArgumentParser:
 # Validation: one line naming the fix
 # ---------------------------------------------------------------------------------------------
 
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_values(options, values) -> None:
-    """The first value its option does not allow, as one line: a float option's value that is not
-    finite (all of them first), then each option's own constraint or choices."""
-    for opt in options:
-        value = getattr(values, opt.dest)
-        if opt.type is float and not finite(value):
-            raise UserError(f"{opt.flag} must be a finite number, got {value}")
-    check_option_values(options, values)
-
-
 def check_setting(s: th.Setting) -> None:
     """Each setting's declared constraint, then the rules that tie settings together."""
-    check_values(th.SETTING_OPTIONS.values(), s)
+    check_option_values(th.SETTING_OPTIONS.values(), s)
     if s.k * s.n > MAX_N:
         raise UserError(f"--k {s.k} --n {s.n}: N = {s.k * s.n} samples makes G too large (N x N); "
                         f"keep k*n <= {MAX_N}")
@@ -131,7 +108,7 @@ def check_setting(s: th.Setting) -> None:
 
 
 def check_run(args) -> None:
-    check_values(RUN_OPTIONS.values(), args)
+    check_option_values(RUN_OPTIONS.values(), args)
 
 
 def check_name(name: str, what: str) -> None:
@@ -155,26 +132,6 @@ def check_writable(root: str, folders: list[Path]) -> None:
         else:
             continue
         raise UserError(f"--out {root}: {os_error_line(OSError(code, os.strerror(code), str(probe)))}")
-
-
-def resolve_device(spec: str) -> torch.device:
-    spec = str(spec).strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {spec}: no CUDA device here; use --device cpu (or auto)")
-        try:
-            device = torch.device(spec)
-        except RuntimeError:
-            raise UserError(f"--device {spec!r}: use auto, cpu, cuda or cuda:i") from None
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {spec}: no such CUDA device (found {torch.cuda.device_count()}); "
-                            "pass an index below that, or cpu")
-        return device
-    raise UserError(f"--device {spec!r}: use auto, cpu, cuda or cuda:i")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,39 +204,7 @@ def remove_stale_arrays(folder: Path, tags: list[str], rounds: int) -> None:
 # Sweeps
 # ---------------------------------------------------------------------------------------------
 
-class _BadValue(Exception):
-    """argparse's own message about one value (raised instead of its usage-and-exit)."""
-
-
-def value_reader():
-    """read(dest, value, where): `value` read exactly as the command line reads `--flag=value` (the
-    same type, choices and boolean words), or a UserError starting with `where`. YAML gives typed
-    values; they are read as the words they print as, so `k: 3.7` and `eta: true` are refused as
-    `--k=3.7` and `--eta=True` are, never truncated or taken for numbers."""
-    strict = build_parser()
-
-    def error(message):
-        raise _BadValue(message)
-
-    strict.error = error
-    flags = {a.dest: next(o for o in a.option_strings if o.startswith("--"))
-             for a in strict._actions if a.option_strings}
-
-    def read(dest: str, value, where: str):
-        if value is None or isinstance(value, (list, dict, set, tuple)):
-            got = "nothing" if value is None else f"a {type(value).__name__} {value!r}"
-            raise UserError(f"{where}: expected one value, got {got}")
-        flag = flags[dest]
-        try:
-            return getattr(strict.parse_args([f"{flag}={value}"]), dest)
-        except _BadValue as exc:
-            reason = str(exc).removeprefix(f"argument {flag}: ")
-            raise UserError(f"{where}: {reason} (as {flag}={value} on the command line)") from None
-
-    return read
-
-
-def parse_sweep(items, read) -> dict:
+def parse_sweep(items, parser) -> dict:
     grid = {}
     for item in items:
         if "=" not in item:
@@ -288,7 +213,8 @@ def parse_sweep(items, read) -> dict:
         key = key.strip().lstrip("-")
         if key not in SWEEPABLE:
             raise UserError(f"--sweep {key}: cannot sweep this; choose from {', '.join(SWEEPABLE)}")
-        grid[key] = [read(key, v.strip(), f"--sweep {item!r}") for v in values.split(",") if v.strip()]
+        grid[key] = [read_as_flag(parser, key, v.strip(), f"--sweep {item!r}") for v in values.split(",")
+                     if v.strip()]
         if not grid[key]:
             raise UserError(f"--sweep {item!r}: no values given")
     return grid
@@ -313,7 +239,6 @@ def load_config(path: str, parser: ArgumentParser) -> tuple[dict, dict, dict]:
     unknown = set(cfg) - {"name", "options", "sweep", "title"}
     if unknown:
         raise UserError(f"{where}: unknown keys {sorted(map(str, unknown))}; use name, title, options, sweep")
-    read = value_reader()
     named = {"name": config_text(cfg, "name", where), "title": config_text(cfg, "title", where)}
     if named["name"]:
         check_name(named["name"], f"{where}: name")
@@ -328,7 +253,7 @@ def load_config(path: str, parser: ArgumentParser) -> tuple[dict, dict, dict]:
     bad = sorted(map(str, set(raw) - dests))
     if bad:
         raise UserError(f"{where}: unknown options {bad}; use the flags' names, e.g. max_dist, gram")
-    options = {key: read(key, value, f"{where}: options.{key}") for key, value in raw.items()}
+    options = {key: read_as_flag(parser, key, value, f"{where}: options.{key}") for key, value in raw.items()}
     if options.get("name"):
         check_name(options["name"], f"{where}: options.name")
 
@@ -343,7 +268,7 @@ def load_config(path: str, parser: ArgumentParser) -> tuple[dict, dict, dict]:
         values = values if isinstance(values, list) else [values]
         if not values:
             raise UserError(f"{where}: sweep.{key}: no values given")
-        sweep[key] = [read(key, v, f"{where}: sweep.{key}") for v in values]
+        sweep[key] = [read_as_flag(parser, key, v, f"{where}: sweep.{key}") for v in values]
     return options, sweep, named
 
 
@@ -443,12 +368,12 @@ def main(argv=None) -> int:
         options, grid, named = load_config(args.config, parser)
         parser.set_defaults(**options)
         args = parser.parse_args(argv)      # flags given on the command line win over the file
-    grid.update(parse_sweep(args.sweep, value_reader()))
+    grid.update(parse_sweep(args.sweep, parser))
     if args.name:
         check_name(args.name, "--name")
     check_run(args)
     settings = settings_from(args, grid)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     run = Run(args, device, th.resolve_dtype(args.dtype, args.solver), "linear" if args.approx else "softmax")
     tags, folder = plan_outputs(run, settings, grid, named)
     with cpu_threads(args.threads or (1 if device.type == "cpu" and args.solver == "exact" else 0)):

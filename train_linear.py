@@ -17,6 +17,7 @@ from utils.engine import ChainRunner, FeatureSource, load_source
 from utils.evidence import feature_evidence
 from utils.evidence_report import check_folder_free, evidence_folder, summary_lines, write_source_evidence
 from utils.grid import run_grid_command
+from utils.selection import RULES
 from utils.settings import (build_parser, config_from_args, engine_options, finished_note, source_from_args,
                             steps_from_args)
 from utils.steps import step_of
@@ -47,16 +48,14 @@ def _is_bool_word(word) -> bool:
 
 
 def summary_table(records) -> str:
-    """Step x test accuracy under each selection rule, as the demo prints it."""
-    has_val = any(r.get("test_acc_byval") is not None for r in records)
-    head = f"{'step':<12} {'best-by-test':>12} {'last epoch':>11}" + (f" {'best-by-val':>12}"
-                                                                      if has_val else "")
+    """Step x test accuracy under each selection rule (best-by-val only with a validation split),
+    as the demo prints it."""
+    rules = [rule for rule in RULES if any(r.get(rule.field()) is not None for r in records)]
+    head = f"{'step':<11}" + "".join(f" {rule.column:>{len(rule.column) + 1}}" for rule in rules)
     lines = [head, "-" * len(head)]
     for r in records:
-        line = f"{step_of(r['step']).label:<12} {r['test_acc_bytest']:>12.2f} {r['test_acc_last']:>11.2f}"
-        if has_val:
-            line += f" {r['test_acc_byval']:>12.2f}"
-        lines.append(line)
+        lines.append(f"{step_of(r['step']).label:<11}"
+                     + "".join(f" {r[rule.field()]:>{len(rule.column) + 1}.2f}" for rule in rules))
     cover = [r for r in records if step_of(r["step"]).is_pll]
     if cover:
         lines.append(f"PLL candidate sets (teacher top-2) contain the true class for "

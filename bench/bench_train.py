@@ -33,13 +33,15 @@ import importlib.util
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.losses import distillation_targets, pll_candidates  # noqa: E402
-from utils.train import Hyper, TrainData, Targets, train_heads  # noqa: E402
+from utils.runs import Hyper  # noqa: E402
+from utils.train import TrainData, Targets, train_heads  # noqa: E402
 
 BATCH, TEST_BATCH = 128, 100
 
@@ -167,14 +169,14 @@ def make_data(features, labels, test_x, test_y, k, runs, device) -> TrainData:
 
 
 def run_inputs(data: TrainData, runs, device, kind="hard"):
-    """(targets, initial weights, optimiser settings) of R runs (lr 0.05, wd 5e-4, momentum 0.9,
-    gamma 0.98), the same for timing and for profiling: cross-entropy on the labels, or a random
-    teacher's soft targets at T = 1 or top-2 candidate sets."""
+    """(targets, initial weights, each run's Hyper) of R runs (lr 0.05, wd 5e-4, momentum 0.9,
+    gamma 0.98, one epoch), the same for timing and for profiling: cross-entropy on the labels, or
+    a random teacher's soft targets at T = 1 or top-2 candidate sets."""
     k, d = data.num_classes, data.features.shape[1]
     gen = torch.Generator().manual_seed(0)
     init = (torch.randn(runs, k, d, generator=gen) * 0.01).to(device)
     vec = lambda v: torch.full((runs,), v, dtype=torch.float32, device=device)  # noqa: E731
-    hyper = Hyper(vec(0.05), vec(5e-4), vec(0.9), vec(0.98))
+    hyper = [Hyper(lr=0.05, wd=5e-4, momentum=0.9, gamma=0.98, epochs=1, train_batch=BATCH)] * runs
     if kind == "hard":
         return Targets("hard", data.noisy_labels, smoothing=vec(0.0)), init, hyper
     teacher_logits = torch.randn(runs, data.train_rows.shape[1], k, generator=gen).to(device)
@@ -200,8 +202,8 @@ def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fuse
     sync(device)
     stamps.append(time.perf_counter())
     seeds = [0] * runs if shared_seed else list(range(runs))
-    train(data, targets, init, hyper, epochs, BATCH, seeds, on_epoch=on_epoch, fuse_shared_order=fused,
-          tuner=tuner)
+    hyper = [replace(h, epochs=epochs) for h in hyper]
+    train(data, targets, init, hyper, seeds, on_epoch=on_epoch, fuse_shared_order=fused, tuner=tuner)
     return min(b - a for a, b in zip(stamps, stamps[1:]))
 
 
@@ -211,7 +213,7 @@ def profile_epoch(data, runs, device, kind):
     targets, init, hyper = run_inputs(data, runs, device, kind)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        train_heads(data, targets, init, hyper, 1, BATCH, list(range(runs)))
+        train_heads(data, targets, init, hyper, list(range(runs)))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
@@ -221,7 +223,7 @@ def contention(train_x, train_y, test_x, test_y, k, epochs, device, default_thre
     and is killed at the end)."""
     import subprocess
 
-    from utils.engine import cpu_thread_plan
+    from utils.threads import cpu_thread_plan
 
     loop = "import time\nt = time.time()\nwhile time.time() - t < 600: pass"
     busy = []
@@ -240,7 +242,7 @@ def contention(train_x, train_y, test_x, test_y, k, epochs, device, default_thre
                 for threads in sorted({1, default_threads}):
                     torch.set_num_threads(threads)
                     sec[threads] = trainer_epoch(data, runs, epochs, device)
-                _, tuner = cpu_thread_plan(device, [BATCH], data.features.shape[1], k, lambda line: None,
+                _, tuner = cpu_thread_plan(device, BATCH, BATCH, data.features.shape[1], k, lambda line: None,
                                            [len(data.test_labels)])
                 chosen = trainer_epoch(data, runs, epochs, device, tuner=tuner)
                 kept = tuner.chosen if tuner else 1
@@ -254,12 +256,23 @@ def contention(train_x, train_y, test_x, test_y, k, epochs, device, default_thre
 
 
 def load_reference(path: str):
-    """train_heads of a saved copy of utils/train.py (it takes this version's inputs: the same
-    fields and methods)."""
+    """train_heads of a saved copy of utils/train.py, called as the current one is. A copy from
+    before per-run Hyper objects (30a5187 and older) takes the optimiser settings as (R,) tensors in
+    order, the epochs and batch size apart, and its own Targets type."""
     spec = importlib.util.spec_from_file_location("reference_train", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.train_heads
+    if not hasattr(module, "Hyper"):
+        return module.train_heads
+
+    def train(data, targets, init, hypers, seeds, resume=None, on_epoch=None, **options):
+        vec = lambda name: torch.tensor([float(getattr(h, name)) for h in hypers],  # noqa: E731
+                                        device=init.device)
+        hyper = module.Hyper(vec("lr"), vec("wd"), vec("momentum"), vec("gamma"))
+        old_targets = module.Targets(targets.kind, targets.values, targets.smoothing, targets.temperature)
+        return module.train_heads(data, old_targets, init, hyper, hypers[0].epochs, hypers[0].train_batch,
+                                  seeds, resume, on_epoch, **options)
+    return train
 
 
 def at_threads(threads: int, default_threads: int, fn):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Set before utils.engine is imported: it remembers the thread count it found at import.
+# Set before utils.threads is imported: it remembers the thread count it found at import.
 torch.set_num_threads(1)
 
 import train_linear  # noqa: E402
@@ -86,11 +86,11 @@ class TrainSpy:
         self.calls = []
         self.hook = None   # optional f(state) run after the engine's own on_epoch
 
-    def __call__(self, data, targets, init_weight, hyper, epochs, batch_size, shuffle_seeds, resume=None,
-                 on_epoch=None, **options):
+    def __call__(self, data, targets, init_weight, hypers, shuffle_seeds, resume=None, on_epoch=None,
+                 **options):
         call = {"data": data, "targets": targets, "init": init_weight.detach().clone(),
                 "resume_epoch": None if resume is None else resume.epoch,
-                "epochs": epochs, "options": options}
+                "epochs": hypers[0].epochs, "options": options}
         self.calls.append(call)
 
         def hook(state):
@@ -99,8 +99,7 @@ class TrainSpy:
             if self.hook is not None:
                 self.hook(state)
 
-        state = self.real(data, targets, init_weight, hyper, epochs, batch_size, shuffle_seeds, resume, hook,
-                          **options)
+        state = self.real(data, targets, init_weight, hypers, shuffle_seeds, resume, hook, **options)
         call["final_weight"] = state.weight.detach().clone()
         return state
 

@@ -126,7 +126,7 @@ def test_kill_between_chunks_resumes_without_redoing_or_losing_runs(cli, spy, tm
     import utils.engine
 
     recipe = write_recipe(tmp_path)
-    real = utils.engine.ChainRunner._train_chunk
+    real = utils.engine.ChainRunner._job
     chunks = []
 
     def dies_before_second_chunk(self, *args, **kwargs):
@@ -134,13 +134,13 @@ def test_kill_between_chunks_resumes_without_redoing_or_losing_runs(cli, spy, tm
         if len(chunks) == 2:
             raise KeyboardInterrupt  # as if killed between two batched computations
         return real(self, *args, **kwargs)
-    monkeypatch.setattr(utils.engine.ChainRunner, "_train_chunk", dies_before_second_chunk)
+    monkeypatch.setattr(utils.engine.ChainRunner, "_job", dies_before_second_chunk)
     assert cli("--config", recipe, "--max-batch-runs", 2) == 130
     first = record_files(cli, "a")
     assert len(first) == 2 and len(spy.calls) == 1
     stamps = {name: (cli.dirs()["results"] / "records" / name).stat().st_mtime_ns for name in first}
 
-    monkeypatch.setattr(utils.engine.ChainRunner, "_train_chunk", real)
+    monkeypatch.setattr(utils.engine.ChainRunner, "_job", real)
     assert cli("--config", recipe, "--max-batch-runs", 2) == 0
     assert runs_trained(spy.calls[1:]) == 10  # the 10 unfinished runs, each once
     after = record_files(cli, "a")

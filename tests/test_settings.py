@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, blob_features
 
 from utils.engine import ChainRunner, EngineOptions, FeatureSource
+from utils.options import Interval
 from utils.report import CSV_FIRST
 from utils.runs import SETTING_COLUMNS, SETTINGS, RunConfig, run_key, step_fields, step_settings
 from utils.settings import ENGINE_OPTIONS, GRID_KEYS, OPTIONS, RUN_OPTIONS, build_parser
@@ -145,3 +146,37 @@ def test_no_module_imports_another_in_a_cycle():
     for name in sorted(graph):
         visit(name, [])
     assert "train_linear" not in set().union(*graph.values())
+
+
+# The layers of the training side (README, "Layout"): only these import the training loop.
+SCIENCE = {"utils.chain", "utils.train", "utils.losses"}
+PERSISTENCE = {"utils.engine", "utils.checkpoints", "utils.labels"}
+# Modules that describe runs and results: they must not reach the loop even through another module.
+DESCRIPTIONS = {"utils.runs", "utils.steps", "utils.selection", "utils.report", "utils.options",
+                "utils.threads", "utils.io", "utils.cli", "utils.leases", "utils.progress"}
+
+
+def test_no_module_imports_the_training_loop_but_the_science_and_persistence_layers():
+    modules = _project_modules()
+    graph = {name: _imports(path, modules) - {name} for name, path in modules.items()}
+    direct = {name for name, imported in graph.items() if "utils.train" in imported}
+    assert direct <= SCIENCE | PERSISTENCE, direct - SCIENCE - PERSISTENCE
+
+    def reaches(name, seen=()):
+        return name == "utils.train" or any(reaches(o, seen + (name,)) for o in graph[name] if o not in seen)
+    described = DESCRIPTIONS | {name for name in modules if name.startswith(("data.", "models."))}
+    assert not [name for name in sorted(described) if reaches(name)]
+
+
+@pytest.mark.parametrize("interval, inside, outside, words", [
+    (Interval(float, 0, 1), [0, 0.5, 1], [-0.1, 1.1, float("nan")], "lie in [0, 1]"),
+    (Interval(float, 0, 1, closed="left"), [0, 0.99], [1], "lie in [0, 1)"),
+    (Interval(float, 0, 1, closed="right"), [1e-9, 1], [0], "lie in (0, 1]"),
+    (Interval(float, 0, closed="neither"), [1e-30, 1e30], [0, -1, float("inf")], "be > 0"),
+    (Interval(int, 1, note="Adam steps"), [1, 10**9], [0, 1.5, True], "be >= 1 (Adam steps)"),
+    (Interval(int, 0, 2**32 - 1), [0, 2**32 - 1], [-1, 2**32], "be an integer in [0, 4294967295]"),
+    (Interval(float, 0, 0.5, closed="right", also=(0,)), [0, 0.5], [0.6, -0.1], "lie in (0, 0.5] or be 0"),
+])
+def test_a_constraint_words_its_own_message(interval, inside, outside, words):
+    assert all(interval(x) for x in inside) and not any(interval(x) for x in outside)
+    assert interval.describe() == words

@@ -18,6 +18,7 @@ import numerical_solving
 from utils import theory as th
 from utils import theory_outputs as tho
 from utils.cli import UserError, run_main
+from utils.options import Interval
 
 F64 = torch.float64
 
@@ -298,7 +299,9 @@ def test_every_setting_reaches_the_parser_checks_sweeps_names_and_records(name, 
     assert getattr(numerical_solving.build_parser().parse_args([f"{opt.flag}={value}"]), name) == value
     assert opt.valid is not None or opt.choices is not None, f"{opt.flag} declares no constraint"
     with monkeypatch.context() as patch, pytest.raises(UserError, match=re.escape(f"{opt.flag} must ")):
-        patch.setitem(th.SETTING_OPTIONS, name, dataclasses.replace(opt, valid=lambda v: False, choices=None))
+        nothing = Interval(int, 1, 0)  # no number lies in [1, 0]
+        patch.setitem(th.SETTING_OPTIONS, name, dataclasses.replace(opt, valid=nothing, choices=None,
+                                                                   type=str))
         numerical_solving.check_setting(default)          # the checks read the declaration
     assert name in numerical_solving.SWEEPABLE
     changed = dataclasses.replace(default, **{name: value})

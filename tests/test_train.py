@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from utils.losses import distillation_targets, pll_candidates
 import utils.train
-from utils.train import (Hyper, NonFiniteLoss, Snapshot, Targets, ThreadTuner, TrainData,
-                         batched_products_match_lone, evaluate, products_thread_invariant, shuffled_positions,
-                         topk_hits, train_heads)
+from utils.runs import Hyper
+from utils.threads import ThreadTuner, batched_products_match_lone, products_thread_invariant
+from utils.train import NonFiniteLoss, Snapshot, Targets, TrainData, evaluate, shuffled_positions, topk_hits
 
 N, D, K, N_TRAIN, N_TEST = 120, 6, 4, 90, 50
 
@@ -53,8 +53,15 @@ def select_targets(t: Targets, r: int) -> Targets:
 
 
 def hyper(lr, wd, mom, gamma):
-    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
-    return Hyper(f(lr), f(wd), f(mom), f(gamma))
+    """Per-run lr, weight decay, momentum and gamma (lists), as train() takes them."""
+    return lr, wd, mom, gamma
+
+
+def train(data, targets, init, hp, epochs, batch, seeds, resume=None, on_epoch=None, **options):
+    """utils.train.train_heads with one Hyper per run from hyper()'s lists, epochs and batch size."""
+    hypers = [Hyper(lr=lr, wd=wd, momentum=m, gamma=g, epochs=epochs, train_batch=batch)
+              for lr, wd, m, g in zip(*hp)]
+    return utils.train.train_heads(data, targets, init, hypers, seeds, resume, on_epoch, **options)
 
 
 def init_weights(num_runs, seed=0):
@@ -94,15 +101,15 @@ def test_batched_runs_equal_runs_done_alone_bit_for_bit(kind, threads, shape, mo
         hp = ([0.1, 0.03, 0.2], [1e-3, 0.0, 5e-2], [0.9, 0.5, 0.0], [0.98, 0.9, 1.0])
         seeds = [11, 22, 33]
         init = init_weights(3)
-        together = train_heads(data, targets, init, hyper(*hp), 4, 16, seeds)
+        together = train(data, targets, init, hyper(*hp), 4, 16, seeds)
         for r in range(3):
-            alone = train_heads(select(data, r), select_targets(targets, r), init[r:r + 1],
+            alone = train(select(data, r), select_targets(targets, r), init[r:r + 1],
                                 hyper(*[[v[r]] for v in hp]), 4, 16, [seeds[r]])
             assert torch.equal(together.weight[r], alone.weight[0])
             assert torch.equal(together.momentum[r], alone.momentum[0])
             assert together.history[r] == alone.history[0]
-            for snap in ("best_test", "best_val"):
-                a, b = getattr(together, snap), getattr(alone, snap)
+            for rule in ("test", "val"):
+                a, b = together.best[rule], alone.best[rule]
                 assert int(a.epoch[r]) == int(b.epoch[0]) and torch.equal(a.weight[r], b.weight[0])
     finally:
         torch.set_num_threads(1)
@@ -128,13 +135,40 @@ def test_runs_sharing_their_batches_equal_runs_done_alone_bit_for_bit(kind, monk
     hp = ([0.1, 0.03, 0.2, 0.05, 0.1, 0.01], [1e-3, 0.0, 5e-2, 1e-4, 0.0, 1e-3], [0.9] * 6, [0.98] * 6)
     seeds = [5, 5, 5, 7, 7, 7]
     init = init_weights(6)
-    together = train_heads(data, targets, init, hyper(*hp), 3, 16, seeds)
-    fused = train_heads(data, targets, init, hyper(*hp), 3, 16, seeds, fuse_shared_order=True)
+    together = train(data, targets, init, hyper(*hp), 3, 16, seeds)
+    fused = train(data, targets, init, hyper(*hp), 3, 16, seeds, fuse_shared_order=True)
     torch.testing.assert_close(fused.weight, together.weight, atol=1e-5, rtol=1e-4)  # same maths
     for r in range(6):
-        alone = train_heads(select(data, r), select_targets(targets, r), init[r:r + 1],
+        alone = train(select(data, r), select_targets(targets, r), init[r:r + 1],
                             hyper(*[[v[r]] for v in hp]), 3, 16, [seeds[r]])
         assert torch.equal(together.weight[r], alone.weight[0]) and together.history[r] == alone.history[0]
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft", "partial"])
+@pytest.mark.parametrize("order", ["independent", "shared"])
+def test_the_fast_epoch_gives_the_bits_of_the_plain_definition(kind, order, monkeypatch):
+    """_BatchedSGD (shared gathers, buffers, cache-sized updates) against PlainSGD, the definition
+    written plainly: the same weights, momenta, snapshots and per-epoch numbers, bit for bit."""
+    monkeypatch.setattr(__import__(__name__), "D", 96)
+    monkeypatch.setattr(__import__(__name__), "K", 24)
+    monkeypatch.setattr(utils.train, "UPDATE_CHUNK_BYTES", 2 * K * D * 4)  # two runs per update
+    data = make_data(4, val=True)
+    seeds = [1, 2, 3, 4] if order == "independent" else [5, 5, 7, 7]
+    if order == "shared":
+        data.train_rows = data.train_rows[:1].expand(4, -1).clone()
+    logits = torch.bmm(data.features[data.train_rows],
+                       torch.randn(4, K, D, generator=torch.Generator().manual_seed(9)).transpose(1, 2))
+    spread = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    targets = {"hard": Targets("hard", data.noisy_labels, smoothing=spread / 10),
+               "soft": Targets("soft", distillation_targets(logits, spread), temperature=spread),
+               "partial": Targets("partial", pll_candidates(logits))}[kind]
+    hp = hyper([0.1, 0.03, 0.2, 0.05], [1e-3, 0.0, 5e-2, 1e-4], [0.9, 0.5, 0.0, 0.9], [0.98, 0.9, 1.0, 0.95])
+    fast = train(data, targets, init_weights(4), hp, 3, 16, seeds)
+    plain = train(data, targets, init_weights(4), hp, 3, 16, seeds, plain=True)
+    assert torch.equal(fast.weight, plain.weight) and torch.equal(fast.momentum, plain.momentum)
+    assert fast.history == plain.history
+    for rule in ("test", "val"):
+        assert torch.equal(fast.best[rule].weight, plain.best[rule].weight)
 
 
 @pytest.mark.parametrize("kind", ["hard", "soft"])
@@ -163,44 +197,45 @@ def test_updating_a_few_runs_at_a_time_changes_no_number(kind, order, seeds, run
                [0.9, 0.5, 0.0, 0.9, 0.8, 0.9], [0.98] * 6)
     fuse = order.startswith("fused")
 
-    def train():
-        return train_heads(data, targets, init_weights(6), hp, 3, 16, seeds, fuse_shared_order=fuse)
+    def train_all():
+        return train(data, targets, init_weights(6), hp, 3, 16, seeds, fuse_shared_order=fuse)
 
     monkeypatch.setattr(utils.train, "UPDATE_CHUNK_BYTES", 1 << 40)
-    whole = train()
+    whole = train_all()
     monkeypatch.setattr(utils.train, "UPDATE_CHUNK_BYTES", runs_per_update * K * D * 4)
     heads = init_weights(6)
-    sgd = utils.train._BatchedSGD(data, targets, hp, 16, seeds, fuse, heads, torch.zeros_like(heads))
+    hypers = [Hyper(lr=lr, wd=wd, momentum=m, gamma=g, train_batch=16) for lr, wd, m, g in zip(*hp)]
+    sgd = utils.train._BatchedSGD(data, targets, hypers, seeds, heads, torch.zeros_like(heads), fuse)
     assert [(unit.runs.start, unit.runs.stop) for unit in sgd.units[True]] == updates
-    chunked = train()
+    chunked = train_all()
     assert torch.equal(whole.weight, chunked.weight) and torch.equal(whole.momentum, chunked.momentum)
     assert whole.history == chunked.history
 
 
 def test_thread_choice_falls_back_to_one_when_the_blas_is_not_batch_exact(monkeypatch):
-    import utils.engine as engine
+    import utils.threads as engine
     said = []
     monkeypatch.setattr(engine, "_DEFAULT_THREADS", 2)
     monkeypatch.setattr(engine, "_FREE_THREADS", {})
     cpu = torch.device("cpu")
     try:
-        assert engine.cpu_thread_plan(cpu, [128, 80], 64, 10, said.append) == (1, None)  # small: one thread
+        assert engine.cpu_thread_plan(cpu, 208, 128, 64, 10, said.append) == (1, None)  # small: one thread
         monkeypatch.setattr(engine, "batched_products_match_lone", lambda *a: True)
         monkeypatch.setattr(engine, "products_thread_invariant", lambda *a: True)
-        threads, tuner = engine.cpu_thread_plan(cpu, [128, 80], 512, 100, said.append)
+        threads, tuner = engine.cpu_thread_plan(cpu, 208, 128, 512, 100, said.append)
         assert threads == 2 and tuner.counts == (2, 1) and torch.get_num_threads() == 2 and said == []
         for probe in ("batched_products_match_lone", "products_thread_invariant"):
             monkeypatch.setattr(engine, "_FREE_THREADS", {})
             monkeypatch.setattr(engine, probe, lambda *a: False)
-            assert engine.cpu_thread_plan(cpu, [128, 80], 512, 100, said.append) == (1, None)
-            assert engine.cpu_thread_plan(cpu, [128, 80], 512, 100, said.append) == (1, None)  # said once
+            assert engine.cpu_thread_plan(cpu, 208, 128, 512, 100, said.append) == (1, None)
+            assert engine.cpu_thread_plan(cpu, 208, 128, 512, 100, said.append) == (1, None)  # said once
         assert len(said) == 2 and all("training on 1 thread" in line for line in said)
     finally:
         torch.set_num_threads(1)
 
 
 class FakeClock:
-    """Steps take `seconds[threads]` each, whatever the machine does."""
+    """Steps take `seconds[threads]` each, whatever the machine does (time passes at each look)."""
 
     def __init__(self, seconds):
         self.seconds, self.now = seconds, 0.0
@@ -210,16 +245,22 @@ class FakeClock:
         return self.now
 
 
+def epoch_threads(tuner, steps: int) -> list:
+    """One epoch of `steps` steps in the tuner's chunks: the thread count of each step."""
+    used = []
+    for chunk in tuner.chunks(steps):
+        used += [torch.get_num_threads()] * len(chunk)
+    tuner.end_epoch()
+    return used
+
+
 @pytest.mark.parametrize("seconds, best", [({2: 1.0, 1: 0.2}, 1), ({2: 0.2, 1: 0.3}, 2)])
 def test_the_tuner_keeps_the_faster_thread_count_and_tries_again_now_and_then(seconds, best):
     tuner = ThreadTuner(2, trial_steps=3, retune_every=3, clock=FakeClock(seconds))
     try:
         used = []
         for epoch in range(4):
-            for step in range(12):
-                tuner.before_step(step)
-                used.append(torch.get_num_threads())
-            tuner.end_epoch()
+            used += epoch_threads(tuner, 12)
             assert torch.get_num_threads() == 2  # evaluation at the fixed count
         trials = [2] * 4 + [1] * 4 + [best] * 4
         # epoch 3 tries again
@@ -237,10 +278,7 @@ def test_an_epoch_much_slower_than_the_last_makes_the_tuner_try_again():
         for epoch in range(5):
             if epoch == 3:
                 seconds[2] = 1.0  # another process took a core
-            for step in range(6):
-                tuner.before_step(step)
-                used.append(torch.get_num_threads())
-            tuner.end_epoch()
+            used += epoch_threads(tuner, 6)
         assert tuner.chosen == [2, 2, 2, 2, 1] and torch.get_num_threads() == 1  # evaluation follows
         assert used[24:] == [2, 2, 1, 1, 1, 1]
     finally:
@@ -256,12 +294,7 @@ def test_a_trial_lasts_its_seconds_not_only_its_steps(case, seconds, steps, used
     second here (trial_seconds), whatever its steps take."""
     tuner = ThreadTuner(2, trial_steps=3, trial_seconds=1.0, clock=FakeClock(seconds))
     try:
-        seen = []
-        for step in range(steps):
-            tuner.before_step(step)
-            seen.append(torch.get_num_threads())
-        tuner.end_epoch()
-        assert seen == used and tuner.chosen == [chosen]
+        assert epoch_threads(tuner, steps) == used and tuner.chosen == [chosen]
     finally:
         torch.set_num_threads(1)
 
@@ -278,9 +311,9 @@ def test_tuned_threads_change_no_number(shape, monkeypatch):
     targets = make_targets("partial", data, 3)
     hp = hyper([0.1, 0.03, 0.2], [1e-3, 0.0, 5e-2], [0.9, 0.5, 0.0], [0.98, 0.9, 1.0])
     torch.set_num_threads(2)  # the tuner evaluates at its fixed count (2): so does the plain run
-    plain = train_heads(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3])
+    plain = train(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3])
     clock = FakeClock({2: 1.0, 1: 0.1})  # one thread "wins" the trials
-    tuned = train_heads(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3],
+    tuned = train(data, targets, init_weights(3), hp, 3, 8, [1, 2, 3],
                         tuner=ThreadTuner(2, 2, clock=clock))
     torch.set_num_threads(1)
     assert torch.equal(plain.weight, tuned.weight) and plain.history == tuned.history
@@ -334,7 +367,7 @@ def _reference_sgd(data, init, lr, wd, mom, gamma, epochs, batch, seed, loss_of=
 def test_one_sgd_step_equals_torch_sgd():
     data = make_data(1)
     init = init_weights(1)
-    state = train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init,
+    state = train(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init,
                         hyper([0.3], [0.01], [0.9], [0.98]), 1, N_TRAIN, [5])
     ref_w, ref_hist = _reference_sgd(data, init[0], 0.3, 0.01, 0.9, 0.98, 1, N_TRAIN, 5)
     torch.testing.assert_close(state.weight[0], ref_w, atol=1e-6, rtol=0)
@@ -348,7 +381,7 @@ def test_several_epochs_of_minibatch_sgd_equal_torch_sgd_and_metrics():
     data = make_data(1, seed=3)
     init = init_weights(1, seed=3)
     epochs, batch = 3, 25  # 90 rows: batches of 25, 25, 25, 15
-    state = train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init,
+    state = train(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init,
                         hyper([0.2], [5e-3], [0.9], [0.8]), epochs, batch, [17])
     ref_w, ref_hist = _reference_sgd(data, init[0], 0.2, 5e-3, 0.9, 0.8, epochs, batch, 17)
     torch.testing.assert_close(state.weight[0], ref_w, atol=1e-5, rtol=0)
@@ -378,7 +411,7 @@ def test_smoothed_and_tempered_targets_train_as_their_torch_losses(kind):
         targets = Targets("soft", q, temperature=torch.tensor([t]))
         loss_of = lambda out, pos: (  # noqa: E731
             t ** 2 * -(q[0, pos] * torch.log_softmax(out / t, -1)).sum(-1).mean())
-    state = train_heads(data, targets, init, hyper([0.2], [5e-3], [0.9], [0.8]), 2, 25, [17])
+    state = train(data, targets, init, hyper([0.2], [5e-3], [0.9], [0.8]), 2, 25, [17])
     ref_w, ref_hist = _reference_sgd(data, init[0], 0.2, 5e-3, 0.9, 0.8, 2, 25, 17, loss_of)
     torch.testing.assert_close(state.weight[0], ref_w, atol=1e-5, rtol=0)
     for got, ref in zip(state.history[0], ref_hist):
@@ -388,7 +421,7 @@ def test_smoothed_and_tempered_targets_train_as_their_torch_losses(kind):
 def test_same_seeds_give_bit_identical_runs():
     def once():
         data = make_data(2, seed=1)
-        return train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(2)),
+        return train(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(2)),
                            init_weights(2), hyper([0.1, 0.05], [1e-3, 1e-3], [0.9, 0.9], [0.98, 0.98]), 3, 16,
                            [4, 5])
     a, b = once(), once()
@@ -407,15 +440,15 @@ def test_shuffling_depends_on_the_run_seed_only():
 def test_best_snapshot_is_the_first_maximum_of_test_accuracy():
     data = make_data(1, seed=2)
     seen = []
-    state = train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init_weights(1),
+    state = train(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(1)), init_weights(1),
                         hyper([0.5], [0.0], [0.9], [1.0]), 6, 8, [3],
                         on_epoch=lambda s: seen.append(s.weight.clone()))
     accs = [h["test_acc"] for h in state.history[0]]
     best = accs.index(max(accs)) + 1
-    assert int(state.best_test.epoch[0]) == best
-    assert float(state.best_test.acc[0]) == pytest.approx(max(accs))
-    assert torch.equal(state.best_test.weight[0], seen[best - 1][0])
-    m = evaluate(data, state.best_test.weight)
+    assert int(state.best['test'].epoch[0]) == best
+    assert float(state.best['test'].acc[0]) == pytest.approx(max(accs))
+    assert torch.equal(state.best['test'].weight[0], seen[best - 1][0])
+    m = evaluate(data, state.best['test'].weight)
     assert float(m["test_acc"][0]) == pytest.approx(max(accs))
 
 
@@ -433,7 +466,7 @@ def test_a_tie_keeps_the_first_maximum():
 def test_nan_loss_raises_with_epoch_and_run():
     data = make_data(3, scale=1e4)
     with pytest.raises(NonFiniteLoss) as err:
-        train_heads(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(3)), init_weights(3),
+        train(data, Targets("hard", data.noisy_labels, smoothing=torch.zeros(3)), init_weights(3),
                     hyper([0.01, 1e30, 0.01], [0.0, 0.1, 0.0], [0.9, 0.9, 0.9], [1.0, 1.0, 1.0]), 3, 16,
                     [1, 2, 3])
     assert err.value.epoch == 1 and err.value.run == 1
@@ -443,15 +476,15 @@ def test_resume_equals_training_straight_through():
     data = make_data(2, seed=5, val=True)
     targets = Targets("hard", data.noisy_labels, smoothing=torch.zeros(2))
     hp = hyper([0.1, 0.3], [1e-3, 1e-2], [0.9, 0.8], [0.9, 0.95])
-    straight = train_heads(data, targets, init_weights(2), hp, 4, 16, [7, 8])
-    half = train_heads(data, targets, init_weights(2), hp, 2, 16, [7, 8])
+    straight = train(data, targets, init_weights(2), hp, 4, 16, [7, 8])
+    half = train(data, targets, init_weights(2), hp, 2, 16, [7, 8])
     assert half.epoch == 2
-    resumed = train_heads(data, targets, None, hp, 4, 16, [7, 8], resume=copy.deepcopy(half))
+    resumed = train(data, targets, None, hp, 4, 16, [7, 8], resume=copy.deepcopy(half))
     assert torch.equal(resumed.weight, straight.weight)
     assert torch.equal(resumed.momentum, straight.momentum)
     assert resumed.history == straight.history
-    assert torch.equal(resumed.best_test.epoch, straight.best_test.epoch)
-    assert torch.equal(resumed.best_val.weight, straight.best_val.weight)
+    assert torch.equal(resumed.best['test'].epoch, straight.best['test'].epoch)
+    assert torch.equal(resumed.best['val'].weight, straight.best['val'].weight)
 
 
 def test_topk_hits_counts():

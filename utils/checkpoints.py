@@ -17,14 +17,23 @@ from utils.cli import UserError
 from utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_text, load_torch_bytes, \
     load_torch_file, \
     torch_bytes
-from utils.runs import CHECKPOINT_OF_SELECTION, ResultsStore, RunConfig, run_dir, run_key, sha256_of, \
-    step_settings
+from utils.runs import ResultsStore, RunConfig, run_dir, run_key, sha256_of, step_settings
+from utils.selection import LAST, RULE, TRACKED
 from utils.steps import Step
 from utils.train import Snapshot, TrainState
 
 SCHEMA = 1
 RESUME_FILE = "resume.pt"      # periodic state of a run in training; never a teacher
-FINAL_FILES = {"best": "best.pt", "best_val": "best_val.pt", "last": "last.pt"}  # last.pt is written last
+
+
+def final_file(rule) -> str:
+    """The final checkpoint of a selection rule: best.pt, best_val.pt, last.pt (written last)."""
+    return f"{rule.checkpoint}.pt"
+
+
+def _resume_name(rule) -> str:
+    """A tracked rule's snapshot in the resumable state: best_test, best_val."""
+    return f"best_{rule.name}"
 
 
 @dataclass(frozen=True)
@@ -87,10 +96,11 @@ def save_resume_state(run: Run, state: TrainState, r: int) -> None:
     """Run r of a batched computation's state, to resume from after an interruption."""
     hist = state.history[r]
     head = HeadAt(state.epoch, state.weight[r], state.momentum[r], hist[-1]["lr"], hist[-1]["test_acc"])
-    resume = {"best_test": _snapshot_dict(state.best_test, r), "best_val": _snapshot_dict(state.best_val, r),
+    resume = {**{_resume_name(rule): _snapshot_dict(state.best.get(rule.name), r) for rule in TRACKED},
               "history": hist}
+    best_acc = float(state.best[TRACKED[0].name].acc[r])
     atomic_torch_save(run.folder / RESUME_FILE,
-                      checkpoint_dict("resume", run, head, float(state.best_test.acc[r]), {"resume": resume}))
+                      checkpoint_dict("resume", run, head, best_acc, {"resume": resume}))
 
 
 def read_resume_state(run: Run, log):
@@ -111,17 +121,16 @@ def read_resume_state(run: Run, log):
 
 def stack_resume_states(ckpts, device) -> TrainState:
     """One batched TrainState from the resumable states of runs that stopped at the same epoch."""
-    def snap(name):
-        parts = [c["resume"][name] for c in ckpts]
-        if parts[0] is None:
-            return None
+    def snap(parts):
         return Snapshot(torch.tensor([p["acc"] for p in parts], device=device),
                         torch.tensor([p["epoch"] for p in parts], device=device),
                         torch.stack([p["weight"] for p in parts]).to(device),
                         torch.stack([p["momentum"] for p in parts]).to(device))
+    best = {rule.name: snap([c["resume"][_resume_name(rule)] for c in ckpts]) for rule in TRACKED
+            if ckpts[0]["resume"][_resume_name(rule)] is not None}
     return TrainState(ckpts[0]["epoch"], torch.stack([c["model"]["weight"] for c in ckpts]).to(device),
                       torch.stack([c["optimizer"]["momentum_buffer"] for c in ckpts]).to(device),
-                      snap("best_test"), snap("best_val"), [list(c["resume"]["history"]) for c in ckpts])
+                      best, [list(c["resume"]["history"]) for c in ckpts])
 
 
 # ---- the final checkpoints ------------------------------------------------------------------
@@ -132,32 +141,34 @@ def write_final_checkpoints(run: Run, state: TrainState, r: int, payload: dict) 
     `final_checkpoints` (those before last.pt) and `checkpoints` (all of them), each
     {kind: {file, sha256}}."""
     hist = state.history[r]
-    best_acc = float(state.best_test.acc[r])
+    best_acc = float(state.best[TRACKED[0].name].acc[r])
     atomic_write_text(run.folder / "log.jsonl", "".join(json.dumps(h) + "\n" for h in hist))
     written = {}
-    for kind, snap in {"best": state.best_test, "best_val": state.best_val}.items():
+    for rule in TRACKED:
+        snap = state.best.get(rule.name)
         if snap is None:
             continue
         e = int(snap.epoch[r])
         head = HeadAt(e, snap.weight[r], snap.momentum[r], hist[e - 1]["lr"], hist[e - 1]["test_acc"])
-        written[kind] = _write_final(run, kind, checkpoint_dict(kind, run, head, best_acc))
+        ckpt = checkpoint_dict(rule.checkpoint, run, head, best_acc)
+        written[rule.checkpoint] = _write_final(run, rule, ckpt)
     payload = {**payload, "final_checkpoints": written}
     head = HeadAt(state.epoch, state.weight[r], state.momentum[r], hist[-1]["lr"], hist[-1]["test_acc"])
-    last = _write_final(run, "last", checkpoint_dict("last", run, head, best_acc, {"record": payload}))
-    return {"final_checkpoints": written, "checkpoints": {**written, "last": last}}
+    last = _write_final(run, LAST, checkpoint_dict(LAST.checkpoint, run, head, best_acc, {"record": payload}))
+    return {"final_checkpoints": written, "checkpoints": {**written, LAST.checkpoint: last}}
 
 
-def _write_final(run: Run, kind: str, ckpt: dict) -> dict:
+def _write_final(run: Run, rule, ckpt: dict) -> dict:
     data = torch_bytes(ckpt)
-    atomic_write_bytes(run.folder / FINAL_FILES[kind], data)
-    return {"file": FINAL_FILES[kind], "sha256": sha256_of(data)}
+    atomic_write_bytes(run.folder / final_file(rule), data)
+    return {"file": final_file(rule), "sha256": sha256_of(data)}
 
 
 def record_from_final_checkpoints(folder: Path, key: str) -> Optional[dict]:
     """The record carried by a run's `last.pt` with every final checkpoint's hash, when they exist and
     match each other (a process stopped between them and its record); else None."""
     try:
-        data = (folder / FINAL_FILES["last"]).read_bytes()
+        data = (folder / final_file(LAST)).read_bytes()
         last = load_torch_bytes(data)
     except Exception:  # absent, torn by a foreign writer or not ours: the run is not finished
         return None
@@ -171,7 +182,7 @@ def record_from_final_checkpoints(folder: Path, key: str) -> Optional[dict]:
                 return None
         except OSError:
             return None
-    files["last"] = {"file": FINAL_FILES["last"], "sha256": sha256_of(data)}
+    files[LAST.checkpoint] = {"file": final_file(LAST), "sha256": sha256_of(data)}
     return {**payload, "checkpoints": files}
 
 
@@ -199,14 +210,15 @@ class TeacherUnavailable(UserError):
 def teacher_weights(store: ResultsStore, teacher: Run, selection: str):
     """(weights, key) of the teacher's checkpoint chosen by `selection`, read through the teacher's
     record and checked against the content hash the record names."""
-    kind = CHECKPOINT_OF_SELECTION[selection]
+    rule = RULE[selection]
+    kind = rule.checkpoint
     what = step_name(teacher.step)
     if not store.has(teacher.key):
         raise TeacherUnavailable(f"{what} of this configuration and seed has no result record "
                                  f"({store.path(teacher.key)}).", teacher.step, retrain=False)
     record = store.get(teacher.key)
     entry = (record.get("checkpoints") or {}).get(kind)
-    path = teacher.folder / FINAL_FILES[kind]
+    path = teacher.folder / final_file(rule)
     if entry is None:
         raise TeacherUnavailable(f"the record {store.path(teacher.key)} of {what} names no {kind} checkpoint "
                                  "(written by an older version of this tool).", teacher.step, retrain=True)

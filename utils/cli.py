@@ -5,6 +5,7 @@ them into one line on stderr and exit code 2, so no deep traceback reaches the u
 """
 import argparse
 import errno
+import re
 import sys
 from pathlib import Path
 
@@ -58,11 +59,51 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+# argparse reads a token after an option as its value only when it looks like a number, and its idea
+# of a negative number is -1 or -0.5: '-1e-5' or '-inf' were taken for an unknown option ("expected one
+# argument"). This pattern also takes exponents and -inf/-nan, so the value is read and then validated.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse exits with code 2 and a usage dump; we keep code 2 but print one line."""
+    """Both commands' parser. argparse exits with code 2 and a usage dump; we keep code 2 but print
+    one line. A negative number in any notation is a value (see NEGATIVE_NUMBER): no option of either
+    command looks like one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def resolve_device(spec, flag: str):
+    """The torch device a device option names (`flag` in messages): 'cpu' (also '-1' or ''); 'auto'
+    or a CUDA index such as '0' (or '0,1': the first) for that GPU when CUDA is there and the CPU
+    otherwise; 'cuda' or 'cuda:i' for that GPU, which must exist. Never touches CUDA_VISIBLE_DEVICES."""
+    import torch
+
+    text = str(spec).strip().lower()
+    first = text.split(",")[0].strip()
+    if first in ("", "cpu", "-1"):
+        return torch.device("cpu")
+    if first == "auto" or first.isdigit():
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        first = "cuda" if first == "auto" else f"cuda:{first}"
+    elif not first.startswith("cuda"):
+        raise UserError(f"{flag} {spec!r}: use auto, cpu, cuda, cuda:i or a GPU index")
+    elif not torch.cuda.is_available():
+        raise UserError(f"{flag} {spec}: no CUDA device here; use {flag} cpu (or auto)")
+    try:
+        device = torch.device(first)
+    except RuntimeError:
+        raise UserError(f"{flag} {spec!r}: use auto, cpu, cuda, cuda:i or a GPU index") from None
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {spec}: no such CUDA device (found {torch.cuda.device_count()}); "
+                        "pass an index below that, or cpu")
+    return device
 
 
 class _StrictLoader(yaml.SafeLoader):

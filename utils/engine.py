@@ -1,16 +1,19 @@
-"""Advance many teacher -> student -> ... -> PLL chains at once, with any number of processes.
+"""The persistence layer: which runs this process trains, and everything about their files.
 
+Many teacher -> student -> ... -> PLL chains advance at once, with any number of processes.
 Configurations that share features, epochs, batch size and validation fraction are trained
 together, step by step: all teachers (as batched computations), then all round-1 students, ...,
 then all PLL students. A run's life (see DESIGN in the docs):
   - claimed: this process holds its lease (utils/leases.py); runs leased by a live process are
     left to it, and a student whose teacher is being trained elsewhere waits for it;
-  - training: periodic resumable state (utils/checkpoints.py), never read as a teacher;
+  - training: the science layer (utils/chain.py `lesson_for`, utils/train.py `train_heads`) is
+    handed tensors and calls back once an epoch: heartbeat, progress, periodic resumable state
+    (utils/checkpoints.py), never read as a teacher;
   - final checkpoints, the last of which carries the record;
   - finished: the record in the results store, written last. A process that finds final
     checkpoints without a record completes the record from them instead of retraining.
-What each step learns from is `utils.steps.lesson_for`; a record's content is
-`utils.runs.record_payload`; files are named and written by utils/runs.py and utils/checkpoints.py.
+A teacher is handed over through its record and checkpoint (utils/checkpoints.py); the CPU thread
+plan comes from utils/threads.py; a record's content is `utils.runs.record_payload`.
 """
 import os
 import platform
@@ -19,28 +22,27 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Optional
 
-import numpy as np
 import torch
 
-from data.corruption import corrupt_labels, corruption_matrix_for, format_superclasses, superclass_groups, \
-    superclasses_from_features
-from data.features import FeatureSet, load_features_file, normalize_features
-from data.splits import stratified_val_split
+from data.corruption import format_superclasses, superclass_groups
+from data.features import FeatureSet, load_features_file
 from models.backbones import backbone_tag
 from models.extract import load_or_extract_features
+from utils.chain import lesson_for
 from utils.checkpoints import (RESUME_FILE, Run, read_resume_state, record_from_final_checkpoints,
                                save_resume_state, stack_resume_states, teacher_weights,
                                write_final_checkpoints)
 from utils.cli import UserError
 from utils.io import HOST, remove_stale_temporaries
+from utils.labels import Group, prepare_group, superclasses_of
 from utils.leases import LEASE_NAME, Heartbeat, LeaseLost, read_holder, try_claim
-from utils.options import option, positive_finite
+from utils.options import Interval, option
 from utils.progress import Progress, progress_mode
-from utils.runs import ResultsStore, RunConfig, record_payload
-from utils.steps import SeedPurpose, lesson_for, step_of
-from utils.train import (Hyper, NonFiniteLoss, TrainData, TrainState, ThreadTuner,
-                         batched_products_match_lone,
-                         evaluation_thread_invariant, products_thread_invariant, train_heads)
+from utils.runs import Hyper, ResultsStore, record_payload
+from utils.selection import RULES
+from utils.steps import SeedPurpose, step_of
+from utils.threads import cpu_thread_plan
+from utils.train import NonFiniteLoss, TrainData, TrainState, eval_rows, train_heads
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,10 @@ class EngineOptions:
     device: torch.device = torch.device("cpu")
     workers: int = option(4, "-j", "--workers", type=int,
                           help="data loading workers of feature extraction (at most the CPU cores available)")
-    test_batch: int = option(100, "--test-batch", type=int, valid=positive_finite, must="be positive",
+    test_batch: int = option(100, "--test-batch", type=int, valid=Interval(int, 1),
                              help="batch size of feature extraction")
-    max_batch_runs: int = option(64, "--max-batch-runs", type=int, valid=positive_finite, must="be positive",
-                                 new=True, metavar="N", help="most runs trained together in one batch")
+    max_batch_runs: int = option(64, "--max-batch-runs", type=int, valid=Interval(int, 1), new=True,
+                                 metavar="N", help="most runs trained together in one batch")
     save_every: int = option(25, "--save-every", type=int, new=True, metavar="N",
                              help="epochs between resumable checkpoints (0: end only)")
     overwrite: bool = option(False, "--overwrite", type=bool, new=True,
@@ -82,8 +84,9 @@ class EngineOptions:
     # "auto": progress bars when stderr is a terminal, else one line per finished chunk of runs;
     # "bars", "lines", or "none" (no progress output; warnings and errors still appear)
     progress: str = "auto"
-    lease_timeout: float = option(600.0, "--lease-timeout", type=float, valid=positive_finite,
-                                  must="be a positive number of seconds", new=True, metavar="S",
+    lease_timeout: float = option(600.0, "--lease-timeout", type=float,
+                                  valid=Interval(float, 0, closed="neither", note="seconds"), new=True,
+                                  metavar="S",
                                   help="seconds without a heartbeat after which another process takes over "
                                        "a run being trained")
     poll_seconds: float = 5.0     # between looks at runs that other processes hold
@@ -91,71 +94,6 @@ class EngineOptions:
                                      help="runs sharing mini-batches multiply them as one wider matmul: "
                                           "faster, but not bit-identical to the same run alone on every BLAS "
                                           "(recorded)")
-
-
-@dataclass
-class LabelSetup:
-    """A configuration's training rows and labels; depends on (ctype, eta, seed, val split)."""
-    train_rows: torch.Tensor
-    noisy: torch.Tensor
-    true: torch.Tensor
-    val_rows: Optional[torch.Tensor]
-    val_labels: Optional[torch.Tensor]
-    realised: float
-    superclasses: Optional[list] = None  # cc corruption: the superclasses (lists of class indices)
-
-
-@dataclass
-class _Group:
-    """Features on the training device and the labels of the configurations trained together."""
-    features: FeatureSet
-    fid: str
-    train_x: torch.Tensor
-    test: tuple          # (test features, test labels) on the device
-    setups: dict         # (ctype, eta, seed, val_split, val_clean) -> LabelSetup
-
-    def setup(self, cfg: RunConfig) -> LabelSetup:
-        return self.setups[(cfg.ctype, cfg.eta, cfg.seed, cfg.val_split, cfg.val_clean)]
-
-
-# Below this many multiply-adds per run and step, extra CPU threads cost more in synchronisation
-# than they save: one thread is faster. Above it, more threads are faster on a quiet machine and
-# several times slower when another process holds a core, so a ThreadTuner picks, every epoch, the
-# faster of one thread and the default count. That is allowed only where the BLAS gives the same bits
-# at any thread count and for a run alone or batched (probed once per shape); elsewhere training
-# stays on one thread, which keeps every run's numbers independent of its batch and of the load.
-SMALL_STEP_MACS = 4_000_000
-_DEFAULT_THREADS = torch.get_num_threads()
-_FREE_THREADS = {}  # (batch sizes, d, K) -> whether the thread count may change (see above)
-_FREE_EVAL_THREADS = {}  # (evaluation rows, d, K) -> the same for evaluation
-
-
-def cpu_thread_plan(device: torch.device, batch_sizes, dim: int, num_classes: int, log=print, eval_rows=()):
-    """(largest thread count, ThreadTuner for the training steps (and evaluation of `eval_rows`
-    test/validation rows, where that is free too) or None) for runs of this shape; sets torch's
-    thread count. (0, None) on a GPU."""
-    if device.type != "cpu":
-        return 0, None
-    if max(batch_sizes) * dim * num_classes < SMALL_STEP_MACS or _DEFAULT_THREADS == 1:
-        torch.set_num_threads(1)
-        return 1, None
-    shape = (tuple(sorted(set(batch_sizes))), dim, num_classes)
-    if shape not in _FREE_THREADS:
-        torch.set_num_threads(_DEFAULT_THREADS)
-        _FREE_THREADS[shape] = (batched_products_match_lone(shape[0], dim, num_classes)
-                                and products_thread_invariant(shape[0], dim, num_classes, _DEFAULT_THREADS))
-        if not _FREE_THREADS[shape]:
-            log(f"this BLAS rounds products differently with {_DEFAULT_THREADS} threads (or batched): "
-                "training on 1 thread, so every run gives the same numbers alone, batched or resumed")
-    if not _FREE_THREADS[shape]:
-        torch.set_num_threads(1)
-        return 1, None
-    eval_shape = (tuple(sorted(set(eval_rows))), dim, num_classes)
-    if eval_shape not in _FREE_EVAL_THREADS:
-        _FREE_EVAL_THREADS[eval_shape] = evaluation_thread_invariant(eval_shape[0], dim, num_classes,
-                                                                     _DEFAULT_THREADS)
-    torch.set_num_threads(_DEFAULT_THREADS)
-    return _DEFAULT_THREADS, ThreadTuner(_DEFAULT_THREADS, tune_evaluation=_FREE_EVAL_THREADS[eval_shape])
 
 
 def load_source(source: FeatureSource, opts: EngineOptions, log) -> FeatureSet:
@@ -166,20 +104,73 @@ def load_source(source: FeatureSource, opts: EngineOptions, log) -> FeatureSet:
                                     progress=progress_mode(opts.progress))
 
 
-def make_label_setup(features: FeatureSet, transition, cfg: RunConfig, superclasses=None) -> LabelSetup:
-    noisy_all = corrupt_labels(features.train_y, transition, cfg.seed)
-    rows = np.arange(len(features.train_y))
-    val_rows = val_labels = None
-    if cfg.val_split > 0:
-        rows, val = stratified_val_split(features.train_y.numpy(), cfg.val_split, cfg.seed)
-        val_rows = torch.from_numpy(val)
-        val_labels = (features.train_y if cfg.val_clean else noisy_all)[val_rows]
-    rows = torch.from_numpy(rows)
-    true, noisy = features.train_y[rows], noisy_all[rows]
-    return LabelSetup(rows, noisy, true, val_rows, val_labels, float((noisy != true).double().mean()) * 100,
-                      superclasses if cfg.ctype == "cc" else None)
 
 
+@dataclass
+class _Job:
+    """One batched computation: the claimed runs of one step that resume from one epoch, and the
+    tensors the science layer is handed."""
+    runs: list
+    leases: list
+    resumes: list                 # per run: (epoch, checkpoint) of its resumable state, or None
+    data: TrainData
+    hypers: list                  # per run: Hyper
+    order_seeds: list             # per run: the seed of its mini-batch orders
+    lesson: object                # utils.chain.Lesson
+    resume: Optional[TrainState]
+    teacher_keys: list
+    threads: int
+    tuner: object
+    desc: str
+    started: float
+
+
+class _Watch:
+    """While a batched computation trains: a heartbeat on its leases, an epoch bar, the runs'
+    periodic resumable state (`on_epoch`, called back by the trainer). On leaving: a loss that is not
+    finite is a one-line error naming the fix; a lease another process took over ends the
+    computation without finishing its runs (`lost`)."""
+
+    def __init__(self, runner: "ChainRunner", job: _Job):
+        self.runner, self.job, self.lost = runner, job, False
+        self.epochs = job.hypers[0].epochs
+        start = job.resume.epoch if job.resume else 0
+        self.bar = runner.progress.bar(self.epochs, job.desc, "ep", initial=start, leave=False)
+        self.heartbeat = Heartbeat(job.leases, every=min(30.0, runner.opts.lease_timeout / 4))
+
+    def on_epoch(self, state: TrainState) -> None:
+        self.heartbeat.check()  # before a save: a run taken over by another process is theirs now
+        last = state.history[0][-1]
+        self.bar.set_postfix(loss=f"{last['train_loss']:.3f}", test=f"{last['test_acc']:.2f}")
+        self.bar.update(1)
+        save_every = self.runner.opts.save_every
+        if save_every and state.epoch % save_every == 0 and state.epoch < self.epochs:
+            for r, run in enumerate(self.job.runs):
+                save_resume_state(run, state, r)
+
+    def __enter__(self) -> "_Watch":
+        self.heartbeat.__enter__()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self.heartbeat.__exit__(kind, exc, tb)
+        self.bar.close()
+        try:
+            if kind is None:
+                self.heartbeat.check()
+        except LeaseLost as lost:
+            kind, exc = LeaseLost, lost
+        if kind is LeaseLost:
+            self.runner.log(f"another process took over {exc} (its heartbeat looked stale); "
+                            "leaving it that run")
+            self.lost = True
+            return True
+        if kind is NonFiniteLoss:
+            cfg, step = self.job.runs[exc.run].cfg, self.job.runs[0].step
+            raise UserError(f"loss became NaN/inf at epoch {exc.epoch} of step {step} ({cfg.dataset}, "
+                            f"lr={cfg.lr:g}, wd={cfg.wd:g}, eta={cfg.eta:g}, seed={cfg.seed}); "
+                            "use a smaller --lr") from None
+        return False
 
 
 def _unlink(path) -> None:
@@ -187,10 +178,6 @@ def _unlink(path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _per_run(cfgs, name: str) -> torch.Tensor:
-    return torch.tensor([float(getattr(c, name)) for c in cfgs], dtype=torch.float32)
 
 
 class ChainRunner:
@@ -221,94 +208,98 @@ class ChainRunner:
                 features = load_source(source, self.opts, self.log)
                 if bar is None:  # after the first load, so a bad features file prints only its error
                     bar = self.progress.bar(len(jobs) * len(steps), "runs", "run")
-                records += self._run_group(features, configs, steps, bar)
+                configs = [replace(c, backbone=features.backbone, dataset=features.name) for c in configs]
+                fid = features.fingerprint()
+                group = prepare_group(features, fid, configs, self.opts.device,
+                                      self._superclasses(features, fid, configs))
+                for step in steps:
+                    records += self._finish_step(group, self._distinct_runs(group, configs, step, bar), bar)
         finally:
             if bar is not None:
                 bar.close()
         return records
 
-    def _superclasses(self, features, fid, configs):
-        """The superclasses of cc corruption (None without cc configurations), printed once per dataset."""
-        if not any(cfg.ctype == "cc" for cfg in configs):
-            return None, None
-        superclass_of = superclasses_from_features(features.train_x, features.train_y, features.num_classes)
-        groups = superclass_groups(superclass_of)
-        if fid not in self.superclasses_shown:
+    def _superclasses(self, features: FeatureSet, fid: str, configs):
+        """The superclass of every class (cc corruption; None without it), printed once per features."""
+        superclass_of = superclasses_of(features, configs)
+        if superclass_of is not None and fid not in self.superclasses_shown:
             self.superclasses_shown.add(fid)
-            self.log(f"superclasses of {features.name} (cc): {format_superclasses(groups)}")
-        return superclass_of, groups
+            self.log(f"superclasses of {features.name} (cc): "
+                     f"{format_superclasses(superclass_groups(superclass_of))}")
+        return superclass_of
 
-    def _prepare_group(self, features, configs) -> _Group:
-        """The group's features on the device and every configuration's labels."""
-        fid = features.fingerprint()
+    def _distinct_runs(self, group: Group, configs, step, bar) -> list:
+        """The runs of one step of the configurations: a teacher shared by several chains is one run."""
+        runs, seen = [], set()
         for cfg in configs:
-            if cfg.val_split > 0 and round(cfg.val_split * len(features.train_y)) < features.num_classes:
-                raise UserError(f"--val-split {cfg.val_split} leaves fewer validation samples than the "
-                                f"{features.num_classes} classes of {features.name}; use a larger fraction")
-        device = self.opts.device
-        # the probe sees the --feature-norm transform; run keys (fid) and the corruption (cc
-        # superclasses) depend on the stored features only
-        probed = normalize_features(features, configs[0].feature_norm)
-        group = _Group(features, fid, probed.train_x.to(device),
-                       (probed.test_x.to(device), probed.test_y.to(device)),
-                       {})
-        transitions = {}
-        superclass_of, superclasses = self._superclasses(features, fid, configs)
-        for cfg in configs:
-            if (cfg.ctype, cfg.eta) not in transitions:
-                transitions[cfg.ctype, cfg.eta] = corruption_matrix_for(cfg.ctype, cfg.eta, features.train_x,
-                                                                       features.train_y, features.num_classes,
-                                                                       superclass_of)
-            label_key = (cfg.ctype, cfg.eta, cfg.seed, cfg.val_split, cfg.val_clean)
-            if label_key not in group.setups:
-                group.setups[label_key] = make_label_setup(features, transitions[cfg.ctype, cfg.eta], cfg,
-                                                           superclasses)
-        return group
-
-    def _run_group(self, features, configs, steps, bar):
-        configs = [replace(c, backbone=features.backbone, dataset=features.name) for c in configs]
-        group = self._prepare_group(features, configs)
-        records = []
-        for step in steps:
-            runs, seen = [], set()
-            for cfg in configs:
-                run = Run.of(self.opts.checkpoint_root, cfg, step, group.fid)
-                if run.key in seen:
-                    bar.update(1)  # a teacher shared by several chains is one run
-                    continue
-                seen.add(run.key)
-                runs.append(run)
-            records += self._run_step(runs, lambda chunk: self._train_chunk(group, chunk, bar), bar)
-        return records
-
-    def _run_step(self, runs, train, bar) -> list:
-        """Every run of one step finished: found finished, trained here (a lease and at most
-        max_batch_runs runs at a time), or trained by another process while this one waits."""
-        done, said = {}, None
-        while True:
-            todo = []
-            for run in runs:
-                if run.key not in done:
-                    record = self._finished_record(run)
-                    if record is None:
-                        todo.append(run)
-                        continue
-                    done[run.key] = record
-                    bar.update(1)
-            if not todo:
-                return [done[run.key] for run in runs]
-            claimed, held = self._claim(todo)
-            if claimed:
-                self._train_claimed(claimed, train, done, bar)
-                said = None
+            run = Run.of(self.opts.checkpoint_root, cfg, step, group.fid)
+            if run.key in seen:
+                bar.update(1)
                 continue
-            message = (f"step {todo[0].step}: waiting for {len(held)} run(s) "
-                       "that other processes are training "
-                       f"({', '.join(sorted(set(held))[:3])}{', ...' if len(set(held)) > 3 else ''})")
-            if message != said:
-                self.progress.note(message)
-                said = message
-            time.sleep(self.opts.poll_seconds)
+            seen.add(run.key)
+            runs.append(run)
+        return runs
+
+    # ---- the runs of one step: found, claimed and trained, or waited for --------------------
+    def _finish_step(self, group: Group, runs, bar) -> list:
+        """Every run of one step finished: found finished, trained here (leased, at most
+        max_batch_runs at a time, by the science layer), or trained by another process while this
+        one waits."""
+        done = {}
+        chunks = self._claimed_chunks(runs, done, bar)
+        try:
+            for chunk in chunks:
+                job = self._job(group, chunk)
+                with _Watch(self, job) as watch:
+                    state = train_heads(job.data, job.lesson.targets, job.lesson.init, job.hypers,
+                                        job.order_seeds, job.resume, watch.on_epoch,
+                                        fuse_shared_order=self.opts.fuse_shared_seeds, tuner=job.tuner)
+                if not watch.lost:
+                    done.update(self._finish_job(group, job, state, bar))
+        finally:
+            chunks.close()  # releases the leases, also when training was interrupted
+        return [done[run.key] for run in runs]
+
+    def _claimed_chunks(self, runs, done: dict, bar):
+        """The chunks of `runs` to train here, each a list of (run, resume, lease) resuming from one
+        epoch, leased by this process; the records of runs found finished go into `done`. Waits
+        while other processes hold the unfinished runs; releases the leases once their chunks are
+        trained (or this generator is closed)."""
+        said = None
+        while True:
+            todo = [run for run in runs if run.key not in done and not self._found_finished(run, done, bar)]
+            if not todo:
+                return
+            claimed, held = self._claim(todo)
+            if not claimed:
+                message = (f"step {todo[0].step}: waiting for {len(held)} run(s) that other processes are "
+                           f"training ({', '.join(sorted(set(held))[:3])}"
+                           f"{', ...' if len(set(held)) > 3 else ''})")
+                if message != said:
+                    self.progress.note(message)
+                    said = message
+                time.sleep(self.opts.poll_seconds)
+                continue
+            said = None
+            try:
+                by_resume = defaultdict(list)
+                for run, lease in claimed:
+                    if not self._found_finished(run, done, bar):  # finished while we claimed it
+                        resume = None if self.opts.overwrite else read_resume_state(run, self.log)
+                        by_resume[resume[0] if resume else 0].append((run, resume, lease))
+                for _, items in sorted(by_resume.items()):
+                    yield sorted(items, key=lambda item: item[0].cfg.seed)  # one seed's runs side by side
+            finally:
+                for _, lease in claimed:
+                    lease.release()
+
+    def _found_finished(self, run: Run, done: dict, bar) -> bool:
+        """Whether the run is finished; if so its record goes into `done`."""
+        record = self._finished_record(run)
+        if record is not None:
+            done[run.key] = record
+            bar.update(1)
+        return record is not None
 
     def _claim(self, todo):
         """([(run, lease)] this process now holds (at most max_batch_runs), [holders of the others])."""
@@ -325,31 +316,6 @@ class ChainRunner:
                     continue
             held.append(holder.describe())
         return claimed, held
-
-    def _train_claimed(self, claimed, train, done, bar) -> None:
-        """Train the runs whose leases this process holds, grouped by the epoch they resume from."""
-        try:
-            by_resume = defaultdict(list)
-            for run, lease in claimed:
-                record = self._finished_record(run)  # finished while we claimed it
-                if record is not None:
-                    done[run.key] = record
-                    bar.update(1)
-                    continue
-                resume = None if self.opts.overwrite else read_resume_state(run, self.log)
-                by_resume[resume[0] if resume else 0].append((run, resume, lease))
-            for _, items in sorted(by_resume.items()):
-                # runs of one seed side by side (--fuse-shared-seeds)
-                items.sort(key=lambda item: item[0].cfg.seed)
-                try:
-                    for record in train(items):
-                        done[record["key"]] = record
-                except LeaseLost as exc:
-                    self.log(f"another process took over {exc} (its heartbeat looked stale); "
-                             "leaving it that run")
-        finally:
-            for _, lease in claimed:
-                lease.release()
 
     def _teacher_in_training(self, run: Run):
         """The holder of the lease on this run's teacher while another process trains it, else None."""
@@ -400,109 +366,63 @@ class ChainRunner:
         self.done_here.add(record["key"])
         return record
 
-    # ---- one batched computation ----------------------------------------------------------
-    def _train_data(self, group: _Group, setups) -> TrainData:
-        stack = lambda xs: torch.stack(xs).to(self.opts.device)  # noqa: E731
-        has_val = setups[0].val_rows is not None
-        return TrainData(group.train_x, stack([s.train_rows for s in setups]),
-                         stack([s.noisy for s in setups]),
-                         stack([s.true for s in setups]), *group.test,
-                         stack([s.val_rows for s in setups]) if has_val else None,
-                         stack([s.val_labels for s in setups]) if has_val else None,
-                         group.features.num_classes)
-
-    def _lesson(self, runs, data: TrainData, dim: int):
-        """(what the runs learn from, each run's teacher key or None)."""
-        cfgs, step = [run.cfg for run in runs], runs[0].step
+    # ---- one batched computation: its tensors in, its runs' files out ------------------------
+    def _job(self, group: Group, chunk) -> _Job:
+        """The science layer's inputs for a chunk of claimed runs of one step: the tensors they
+        train on, what they learn (each student's teacher read through its record), their
+        hyper-parameters and seeds, the state they resume from, and the CPU thread plan."""
+        runs = [run for run, _, _ in chunk]
+        cfgs, step, features = [run.cfg for run in runs], runs[0].step, group.features
+        data = group.train_data(cfgs)
         teachers, teacher_keys = None, [None] * len(runs)
         if not step.is_teacher:
             loaded = [teacher_weights(self.store, run.teacher(self.opts.checkpoint_root), run.cfg.selection)
                       for run in runs]
             teacher_keys = [key for _, key in loaded]
             teachers = torch.stack([w for w, _ in loaded]).to(self.opts.device).float()
-        lesson = lesson_for(step, data, [c.seed for c in cfgs], dim, _per_run(cfgs, "label_smoothing"),
-                            _per_run(cfgs, "temperature"), teachers)
-        return lesson, teacher_keys
-
-    def _train_chunk(self, group: _Group, chunk, bar) -> list:
-        """Train a chunk of claimed runs of one step as one batched computation; their records."""
-        runs = [run for run, _, _ in chunk]
-        cfgs, step, features = [run.cfg for run in runs], runs[0].step, group.features
-        setups = [group.setup(c) for c in cfgs]
-        data = self._train_data(group, setups)
-        lesson, teacher_keys = self._lesson(runs, data, features.dim)
+        hypers = [Hyper.of(c) for c in cfgs]
+        lesson = lesson_for(step, data, hypers, [c.seed for c in cfgs], teachers)
         resumes = [resume for _, resume, _ in chunk]
         resume = stack_resume_states([ck for _, ck in resumes], self.opts.device) if resumes[0] else None
-        epochs, batch = cfgs[0].epochs, cfgs[0].train_batch
-        num_train = data.train_rows.shape[1]
-        eval_rows = [len(features.test_y)] + ([data.val_rows.shape[1]] if data.val_rows is not None else [])
-        threads, tuner = cpu_thread_plan(self.opts.device,
-                                         [min(batch, num_train), num_train % batch or batch],
-                                         features.dim, features.num_classes, self.log, eval_rows)
-        desc = f"step {step}: {len(runs)} run{'s' if len(runs) > 1 else ''} of {features.name}"
-        started = time.time()
-        state = self._fit(runs, [lease for _, _, lease in chunk], data, lesson, resume, tuner, desc)
-        facts = {"device": str(self.opts.device), "threads": threads,
+        threads, tuner = cpu_thread_plan(self.opts.device, data.train_rows.shape[1], cfgs[0].train_batch,
+                                         features.dim, features.num_classes, self.log, eval_rows(data))
+        return _Job(runs, [lease for _, _, lease in chunk], resumes, data, hypers,
+                    [step.seed(c.seed, SeedPurpose.ORDER) for c in cfgs],
+                    lesson, resume, teacher_keys,
+                    threads, tuner, f"step {step}: {len(runs)} run{'s' if len(runs) > 1 else ''} of "
+                                    f"{features.name}", time.time())
+
+    def _finish_job(self, group: Group, job: _Job, state: TrainState, bar) -> dict:
+        """{key: record} of the trained runs: final checkpoints, then each record."""
+        facts = {"device": str(self.opts.device), "threads": job.threads,
                  "fused_batches": self.opts.fuse_shared_seeds,
-                 "wall_time_s": time.time() - started, "batch_runs": len(runs)}
-        records = []
-        for r, run in enumerate(runs):
-            facts.update(teacher_key=teacher_keys[r],
-                         teacher_top2_coverage=(lesson.coverage or [None] * len(runs))[r],
-                         resumed_from_epoch=resumes[r][0] if resumes[r] else 0)
-            records.append(self._finish_run(run, state, r, setups[r], facts))
+                 "wall_time_s": time.time() - job.started, "batch_runs": len(job.runs)}
+        records = {}
+        for r, run in enumerate(job.runs):
+            facts.update(teacher_key=job.teacher_keys[r],
+                         teacher_top2_coverage=(job.lesson.coverage or [None] * len(job.runs))[r],
+                         resumed_from_epoch=job.resumes[r][0] if job.resumes[r] else 0)
+            records[run.key] = self._finish_run(run, state, r, group.setup(run.cfg).realised,
+                                                group.setup(run.cfg).superclasses, facts)
             bar.update(1)
-        self.progress.chunk_done(desc, time.time() - started, state.epoch, epochs,
-                                 resume.epoch if resume else 0)
+        self.progress.chunk_done(job.desc, time.time() - job.started, state.epoch, job.hypers[0].epochs,
+                                 job.resume.epoch if job.resume else 0)
         return records
 
-    def _fit(self, runs, leases, data, lesson, resume, tuner, desc) -> TrainState:
-        """train_heads with a heartbeat on the runs' leases, an epoch bar and periodic resumable state."""
-        cfgs, step = [run.cfg for run in runs], runs[0].step
-        epochs = cfgs[0].epochs
-        hyper = Hyper(*(_per_run(cfgs, name) for name in ("lr", "wd", "momentum", "gamma")))
-        seeds = [step.seed(c.seed, SeedPurpose.ORDER) for c in cfgs]
-        ebar = self.progress.bar(epochs, desc, "ep", initial=resume.epoch if resume else 0, leave=False)
-        heartbeat = Heartbeat(leases, every=min(30.0, self.opts.lease_timeout / 4))
-
-        def on_epoch(state: TrainState):
-            heartbeat.check()  # before a save: a run taken over by another process is theirs now
-            last = state.history[0][-1]
-            ebar.set_postfix(loss=f"{last['train_loss']:.3f}", test=f"{last['test_acc']:.2f}")
-            ebar.update(1)
-            if self.opts.save_every and state.epoch % self.opts.save_every == 0 and state.epoch < epochs:
-                for r, run in enumerate(runs):
-                    save_resume_state(run, state, r)
-
-        try:
-            with heartbeat:
-                state = train_heads(data, lesson.targets, lesson.init, hyper, epochs, cfgs[0].train_batch,
-                                    seeds, resume, on_epoch, fuse_shared_order=self.opts.fuse_shared_seeds,
-                                    tuner=tuner)
-            heartbeat.check()
-        except NonFiniteLoss as exc:
-            cfg = cfgs[exc.run]
-            raise UserError(f"loss became NaN/inf at epoch {exc.epoch} of step {step} ({cfg.dataset}, "
-                            f"lr={cfg.lr:g}, wd={cfg.wd:g}, eta={cfg.eta:g}, seed={cfg.seed}); "
-                            "use a smaller --lr") from None
-        finally:
-            ebar.close()
-        return state
-
-    def _finish_run(self, run: Run, state: TrainState, r: int, setup: LabelSetup, facts: dict) -> dict:
+    def _finish_run(self, run: Run, state: TrainState, r: int, realised: float, superclasses,
+                    facts: dict) -> dict:
         """Final checkpoints, then the record: the run is finished once the record exists."""
         if self.store.has(run.key) and not self.opts.overwrite:
             self.log(f"run {run.key} was finished by another process meanwhile; its record is kept")
             return self.store.get(run.key)
-        hist = state.history[r]
-        chosen = {"bytest": int(state.best_test.epoch[r]), "last": state.epoch,
-                  "byval": int(state.best_val.epoch[r]) if state.best_val is not None else None}
-        payload = record_payload(run.cfg, run.step, run.fid, hist, chosen, {
-            "teacher_key": facts["teacher_key"], "realised_corruption": setup.realised,
+        chosen = {rule.name: state.chosen(rule)[0][r] if rule.metric is None or rule.name in state.best
+                  else None for rule in RULES}
+        payload = record_payload(run.cfg, run.step, run.fid, state.history[r], chosen, {
+            "teacher_key": facts["teacher_key"], "realised_corruption": realised,
             "teacher_top2_coverage": facts["teacher_top2_coverage"], "device": facts["device"],
             "threads": facts["threads"], "fused_batches": facts["fused_batches"],
             "torch_version": str(torch.__version__), "python": platform.python_version()},
-            setup.superclasses)
+            superclasses)
         record = {**payload, **write_final_checkpoints(run, state, r, payload),
                   "trained_by": f"{HOST}:{os.getpid()}",
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -31,9 +31,10 @@ from utils.claims_report import write_claims
 from utils.engine import ChainRunner, load_source
 from utils.evidence_report import grid_evidence
 from utils.io import remove_stale_temporaries
-from utils.options import parse_with
+from utils.options import read_as_flag
 from utils.report import METRIC_DESCRIPTION, report_options, write_reports
 from utils.runs import ResultsStore, step_fields, step_settings, with_key_neutral_settings
+from utils.selection import DEFAULT
 from utils.settings import (FLAG, GRID_KEYS, RECIPE_KEY, RUN_OPTIONS, build_parser, config_from_args,
                             finished_note, source_from_args)
 from utils.steps import Step, chain_steps, step_of
@@ -51,19 +52,6 @@ def _fail(path, message):
     raise UserError(f"recipe {path}: {message}")
 
 
-def _flag_value(parser, key: str, value):
-    """`value` exactly as train_linear.py parses `--key=value`: YAML's integer 0 and its text '5e-3'
-    (no dot) become the floats the command line gives, so a grid run and the same run started by
-    hand have one key."""
-    if isinstance(value, (list, dict)) or value is None:
-        raise UserError(f"{value!r} is not a single value")
-    try:
-        return parse_with(parser, GRID_KEYS[key], FLAG[GRID_KEYS[key]], value)
-    except UserError as exc:
-        text = str(exc).removeprefix(f"{parser.prog}: ").removesuffix(" (see --help)")
-        raise UserError(f"{value!r} is not a valid value ({text})") from None
-
-
 def _section(path, parser, name: str, body) -> dict:
     """A grid-like mapping -> {option dest: [values of that option's type]}."""
     if not isinstance(body, dict):
@@ -79,10 +67,9 @@ def _section(path, parser, name: str, body) -> dict:
         values = value if isinstance(value, list) else [value]
         if not values:
             _fail(path, f"'{name}.{key}' is an empty list; give at least one value")
-        try:
-            out[dest] = [_flag_value(parser, canon, v) for v in values]
-        except UserError as exc:
-            _fail(path, f"'{name}.{key}': {exc}")
+        # read as train_linear.py reads --key=value: YAML's integer 0 and its text '5e-3' (no dot)
+        # become the floats the command line gives, so a grid run and the same run by hand share a key
+        out[dest] = [read_as_flag(parser, dest, v, f"recipe {path}: '{name}.{key}'") for v in values]
         if len(set(out[dest])) < len(out[dest]):
             _fail(path, f"'{name}.{key}' lists a value twice: {values}")
     return out
@@ -147,7 +134,7 @@ def load_grid(path, max_chains=MAX_CHAINS) -> dict:
         _fail(path, f"'report' must be a mapping with keys from {sorted(REPORT_KEYS)}")
     if report.get("kind", "distillation") not in REPORT_KINDS:
         _fail(path, f"report kind must be one of {REPORT_KINDS}")
-    if report.get("metric", "test") not in METRIC_DESCRIPTION:
+    if report.get("metric", DEFAULT.name) not in METRIC_DESCRIPTION:
         _fail(path, f"report metric must be one of {', '.join(METRIC_DESCRIPTION)}")
     etas = report.get("gain_etas", [])
     etas = etas if isinstance(etas, list) else [etas]

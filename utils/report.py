@@ -25,21 +25,18 @@ from pathlib import Path
 import numpy as np
 
 from utils.io import atomic_save_figure, atomic_write_text
-from utils.runs import (SETTING_COLUMNS, SUFFIX_OF_SELECTION, config_from_settings, run_dir, step_fields,
-                        with_key_neutral_settings)
+from utils.runs import SETTING_COLUMNS, config_from_settings, run_dir, step_fields, with_key_neutral_settings
+from utils.selection import DEFAULT, RULE, RULES
 from utils.steps import Step, step_of
 
 MISSING = "-"
 DEFAULT_GAIN_ETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # C2's non-inferiority margin (accuracy points) in claims.md: PLL may trail the best round by less
 DEFAULT_CLAIMS_MARGIN = 1.0
-# What each metric choice reads, and the words that say so in every caption.
+# What each metric choice reads, and the words that say so in every caption: a selection rule's
+# number, or `selected`, the number of the rule each run chose with.
 METRIC_DESCRIPTION = {
-    "test": "test accuracy at the best-by-test epoch (the paper's protocol: the epoch of highest test "
-            "accuracy)",
-    "last": "test accuracy at the last epoch",
-    "val": "test accuracy at the best-by-validation epoch (highest accuracy on the held-out split of the "
-           "noisy training set)",
+    **{rule.name: rule.picks for rule in RULES},
     "selected": "test accuracy of the checkpoint that each run's own --selection chose (and handed on as "
                 "teacher)",
 }
@@ -47,7 +44,7 @@ METRIC_DESCRIPTION = {
 NOT_GROUPING = ("seed", "eta")
 # CSV columns shown first (the key, the settings declared with a column, the headline accuracies);
 # the rest follow alphabetically.
-CSV_FIRST = ("key", *SETTING_COLUMNS, "test_acc_bytest", "test_acc_last", "test_acc_byval")
+CSV_FIRST = ("key", *SETTING_COLUMNS, *(rule.field() for rule in RULES))
 # Measured float columns of records.csv and their decimals (the float32 numbers of a run carry noise
 # such as 95.00000762939453): percentages to 4 decimals, entropies (nats) to 6. Every other column
 # (settings such as lr 5e-5, integers, strings, wall time) is written as recorded.
@@ -56,21 +53,17 @@ CSV_DECIMALS = {"test_acc": 4, "test_top2": 4, "test_confidence": 4, "val_acc": 
 STD_WORDS = "sample std, ddof=1"
 
 
-def metric_field(metric: str, quantity: str = "test_acc") -> str:
-    """Record field of `quantity` under a metric choice: ('test', 'test_acc') -> 'test_acc_bytest'."""
-    return f"{quantity}_{SUFFIX_OF_SELECTION[metric]}"
-
-
 def record_value(record: dict, metric: str, quantity: str = "test_acc"):
-    """`quantity` of a record under a metric choice; 'selected' follows the record's own selection."""
-    chosen = record.get("selection", "test") if metric == "selected" else metric
-    return _value(record, metric_field(chosen, quantity))
+    """`quantity` of a record under a metric choice; 'selected' follows the record's own selection
+    (a teacher has none: it trains the same under every rule)."""
+    chosen = record.get("selection", DEFAULT.name) if metric == "selected" else metric
+    return _value(record, RULE[chosen].field(quantity))
 
 
 def report_options(grid: dict) -> dict:
     report = dict(grid.get("report") or {})
     report.setdefault("kind", "distillation")
-    report.setdefault("metric", "test")
+    report.setdefault("metric", DEFAULT.name)
     report.setdefault("claims_margin", DEFAULT_CLAIMS_MARGIN)
     report["title"] = report.get("title") or grid.get("title") or grid.get("name", "report")
     return report

@@ -16,14 +16,10 @@ from data.datasets import DATASETS
 from data.features import FEATURE_NORMS
 from utils.cli import UserError, one_line
 from utils.io import atomic_write_json
-from utils.options import (check_option_values, integer_within, nonnegative_finite, option, options_of,
-                           positive_finite, within)
+from utils.options import Interval, check_option_values, option, options_of
+from utils.selection import DEFAULT, RULE, RULES
 from utils.steps import step_of
 
-SELECTIONS = ("test", "val", "last")
-CHECKPOINT_OF_SELECTION = {"test": "best", "val": "best_val", "last": "last"}
-# Record fields hold every number under each selection rule: test_acc_bytest, test_acc_last, ...
-SUFFIX_OF_SELECTION = {"test": "bytest", "val": "byval", "last": "last"}
 # Record fields that say how and when a run was computed (which process, how batched, how long),
 # not what it computed: the only fields in which two records of one run may differ.
 VOLATILE_FIELDS = ("wall_time_s", "batch_runs", "created", "trained_by", "resumed_from_epoch",
@@ -33,10 +29,6 @@ VOLATILE_FIELDS = ("wall_time_s", "batch_runs", "created", "trained_by", "resume
 STUDENTS = frozenset({"student", "pll"})    # the steps that learn from a teacher's checkpoint
 ALL_STEPS = frozenset({"teacher", "student", "pll"})
 MAX_SEED = 2**32 - 1  # numpy's RandomState (the validation split) takes seeds in [0, 2**32 - 1]; torch too
-
-
-def _val_fraction(x) -> bool:
-    return x == 0 or within(0, 0.5, low_open=True)(x)
 
 
 @dataclass(frozen=True)
@@ -53,34 +45,31 @@ class RunConfig:
                                 "from --arch, --depth, --pretrained or --features")
     ctype: str = option("cc", "--ctype", choices=CORRUPTION_TYPES, sweep=True, steps=ALL_STEPS, column=3,
                         help="corruption type: sym (symmetric), asym (asymmetric), cc (within superclasses)")
-    eta: float = option(0.5, "--corruption", type=float, valid=within(0, 1), must="lie in [0, 1]", sweep=True,
+    eta: float = option(0.5, "--corruption", type=float, valid=Interval(float, 0, 1), sweep=True,
                         steps=ALL_STEPS, column=4, help="label corruption ratio eta in [0, 1]")
-    seed: int = option(0, "--manualSeed", type=int, valid=integer_within(0, MAX_SEED),
-                       must=f"be an integer in [0, {MAX_SEED}] (0 <= seed < 2**32)", sweep=True,
-                       steps=ALL_STEPS,
-                       column=5, help="seed of corruption, initialisation and shuffling")
-    lr: float = option(5e-4, "--lr", "--learning-rate", type=float, valid=positive_finite,
-                       must="be positive and finite", sweep=True, steps=ALL_STEPS, column=7,
+    seed: int = option(0, "--manualSeed", type=int,
+                       valid=Interval(int, 0, MAX_SEED, note="0 <= seed < 2**32"), sweep=True,
+                       steps=ALL_STEPS, column=5, help="seed of corruption, initialisation and shuffling")
+    lr: float = option(5e-4, "--lr", "--learning-rate", type=float,
+                       valid=Interval(float, 0, closed="neither"), sweep=True, steps=ALL_STEPS, column=7,
                        help="initial learning rate")
-    wd: float = option(1e-4, "--weight-decay", "--wd", type=float, valid=nonnegative_finite,
-                       must="be >= 0 and finite", sweep=True, steps=ALL_STEPS, column=8, help="weight decay")
-    momentum: float = option(0.9, "--momentum", type=float, valid=within(0, 1, high_open=True),
-                             must="lie in [0, 1)",
+    wd: float = option(1e-4, "--weight-decay", "--wd", type=float, valid=Interval(float, 0), sweep=True,
+                       steps=ALL_STEPS, column=8, help="weight decay")
+    momentum: float = option(0.9, "--momentum", type=float, valid=Interval(float, 0, 1, closed="left"),
                              sweep=True, steps=ALL_STEPS, help="SGD momentum")
-    gamma: float = option(0.98, "--gamma", type=float, valid=within(0, 1, low_open=True),
-                          must="lie in (0, 1]",
+    gamma: float = option(0.98, "--gamma", type=float, valid=Interval(float, 0, 1, closed="right"),
                           sweep=True, steps=ALL_STEPS, help="lr is multiplied by gamma after every epoch")
-    epochs: int = option(200, "--epochs", type=int, valid=positive_finite, must="be positive and finite",
-                         sweep=True, steps=ALL_STEPS, column=9, help="epochs per step")
-    train_batch: int = option(128, "--train-batch", type=int, valid=positive_finite,
-                              must="be positive and finite",
-                              sweep=True, steps=ALL_STEPS, help="training batch size")
-    label_smoothing: float = option(0.0, "--label-smoothing", type=float, valid=within(0, 1, high_open=True),
-                                    must="lie in [0, 1)", new=True, sweep=True, steps=ALL_STEPS, column=10,
-                                    metavar="A", help="teacher label smoothing alpha in [0, 1)")
-    val_split: float = option(0.0, "--val-split", type=float, valid=_val_fraction,
-                              must="lie in (0, 0.5] (or 0 for "
-                              "none)", new=True, sweep=True, steps=ALL_STEPS, column=13, metavar="F",
+    epochs: int = option(200, "--epochs", type=int, valid=Interval(int, 1), sweep=True, steps=ALL_STEPS,
+                         column=9, help="epochs per step")
+    train_batch: int = option(128, "--train-batch", type=int, valid=Interval(int, 1), sweep=True,
+                              steps=ALL_STEPS, help="training batch size")
+    label_smoothing: float = option(0.0, "--label-smoothing", type=float,
+                                    valid=Interval(float, 0, 1, closed="left"), new=True, sweep=True,
+                                    steps=ALL_STEPS, column=10, metavar="A",
+                                    help="teacher label smoothing alpha in [0, 1)")
+    val_split: float = option(0.0, "--val-split", type=float,
+                              valid=Interval(float, 0, 0.5, closed="right", also=(0,)), new=True, sweep=True,
+                              steps=ALL_STEPS, column=13, metavar="F",
                               help="fraction of train held out for validation, in (0, 0.5]; 0: none")
     val_clean: bool = option(False, "--val-clean", type=bool, new=True, sweep=True, steps=ALL_STEPS,
                              help="oracle study: validation labels are NOT corrupted")
@@ -91,16 +80,36 @@ class RunConfig:
                                     "l2 (unit rows), "
                                     "standardize (train mean/std per dimension)")
     # the PLL student's top-2 candidate sets do not depend on the temperature
-    temperature: float = option(1.0, "--temperature", type=float, valid=positive_finite,
-                                must="be > 0 and finite", new=True, sweep=True, steps=frozenset({"student"}),
-                                column=11, metavar="T", help="distillation temperature T > 0 (students)")
-    selection: str = option("test", "--selection", cli_default=None, choices=SELECTIONS, new=True, sweep=True,
-                            steps=STUDENTS, column=12,
+    temperature: float = option(1.0, "--temperature", type=float, valid=Interval(float, 0, closed="neither"),
+                                new=True, sweep=True, steps=frozenset({"student"}), column=11, metavar="T",
+                                help="distillation temperature T > 0 (students)")
+    selection: str = option(DEFAULT.name, "--selection", cli_default=None, choices=tuple(RULE), new=True,
+                            sweep=True, steps=STUDENTS, column=12,
                             help="checkpoint that is the result and the next teacher: test (paper), "
                                  "val, last (default: test; last with --last 1)")
 
 
 SETTINGS = options_of(RunConfig)
+_DEFAULT = {f.name: f.default for f in fields(RunConfig)}
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One run's hyper-parameters: named, and by default valued, as the settings that declare them
+    (RunConfig), so they travel by name from the command line to the SGD step."""
+    lr: float = _DEFAULT["lr"]
+    wd: float = _DEFAULT["wd"]
+    momentum: float = _DEFAULT["momentum"]
+    gamma: float = _DEFAULT["gamma"]
+    epochs: int = _DEFAULT["epochs"]
+    train_batch: int = _DEFAULT["train_batch"]
+    label_smoothing: float = _DEFAULT["label_smoothing"]
+    temperature: float = _DEFAULT["temperature"]
+
+    @classmethod
+    def of(cls, cfg) -> "Hyper":
+        """The hyper-parameters of a configuration (a RunConfig, or anything with those attributes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 # records.csv's leading columns: the key, then the settings in their declared column order, the step
 # sixth (after the chain's identity: dataset, backbone, ctype, eta, seed)
 _STEP_COLUMN = 6
@@ -160,9 +169,9 @@ def record_payload(cfg: RunConfig, step, features_id: str, history: list, chosen
                    superclasses=None) -> dict:
     """A finished run's numbers and provenance: everything in its record that does not depend on
     which process trained it, or when. `history`: one row per epoch; `chosen`: the epoch each
-    selection rule chose ({"bytest": e, "last": e, "byval": e or None}); `facts`: the run's teacher
-    key, realised corruption, teacher top-2 coverage, device, threads and package versions;
-    `superclasses`: those labels moved within (cc corruption)."""
+    selection rule chose ({rule name: epoch, or None where the rule has no epoch}); `facts`: the
+    run's teacher key, realised corruption, teacher top-2 coverage, device, threads and package
+    versions; `superclasses`: those labels moved within (cc corruption)."""
     record = {"key": run_key(cfg, step, features_id), **step_settings(cfg, step, features_id),
               **{name: facts[name]
                  for name in ("teacher_key", "realised_corruption", "teacher_top2_coverage")},
@@ -171,12 +180,14 @@ def record_payload(cfg: RunConfig, step, features_id: str, history: list, chosen
               **{name: facts[name]
                  for name in ("device", "threads", "fused_batches", "torch_version", "python")},
               "code_version": code_version()}
-    for suffix, epoch in chosen.items():
+    for rule in RULES:
+        epoch = chosen[rule.name]
         row = history[epoch - 1] if epoch else {}
-        record[f"epoch_{suffix}"] = epoch
+        record[rule.field("epoch")] = epoch
         for name in ("test_acc", "test_top2", "test_confidence", "test_entropy"):
-            record[f"{name}_{suffix}"] = row.get(name)
-    record["val_acc_byval"] = history[chosen["byval"] - 1]["val_acc"] if chosen["byval"] else None
+            record[rule.field(name)] = row.get(name)
+    by_val, epoch = RULE["val"], chosen["val"]
+    record[by_val.field("val_acc")] = history[epoch - 1]["val_acc"] if epoch else None
     if superclasses is not None:
         record["superclasses"] = superclasses
     return record

@@ -7,62 +7,61 @@ from these declarations, so the command line, recipes and run keys cannot disagr
 """
 from pathlib import Path
 
-import torch
-
 from data.datasets import DATASETS
 from data.features import check_plain_name, safe_name
 from models.backbones import BACKBONES, check_arch
-from utils.cli import ArgumentParser, DefaultsHelpFormatter, UserError
+from utils.cli import ArgumentParser, DefaultsHelpFormatter, UserError, resolve_device
 from utils.engine import EngineOptions, FeatureSource
 from utils.options import Option, add_options, check_option_values, options_of
 from utils.runs import SETTINGS, RunConfig, check_settings
+from utils.selection import DEFAULT, LAST
 from utils.steps import Step, chain_steps
 
 DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50"}
 
 # where a configuration's features come from (a recipe may sweep these)
 SOURCE_OPTIONS = (
-    Option(("--depth",), type=int, default=34, sweep=True, dest="depth", help="ResNet depth: 18, 34 or 50"),
-    Option(("--arch",), new=True, sweep=True, dest="arch",
+    Option(("--depth",), type=int, default=34, sweep=True, help="ResNet depth: 18, 34 or 50"),
+    Option(("--arch",), new=True, sweep=True,
            help=f"backbone: {', '.join(BACKBONES)}, or timm:<model name> for any timm model (e.g. "
                 "timm:vit_base_patch14_dinov2.lvd142m; its own preprocessing) (default: resnet<depth>)"),
-    Option(("--pretrained",), type=bool, default=True, new=True, sweep=True, dest="pretrained",
+    Option(("--pretrained",), type=bool, default=True, new=True, sweep=True,
            help="ImageNet weights (False: random init, for tests)"),
-    Option(("--features",), new=True, sweep=True, dest="features", metavar="PATH",
+    Option(("--features",), new=True, sweep=True, metavar="PATH",
            help="probe features from a .pt/.npz file (see README)"),
 )
 # which steps run (with --config the recipe says it)
 STEP_OPTIONS = (
-    Option(("--dist",), type=int, default=0, dest="dist", help="distillation round (0: teacher)"),
-    Option(("--last",), type=int, default=0, choices=(0, 1), dest="last",
+    Option(("--dist",), type=int, default=0, help="distillation round (0: teacher)"),
+    Option(("--last",), type=int, default=0, choices=(0, 1),
            help="teacher checkpoint: 0 best, 1 last"),
-    Option(("--partial",), type=bool, default=False, dest="partial",
+    Option(("--partial",), type=bool, default=False,
            help="train the PLL student (bare flag or True/False)"),
-    Option(("--rounds",), type=int, new=True, dest="rounds", metavar="R",
+    Option(("--rounds",), type=int, new=True, metavar="R",
            help="run the whole chain: teacher, rounds 1..R, PLL"),
 )
 COMMAND_OPTIONS = (
-    Option(("--gpu-id",), default="0", dest="gpu_id",
+    Option(("--gpu-id",), default="0",
            help="CUDA device index; 'cpu' (or no GPU present) trains on the CPU"),
-    Option(("--config",), new=True, dest="config", metavar="YAML",
+    Option(("--config",), new=True, metavar="YAML",
            help="run a grid from a recipe file (see recipe.MD)"),
-    Option(("--shard",), new=True, dest="shard", metavar="I/N",
+    Option(("--shard",), new=True, metavar="I/N",
            help="with --config: run only shard I of N (0-based)"),
-    Option(("--allow-large-grid",), type=bool, new=True, dest="allow_large_grid",
+    Option(("--allow-large-grid",), type=bool, new=True,
            help="with --config: expand a grid of more than 100,000 chains"),
-    Option(("--report-only",), type=bool, new=True, dest="report_only",
+    Option(("--report-only",), type=bool, new=True,
            help="with --config: only write tables and figures"),
-    Option(("--extract-only",), type=bool, new=True, dest="extract_only",
+    Option(("--extract-only",), type=bool, new=True,
            help="only extract (or find cached) the features of -d through --arch and print the features "
                 "file's path, to probe later with --features"),
-    Option(("--evidence",), type=bool, new=True, dest="evidence",
+    Option(("--evidence",), type=bool, new=True,
            help="train nothing: write the feature evidence of -d/--arch or --features to "
                 "<results>/evidence/<dataset>/<backbone>/ (evidence.json; heatmaps of the class-wise "
                 "correlation mean and std; the class dendrogram; the Gram spectrum and the share of the "
                 "clean and the --ctype/--corruption/--manualSeed labels along its top eigenvectors; the "
                 "clusters / c / d / e table); with --config, of every feature source of the recipe, into its "
                 "report folder"),
-    Option(("--quiet",), type=bool, new=True, dest="quiet",
+    Option(("--quiet",), type=bool, new=True,
            help="no progress output (bars, per-step lines); errors, warnings and the final tables are "
                 "still printed"),
 )
@@ -86,17 +85,6 @@ def build_parser() -> ArgumentParser:
                                    "students, PLL student.")
     add_options(p, OPTIONS)
     return p
-
-
-def resolve_device(gpu_id: str) -> torch.device:
-    """First id of --gpu-id when CUDA is there; never touches CUDA_VISIBLE_DEVICES."""
-    first = str(gpu_id).split(",")[0].strip().lower()
-    if first in ("", "cpu", "-1") or not torch.cuda.is_available():
-        return torch.device("cpu")
-    if not first.isdigit() or int(first) >= torch.cuda.device_count():
-        raise UserError(f"--gpu-id {gpu_id}: no such CUDA device (found {torch.cuda.device_count()}); "
-                        "pass an index below that, or 'cpu'")
-    return torch.device(f"cuda:{first}")
 
 
 def source_from_args(args) -> FeatureSource:
@@ -124,10 +112,10 @@ def source_from_args(args) -> FeatureSource:
 
 
 def selection_from_args(args) -> str:
-    if args.last == 1 and args.selection not in (None, "last"):
+    if args.last == 1 and args.selection not in (None, LAST.name):
         raise UserError(f"--last 1 means --selection last, but --selection {args.selection} "
                         "was given; drop one")
-    return args.selection or ("last" if args.last == 1 else "test")
+    return args.selection or (LAST.name if args.last == 1 else DEFAULT.name)
 
 
 def config_from_args(args) -> RunConfig:
@@ -155,7 +143,7 @@ def engine_options(args) -> EngineOptions:
     check_option_values(ENGINE_OPTIONS.values(), args)
     given = {name: getattr(args, name) for name in ENGINE_OPTIONS}
     return EngineOptions(**{**given, "save_every": max(args.save_every, 0)},
-                         device=resolve_device(args.gpu_id),
+                         device=resolve_device(args.gpu_id, "--gpu-id"),
                          poll_seconds=min(5.0, args.lease_timeout / 20),
                          progress="none" if args.quiet else "auto")
 

@@ -6,14 +6,8 @@ its seeds) is derived here, so no other module compares codes.
 """
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Optional
 
 import numpy as np
-import torch
-
-from models.head import init_head_weights
-from utils.losses import distillation_targets, pll_candidates
-from utils.train import Targets, TrainData, head_logits
 
 _PLL_CODE = "p"
 # The PLL student's number in seed derivations (round numbers stay far below it).
@@ -101,38 +95,3 @@ def chain_steps(rounds: int, partial: bool = True) -> list:
 def step_of(code) -> Step:
     """A step from its code as records store it ('0', '3', 'p'), or a Step unchanged."""
     return code if isinstance(code, Step) else Step(str(code))
-
-
-@dataclass
-class Lesson:
-    """What the runs of one step learn from and start from."""
-    targets: Targets
-    init: torch.Tensor          # (R, K, d) initial weights
-    coverage: Optional[list]    # students: % of training rows whose true class is in the teacher's top-2
-
-
-def lesson_for(step: Step, data: TrainData, seeds, dim: int, smoothing: torch.Tensor,
-               temperature: torch.Tensor,
-               teacher_weights: Optional[torch.Tensor] = None) -> Lesson:
-    """The teacher fits the corrupted labels (label-smoothed by `smoothing`) from a fresh start; a
-    round-t student fits its teacher's softmax at `temperature` from a fresh start; the PLL student
-    fits the teacher's top-2 classes as candidate sets, starting from the teacher's weights.
-    `seeds`: each run's configuration seed; `teacher_weights`: (R, K, d) for students."""
-    k = data.num_classes
-
-    def fresh_start():
-        return torch.stack([init_head_weights(k, dim,
-                                              torch.Generator().manual_seed(step.seed(s, SeedPurpose.INIT)))
-                            for s in seeds])
-
-    if step.is_teacher:
-        return Lesson(Targets("hard", data.noisy_labels, smoothing=smoothing), fresh_start(), None)
-    # each run's logits on all rows, then its training rows: no (R, N, d) copy of the features
-    logits = head_logits(data.features, teacher_weights)
-    logits = logits.gather(1, data.train_rows.unsqueeze(-1).expand(-1, -1, k))
-    top2 = pll_candidates(logits)
-    coverage = ((top2 == data.true_labels.unsqueeze(-1)).any(-1).double().mean(-1) * 100).tolist()
-    if step.is_pll:
-        return Lesson(Targets("partial", top2), teacher_weights, coverage)
-    soft = distillation_targets(logits, temperature)
-    return Lesson(Targets("soft", soft, temperature=temperature), fresh_start(), coverage)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from utils import softmax_solver as ss
-from utils.options import integer_within, option, options_of, positive_finite, within
+from utils.options import Interval, option, options_of
 
 GRAMS = ("original", "psd", "features")
 LABEL_NOISE = ("sampled", "exact")
@@ -43,24 +43,25 @@ class Setting:
     the sweep keys (numerical_solving.py), the run names and the records' leading columns
     (utils/theory_outputs.py) are derived from these declarations; the field order is the order of
     the names and columns: keep it."""
-    k: int = option(4, "--k", type=int, valid=integer_within(2, math.inf),
-                    must="be >= 2 (number of classes)", sweep=True, help="number of classes K")
-    n: int = option(500, "--n", type=int, valid=integer_within(1, math.inf),
-                    must="be >= 1 (samples per class)", sweep=True, help="samples per class n (N = K n)")
-    lbd: float = option(1e-5, "--lbd", type=float, valid=positive_finite,
-                        must="be > 0 (the weight decay, e.g. --lbd 1e-5)", sweep=True,
+    k: int = option(4, "--k", type=int, valid=Interval(int, 2, note="number of classes"), sweep=True,
+                    help="number of classes K")
+    n: int = option(500, "--n", type=int, valid=Interval(int, 1, note="samples per class"), sweep=True,
+                    help="samples per class n (N = K n)")
+    lbd: float = option(1e-5, "--lbd", type=float,
+                        valid=Interval(float, 0, closed="neither", note="the weight decay, e.g. --lbd 1e-5"),
+                        sweep=True,
                         help="weight decay lambda > 0")
-    c: float = option(0.4, "--c", type=float, valid=within(-1, 1), must="lie in [-1, 1] (a correlation)",
+    c: float = option(0.4, "--c", type=float, valid=Interval(float, -1, 1, note="a correlation"),
                       sweep=True, help="intra-class correlation, in [-1, 1]")
-    d: float = option(0.1, "--d", type=float, valid=within(-1, 1), must="lie in [-1, 1] (a correlation)",
+    d: float = option(0.1, "--d", type=float, valid=Interval(float, -1, 1, note="a correlation"),
                       sweep=True, help="inter-class correlation, in [-1, 1]")
-    eta: float = option(0.5, "--eta", type=float, valid=within(0, 1),
-                        must="lie in [0, 1] (the corruption ratio)", sweep=True,
+    eta: float = option(0.5, "--eta", type=float, valid=Interval(float, 0, 1, note="the corruption ratio"),
+                        sweep=True,
                         help="label corruption ratio, in [0, 1]")
-    epsilon: float = option(0.05, "--epsilon", type=float, valid=within(0, 1),
-                            must="lie in [0, 1] (the noise level of G)", sweep=True,
+    epsilon: float = option(0.05, "--epsilon", type=float,
+                            valid=Interval(float, 0, 1, note="the noise level of G"), sweep=True,
                             help="noise level of G (uniform in [-eps, eps]), in [0, 1]")
-    seed: int = option(0, "--seed", type=int, valid=integer_within(0, math.inf), must="be >= 0", new=True,
+    seed: int = option(0, "--seed", type=int, valid=Interval(int, 0), new=True,
                        sweep=True, help="seed of G's noise, the labels and Adam's starts")
     gram: str = option("original", "--gram", choices=GRAMS, new=True, sweep=True,
                        help="original: the original's non-symmetric noisy matrix; psd: its PSD projection; "

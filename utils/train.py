@@ -1,9 +1,14 @@
 """The one training loop: R linear heads trained at once on one in-memory feature matrix.
 
 A single run is R = 1. Runs in a batch share the features, the epoch count and the batch size;
-everything else is per run: training rows, targets, learning rate, weight decay, momentum, lr
-decay and the shuffling order (drawn from the run's own seed). SGD with momentum and L2 weight
-decay, as torch.optim.SGD: buf = m * buf + (grad + wd * W);  W -= lr * buf;  lr = lr0 * gamma^epoch.
+everything else is per run (`utils.runs.Hyper`, by name): training rows, targets, learning rate,
+weight decay, momentum, lr decay and the shuffling order (drawn from the run's own seed).
+
+`PlainSGD` is the definition of an epoch, written plainly: shuffled mini-batches, the loss's
+gradient, and SGD with momentum and L2 weight decay as torch.optim.SGD:
+    buf = m * buf + (grad + wd * W);   W -= lr * buf;   lr = lr0 * gamma^epoch.
+`_BatchedSGD` is the same epoch made fast (shared gathers, step buffers, cache-sized updates); it
+gives the same bits (tests/test_train.py compares them), and `train_heads` uses it.
 
 A run gives the same bits alone or in any batch: every matrix product of a run has a shape that
 does not depend on the batch (one (B x d)(d x K) product per run and step in a batched product,
@@ -13,14 +18,16 @@ row-wise with the same per-element code whatever the batch. The one exception is
 faster but rounded differently from the same run alone on some BLAS builds.
 """
 import math
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 
 from utils.losses import generalized_cross_entropy, hard_label_cross_entropy, soft_cross_entropy
+from utils.selection import TRACKED
+from utils.threads import step_chunks
 
 
 @dataclass
@@ -47,21 +54,38 @@ class Targets:
     smoothing: Optional[torch.Tensor] = None
     temperature: Optional[torch.Tensor] = None
 
-    def loss_options(self):
-        """smoothing / temperature as the losses take them: None when every run uses the plain
-        value (0 / 1), so the step skips passes whose result is known; checked once, not per step."""
+    def loss(self) -> Callable:
+        """f(logits (R, B, K), batch targets) -> (loss (R,), gradient (R, B, K)). Smoothing and
+        temperature are left out when every run uses the plain value (0 / 1), so a step skips passes
+        whose result is known (checked once, not per step)."""
         plain = lambda v, value: v is None or bool((v == value).all())  # noqa: E731
-        return (None if plain(self.smoothing, 0.0) else self.smoothing,
-                None if plain(self.temperature, 1.0) else self.temperature)
+        if self.kind == "hard":
+            smoothing = None if plain(self.smoothing, 0.0) else self.smoothing
+            return partial(hard_label_cross_entropy, alpha=smoothing)
+        if self.kind == "soft":
+            temperature = None if plain(self.temperature, 1.0) else self.temperature
+            return partial(soft_cross_entropy, temperature=temperature)
+        if self.kind == "partial":
+            return generalized_cross_entropy
+        raise ValueError(f"unknown target kind {self.kind!r}")
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The targets of each run's training rows at `positions` (R, B)."""
+        if self.kind == "hard":
+            return self.values.gather(1, positions)
+        return self.values[torch.arange(len(positions), device=positions.device)[:, None], positions]
 
 
-@dataclass
-class Hyper:
-    """Per-run optimiser settings, each (R,) float32 on the device."""
-    lr: torch.Tensor
-    weight_decay: torch.Tensor
-    momentum: torch.Tensor
-    gamma: torch.Tensor
+def per_run(hypers, name: str, device=None) -> torch.Tensor:
+    """One hyper-parameter of every run, (R,) float32."""
+    return torch.tensor([float(getattr(h, name)) for h in hypers], dtype=torch.float32, device=device)
+
+
+def shared_setting(hypers, name: str):
+    """A hyper-parameter that the runs of one batch share (epochs, batch size)."""
+    values = {getattr(h, name) for h in hypers}
+    assert len(values) == 1, f"runs trained together must share {name}, got {sorted(values)}"
+    return values.pop()
 
 
 @dataclass
@@ -94,9 +118,15 @@ class TrainState:
     epoch: int
     weight: torch.Tensor
     momentum: torch.Tensor
-    best_test: Snapshot
-    best_val: Optional[Snapshot]
+    best: dict   # rule name -> Snapshot of its best epoch (utils.selection.TRACKED; "val" with a val split)
     history: list = field(default_factory=list)  # per run: list of per-epoch metric dicts
+
+    def chosen(self, rule) -> tuple:
+        """(each run's epoch, weights (R, K, d)) that a selection rule picks."""
+        if rule.metric is None:
+            return [self.epoch] * self.weight.shape[0], self.weight
+        snap = self.best[rule.name]
+        return [int(e) for e in snap.epoch], snap.weight
 
 
 class NonFiniteLoss(Exception):
@@ -164,19 +194,6 @@ def _hits(below: torch.Tensor, num_classes: int):
     return (below == num_classes - 1).sum(-1), (below >= num_classes - 2).sum(-1)
 
 
-def _batch_loss(kind: str, options, logits: torch.Tensor, batch_targets: torch.Tensor):
-    """(loss (R,), gradient (R, B, K)) of a mini-batch against its targets: labels (R, B), soft
-    targets (R, B, K) or candidate sets (R, B, 2)."""
-    smoothing, temperature = options
-    if kind == "hard":
-        return hard_label_cross_entropy(logits, batch_targets, smoothing)
-    if kind == "soft":
-        return soft_cross_entropy(logits, batch_targets, temperature)
-    if kind == "partial":
-        return generalized_cross_entropy(logits, batch_targets)
-    raise ValueError(f"unknown target kind {kind!r}")
-
-
 def _logits_by_run(features: torch.Tensor, weight: torch.Tensor):
     """Each run's (N, K) logits in turn, one (N x d)(d x K) product per run; features (N, d) or
     (R, N, d)."""
@@ -207,6 +224,11 @@ def _test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
             "test_entropy": -(probs * log_p).sum(-1).mean(-1)}
 
 
+def eval_rows(data: TrainData) -> list:
+    """How many rows an evaluation scores: the test rows, then each run's validation rows."""
+    return [len(data.test_labels)] + ([data.val_rows.shape[1]] if data.val_rows is not None else [])
+
+
 @torch.no_grad()
 def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch.Tensor] = None) -> dict:
     """Per run: test loss, top-1/top-2 accuracy (percent), confidence and entropy; val accuracy
@@ -223,6 +245,38 @@ def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch
                 for run_logits, val_labels in zip(val_logits, data.val_labels)]
         out["val_acc"] = torch.cat(hits) * (100.0 / data.val_rows.shape[1])
     return out
+
+
+class PlainSGD:
+    """The definition of an epoch of every run, as torch.optim.SGD with momentum and L2 weight
+    decay would take it, on each run's own shuffled mini-batches; also the train loss and hits."""
+
+    def __init__(self, data: TrainData, targets: Targets, hypers, shuffle_seeds, weight, momentum):
+        self.data, self.targets, self.seeds = data, targets, list(shuffle_seeds)
+        self.weight, self.momentum, self.loss = weight, momentum, targets.loss()
+        self.batch_size = shared_setting(hypers, "train_batch")
+        self.lr0, self.gamma, self.wd, self.m = (per_run(hypers, name, weight.device).view(-1, 1, 1)
+                                                 for name in ("lr", "gamma", "wd", "momentum"))
+
+    def epoch(self, epoch: int, tuner=None):
+        """(train loss (R,) float64, hits (4, R): noisy top-1, top-2, true top-1, top-2)."""
+        data, (num_runs, num_train) = self.data, self.data.train_rows.shape
+        self.lr = self.lr0 * self.gamma ** epoch
+        positions = shuffled_positions(num_train, self.seeds, epoch).to(self.weight.device)
+        loss_sum = torch.zeros(num_runs, dtype=torch.float64, device=self.weight.device)
+        hits = torch.zeros(4, num_runs, dtype=torch.long, device=self.weight.device)
+        for start in range(0, num_train, self.batch_size):
+            at = positions[:, start:start + self.batch_size]
+            x = data.features[data.train_rows.gather(1, at)].float()                   # (R, b, d)
+            logits = torch.bmm(x, self.weight.transpose(1, 2))
+            loss, grad_logits = self.loss(logits, self.targets.at(at))
+            grad = torch.baddbmm(self.wd * self.weight, grad_logits.transpose(1, 2), x)
+            self.momentum.mul_(self.m).add_(grad)
+            self.weight.sub_(self.lr * self.momentum)
+            loss_sum.add_(loss, alpha=x.shape[1])
+            labels = torch.stack([data.noisy_labels.gather(1, at), data.true_labels.gather(1, at)])
+            hits += torch.stack(topk_hits(logits, labels), 1).view(4, -1)
+        return loss_sum / num_train, hits
 
 
 # On one CPU thread a step updates the heads of a few runs at a time, about this many bytes of
@@ -248,18 +302,20 @@ class _Unit:
 
 
 class _BatchedSGD:
-    """What stays fixed through a train_heads call (how its runs share mini-batches, the runs
-    updated together, preallocated step buffers) and its epochs of SGD steps.
+    """The epoch of `PlainSGD`, fast, with the same bits: what stays fixed through a train_heads
+    call (how its runs share mini-batches, the runs updated together, preallocated step buffers).
 
     Runs in blocks of `shared` see the same mini-batches (shared_order_group_size): gathered once
     per block; their products are one wide matmul when fused, else one (B x d)(d x K) product per
     run on the shared rows. Fresh MB-sized temporaries each step would cost page faults on CPU,
     hence the buffers."""
 
-    def __init__(self, data: TrainData, targets: Targets, hyper: Hyper, batch_size: int, shuffle_seeds,
-                 fuse: bool, weight: torch.Tensor, momentum: torch.Tensor):
-        self.data, self.targets, self.hyper, self.batch_size = data, targets, hyper, batch_size
+    def __init__(self, data: TrainData, targets: Targets, hypers, shuffle_seeds, weight: torch.Tensor,
+                 momentum: torch.Tensor, fuse: bool = False):
+        self.data, self.targets, self.batch_size = data, targets, shared_setting(hypers, "train_batch")
         self.weight, self.momentum = weight, momentum
+        self.lr0, self.gamma, self.wd, self.momentum_factor = (
+            per_run(hypers, name, weight.device).view(-1, 1, 1) for name in ("lr", "gamma", "wd", "momentum"))
         self.seeds = list(shuffle_seeds)
         self.num_runs, self.num_train = data.train_rows.shape
         self.shared = shared_order_group_size(self.seeds, data.train_rows)
@@ -267,7 +323,7 @@ class _BatchedSGD:
         self.num_orders = self.num_runs // self.shared
         self.group_rows = data.train_rows[::self.shared]                                # (U, N_train)
         self.noisy_and_true = torch.stack([data.noisy_labels, data.true_labels])        # (2, R, N_train)
-        self.loss_options = targets.loss_options()
+        self.loss = targets.loss()
         # soft targets / candidate sets as rows of one matrix: a step gathers its own with
         # index_select, several times faster than advanced indexing (R, N, K)[arange, positions]
         num_targets = self.num_runs * self.num_train
@@ -277,14 +333,14 @@ class _BatchedSGD:
         self.fused_weight = weight.view(self.num_runs // self.group, self.group * self.num_classes, -1)
         self.decayed = torch.empty_like(weight)
         self.fused_decayed = self.decayed.view_as(self.fused_weight)
-        self.lr = torch.empty_like(hyper.lr).view(-1, 1, 1)  # this epoch's, per run
+        self.lr = torch.empty_like(self.lr0)  # this epoch's, per run
         per_unit = max(1, UPDATE_CHUNK_BYTES // (self.num_classes * self.dim * weight.element_size()))
         if weight.device.type != "cpu":
             per_unit = self.num_runs
         # keyed by "on one thread": see UPDATE_CHUNK_BYTES
         self.units = {True: self._update_units(per_unit), False: self._update_units(self.num_runs)}
         self.buffers = {}
-        self._step_buffers(min(batch_size, self.num_train))  # a full batch's: the others use their start
+        self._step_buffers(min(self.batch_size, self.num_train))  # a full batch's: the others use their start
 
     def _update_units(self, per_unit: int) -> list:
         """The runs updated together, `per_unit` at most. Runs sharing a block's batch (not fused)
@@ -300,9 +356,8 @@ class _BatchedSGD:
             for u in range(0, num_orders, blocks):
                 end = min(u + blocks, num_orders)
                 spans.append((slice(u, end), slice(u * shared, end * shared)))
-        wd, mom = self.hyper.weight_decay.view(-1, 1, 1), self.hyper.momentum.view(-1, 1, 1)
-        return [_Unit(orders, runs, self.weight[runs], self.momentum[runs], self.decayed[runs], wd[runs],
-                      mom[runs], self.lr[runs]) for orders, runs in spans]
+        return [_Unit(orders, runs, self.weight[runs], self.momentum[runs], self.decayed[runs], self.wd[runs],
+                      self.momentum_factor[runs], self.lr[runs]) for orders, runs in spans]
 
     def _step_buffers(self, b: int):
         """(gathered rows (U * b, d), logits (R, b, K), comparisons (2, R, b, K)) for batches of b
@@ -315,11 +370,12 @@ class _BatchedSGD:
             self.buffers[b] = [flat[:math.prod(s)].view(s) for flat, s in zip(self.flat_buffers, shapes)]
         return self.buffers[b]
 
-    def train_epoch(self, epoch: int, tuner: Optional["ThreadTuner"]):
-        """One epoch of SGD steps of every run: (train loss (R,) float64, hits (4, R): noisy top-1,
-        top-2, true top-1, top-2)."""
+    def epoch(self, epoch: int, tuner=None):
+        """One epoch of SGD steps of every run, in the chunks of steps `tuner` hands out (it sets the
+        thread count between them): (train loss (R,) float64, hits (4, R): noisy top-1, top-2, true
+        top-1, top-2)."""
         device = self.weight.device
-        self.lr.copy_((self.hyper.lr * self.hyper.gamma ** epoch).view(-1, 1, 1))
+        self.lr.copy_(self.lr0 * self.gamma ** epoch)
         positions = shuffled_positions(self.num_train, self.seeds[::self.shared], epoch).to(device)  # (U, N)
         rows = self.group_rows.gather(1, positions)
         if self.shared > 1:
@@ -330,21 +386,21 @@ class _BatchedSGD:
                    else positions + self.arange_r * self.num_train)
         loss_sum = torch.zeros(self.num_runs, device=device, dtype=torch.float64)
         below = torch.empty(2, self.num_runs, self.num_train, device=device)
-        for step, start in enumerate(range(0, self.num_train, self.batch_size)):
-            if tuner is not None:
-                tuner.before_step(step)
-            batch = slice(start, start + self.batch_size)
-            loss, logits, compared = self._step(rows[:, batch], targets[:, batch])
-            # the product of a float32 loss and a batch size under 2^29 is exact in float64, so
-            # this rounds as `loss_sum += loss.double() * b` does, in one pass instead of three
-            loss_sum.add_(loss, alpha=logits.shape[1])
-            _classes_below(logits, labels[:, :, batch], compared, out=below[:, :, batch])
+        for chunk in step_chunks(tuner, math.ceil(self.num_train / self.batch_size)):
+            units = self.units[torch.get_num_threads() == 1]
+            for step in chunk:
+                batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+                loss, logits, compared = self._step(rows[:, batch], targets[:, batch], units)
+                # the product of a float32 loss and a batch size under 2^29 is exact in float64, so
+                # this rounds as `loss_sum += loss.double() * b` does, in one pass instead of three
+                loss_sum.add_(loss, alpha=logits.shape[1])
+                _classes_below(logits, labels[:, :, batch], compared, out=below[:, :, batch])
         top1, top2 = _hits(below, self.num_classes)
         return loss_sum / self.num_train, torch.stack([top1, top2], 1).view(4, -1)
 
-    def _step(self, batch_rows: torch.Tensor, batch_targets: torch.Tensor):
-        """One SGD step of every run on its mini-batch: (loss (R,), logits (R, b, K), the buffer
-        for the train metrics' comparisons)."""
+    def _step(self, batch_rows: torch.Tensor, batch_targets: torch.Tensor, units: list):
+        """One SGD step of every run on its mini-batch, its heads updated unit by unit: (loss (R,),
+        logits (R, b, K), the buffer for the train metrics' comparisons)."""
         num_orders, b = batch_rows.shape
         rows_buffer, logits, compared = self._step_buffers(b)
         # index_select on flat indices is ~4x faster than advanced indexing for this gather
@@ -354,13 +410,13 @@ class _BatchedSGD:
         if self.target_rows is not None:
             batch_targets = self.target_rows.index_select(0, batch_targets.reshape(-1))
             batch_targets = batch_targets.view(self.num_runs, b, -1)
-        loss, grad_logits = _batch_loss(self.targets.kind, self.loss_options, logits, batch_targets)
+        loss, grad_logits = self.loss(logits, batch_targets)
         if self.group > 1:  # to the fused products' layout: (U, b, G*K)
             grad_logits = grad_logits.view(num_orders, self.group, b, -1).transpose(1, 2)
             grad_logits = grad_logits.reshape(num_orders, b, -1)
         grad_t = grad_logits.transpose(1, 2)
         # grad = wd * W + dL/dlogits^T @ x, accumulated in place into the decay buffer; then SGD
-        for unit in self.units[torch.get_num_threads() == 1]:
+        for unit in units:
             torch.mul(unit.weight, unit.weight_decay, out=unit.decayed)
             if self.group > 1:
                 self.fused_decayed[unit.orders].baddbmm_(grad_t[unit.orders], xb[unit.orders])
@@ -390,17 +446,17 @@ class _BatchedSGD:
 
 def _initial_state(data: TrainData, init_weight: torch.Tensor) -> TrainState:
     weight = init_weight.to(device=data.features.device, dtype=torch.float32).clone()
-    return TrainState(0, weight, torch.zeros_like(weight), Snapshot.empty(weight),
-                      Snapshot.empty(weight) if data.val_rows is not None else None,
-                      [[] for _ in range(weight.shape[0])])
+    best = {rule.name: Snapshot.empty(weight) for rule in TRACKED
+            if rule.metric != "val_acc" or data.val_rows is not None}
+    return TrainState(0, weight, torch.zeros_like(weight), best, [[] for _ in range(weight.shape[0])])
 
 
 def _record_epoch(state: TrainState, train_loss, hits, lr, metrics: dict, num_train: int) -> None:
     """Close epoch `state.epoch + 1`: best-epoch snapshots, one history entry per run."""
     epoch = state.epoch + 1
-    state.best_test.update(metrics["test_acc"], epoch, state.weight, state.momentum)
-    if state.best_val is not None:
-        state.best_val.update(metrics["val_acc"], epoch, state.weight, state.momentum)
+    for rule in TRACKED:
+        if rule.name in state.best:
+            state.best[rule.name].update(metrics[rule.metric], epoch, state.weight, state.momentum)
     train_pct = hits.double() * (100.0 / num_train)
     table = {"train_loss": train_loss, "train_acc": train_pct[0], "train_top2": train_pct[1],
              "train_acc_true": train_pct[2], "train_top2_true": train_pct[3], "lr": lr, **metrics}
@@ -410,192 +466,33 @@ def _record_epoch(state: TrainState, train_loss, hits, lr, metrics: dict, num_tr
     state.epoch = epoch
 
 
-@torch.no_grad()
-def train_heads(data: TrainData, targets: Targets, init_weight: torch.Tensor, hyper: Hyper, epochs: int,
-                batch_size: int, shuffle_seeds, resume: Optional[TrainState] = None,
-                on_epoch: Optional[Callable[[TrainState], None]] = None, fuse_shared_order: bool = False,
-                tuner: Optional["ThreadTuner"] = None) -> TrainState:
-    """Train R heads for `epochs` epochs (from `resume.epoch` if given) and return the final state.
+def train_heads(data: TrainData, targets: Targets, init_weight: Optional[torch.Tensor], hypers, shuffle_seeds,
+                resume: Optional[TrainState] = None, on_epoch: Optional[Callable[[TrainState], None]] = None,
+                fuse_shared_order: bool = False, tuner=None, plain: bool = False) -> TrainState:
+    """Train R heads, one per run of `hypers` (utils.runs.Hyper), for their epochs (from
+    `resume.epoch` if given) and return the final state.
 
     `on_epoch(state)` runs after every epoch (progress bars, periodic checkpoints).
     `fuse_shared_order`: runs that see the same mini-batches share one wider matmul (see
     `shared_order_group_size`); faster, but a run's rounding may then depend on its batch.
-    `tuner`: chooses the CPU thread count of the training steps epoch by epoch (ThreadTuner); only
-    for a BLAS whose products do not depend on the thread count (`products_thread_invariant`)."""
+    `tuner`: chooses the CPU thread count between chunks of steps (utils.threads.ThreadTuner); only
+    for a BLAS whose products do not depend on the thread count. `plain`: train with `PlainSGD`,
+    the definition (the same bits, slower)."""
+    epochs = shared_setting(hypers, "epochs")
     state = _initial_state(data, init_weight) if resume is None else resume
-    sgd = _BatchedSGD(data, targets, hyper, batch_size, shuffle_seeds, fuse_shared_order, state.weight,
-                      state.momentum)
+    sgd = (PlainSGD(data, targets, hypers, shuffle_seeds, state.weight, state.momentum) if plain else
+           _BatchedSGD(data, targets, hypers, shuffle_seeds, state.weight, state.momentum, fuse_shared_order))
     val_features = data.features[data.val_rows] if data.val_rows is not None else None  # gathered once
-    for epoch in range(state.epoch, epochs):
-        train_loss, hits = sgd.train_epoch(epoch, tuner)
-        bad = ~torch.isfinite(train_loss)
-        if bad.any():
-            raise NonFiniteLoss(epoch + 1, int(bad.nonzero()[0]))
-        if tuner is not None:
-            tuner.end_epoch()  # the thread count of evaluation (fixed, unless it cannot change a number)
-        metrics = evaluate(data, state.weight, val_features)
-        _record_epoch(state, train_loss, hits, sgd.lr.view(-1), metrics, data.train_rows.shape[1])
-        if on_epoch is not None:
-            on_epoch(state)
+    with torch.no_grad():  # gradients by hand (utils/losses.py): no autograd graph
+        for epoch in range(state.epoch, epochs):
+            train_loss, hits = sgd.epoch(epoch, tuner)
+            bad = ~torch.isfinite(train_loss)
+            if bad.any():
+                raise NonFiniteLoss(epoch + 1, int(bad.nonzero()[0]))
+            if tuner is not None:
+                tuner.end_epoch()  # the thread count of evaluation (fixed, unless it cannot change a number)
+            metrics = evaluate(data, state.weight, val_features)
+            _record_epoch(state, train_loss, hits, sgd.lr.view(-1), metrics, data.train_rows.shape[1])
+            if on_epoch is not None:
+                on_epoch(state)
     return state
-
-
-def _random_products(gen: torch.Generator, runs: int, batch: int, dim: int, num_classes: int):
-    """Random inputs of the trainer's products: x (R, B, d), w (R, K, d), g (R, B, K), base (R, K, d)."""
-    shapes = [(runs, batch, dim), (runs, num_classes, dim), (runs, batch, num_classes),
-              (runs, num_classes, dim)]
-    return [torch.randn(shape, generator=gen) for shape in shapes]
-
-
-def _products(x, w, g, base):
-    """The trainer's products: the forward (B x d)(d x K) and the weight gradient (K x B)(B x d)
-    accumulated into a copy of `base`."""
-    return torch.bmm(x, w.transpose(1, 2)), base.clone().baddbmm_(g.transpose(1, 2), x)
-
-
-@torch.no_grad()
-def batched_products_match_lone(batch_sizes, dim: int, num_classes: int, runs=(2, 3, 5, 8, 16, 64)) -> bool:
-    """Whether this BLAS, at the current thread count, computes each item of the trainer's batched
-    products (forward (B x d)(d x K), weight gradient (K x B)(B x d)) bit for bit as it computes
-    the same product alone. MKL's AVX-512 code does at any thread count; its AVX2 code splits a lone
-    product across threads but a batch item not, so the bits differ above one thread."""
-    gen = torch.Generator().manual_seed(0)
-    for b in sorted(set(batch_sizes)):
-        for r in runs:
-            x, w, g, base = _random_products(gen, r, b, dim, num_classes)
-            together = _products(x, w, g, base)
-            # runs sharing their mini-batch: one gathered copy, expanded
-            shared = _products(x[:1].expand(r, b, dim), w, g, base)
-            for i in range(r):
-                one = slice(i, i + 1)
-                alone = _products(x[one], w[one], g[one], base[one])
-                alone += _products(x[:1], w[one], g[one], base[one])
-                if not all(torch.equal(t[one], a) for t, a in zip(together + shared, alone)):
-                    return False
-    return True
-
-
-class ThreadTuner:
-    """The faster of one thread and `threads` for the training steps of a chunk of runs.
-
-    On a quiet machine more threads are faster; when another process holds a core they can be
-    several times slower (a step waits for its slowest thread). So an epoch now and then times its
-    first steps with each count (after one warm-up step each) and keeps the faster; the other
-    epochs use the kept count, and time themselves: an epoch 1.5 times slower than the last one
-    (the load changed) makes the next epoch try both counts again. A trial lasts `trial_steps`
-    steps and `trial_seconds` at least: a few short steps measure whether the scheduler happened
-    to run the process just then, several of its time slices what the load costs. Trials cost
-    little: a fraction of an epoch every `retune_every` epochs. Evaluation uses the kept count when
-    `tune_evaluation` (its numbers do not depend on the thread count either), else `threads`. Only
-    valid where the thread count changes no result (`products_thread_invariant`): the choice
-    changes speed, never numbers."""
-
-    def __init__(self, threads: int, trial_steps: int = 3, retune_every: int = 10, clock=time.perf_counter,
-                 tune_evaluation=False, trial_seconds: float = 0.03):
-        self.counts = (threads, 1)
-        self.trial, self.trial_seconds = trial_steps, trial_seconds
-        self.retune_every, self.clock = retune_every, clock
-        self.tune_evaluation = tune_evaluation
-        self.chosen = []  # per epoch: the thread count kept after its trials (or carried over)
-        self._epoch, self._kept, self._last_epoch_time, self._retune = 0, None, None, True
-        self._times, self._started, self._epoch_started = {}, None, None
-        self._trying = None  # while trials run: the index in `counts` of the count on trial
-
-    def before_step(self, step: int) -> None:
-        now = self.clock()
-        if step == 0:
-            self._epoch_started, self._started = now, None
-            self._trying = 0 if self._retune else None
-            torch.set_num_threads(self.counts[0] if self._retune else self._kept)
-            return  # the first step of a trial warms its count up: not timed
-        if self._trying is None:
-            return
-        times = self._times.setdefault(self.counts[self._trying], [])
-        if self._started is not None:
-            times.append(now - self._started)
-        if len(times) < self.trial or sum(times) < self.trial_seconds:
-            self._started = now
-            return
-        self._trying, self._started = self._trying + 1, None
-        if self._trying < len(self.counts):
-            torch.set_num_threads(self.counts[self._trying])
-        else:
-            self._kept, self._trying = self._fastest(), None
-            torch.set_num_threads(self._kept)
-
-    def _fastest(self) -> int:
-        """The count of the fastest mean step, or `threads` until every count has a timed step."""
-        if not all(self._times.get(count) for count in self.counts):
-            return self.counts[0]
-        return min(self.counts, key=lambda count: sum(self._times[count]) / len(self._times[count]))
-
-    def end_epoch(self) -> None:
-        now = self.clock()
-        if self._retune:
-            if self._trying is not None:  # an epoch shorter than its trials
-                self._kept, self._trying = self._fastest(), None
-            self.chosen.append(self._kept)
-            self._retune = False
-        else:
-            self.chosen.append(self._kept)
-            elapsed = now - self._epoch_started
-            self._retune = self._last_epoch_time is not None and elapsed > 1.5 * self._last_epoch_time
-            self._last_epoch_time = elapsed
-        self._epoch += 1
-        if self._epoch % self.retune_every == 0:
-            self._retune = True
-        if self._retune:
-            self._last_epoch_time = None
-        self._times, self._started = {}, None
-        torch.set_num_threads(self._kept if self.tune_evaluation else self.counts[0])
-
-
-# Up to this many test (or validation) rows, torch reduces a run's evaluation sums on one thread
-# whatever the thread count (its grain size); beyond, the split of a sum could follow the count.
-SERIAL_REDUCTION_ROWS = 32_768
-
-
-@torch.no_grad()
-def evaluation_thread_invariant(rows, dim: int, num_classes: int, threads: int) -> bool:
-    """Whether evaluating `rows` samples (one (rows x d)(d x K) product per run, then per-run sums)
-    gives the same bits at `threads` CPU threads as at one."""
-    if not rows or max(rows) > SERIAL_REDUCTION_ROWS:
-        return False
-    gen = torch.Generator().manual_seed(2)
-    before = torch.get_num_threads()
-    try:
-        for n in sorted(set(rows)):
-            x, w = torch.randn(n, dim, generator=gen), torch.randn(num_classes, dim, generator=gen)
-            results = []
-            for count in (1, threads):
-                torch.set_num_threads(count)
-                results.append(x @ w.T)
-            if not torch.equal(*results):
-                return False
-        return True
-    finally:
-        torch.set_num_threads(before)
-
-
-@torch.no_grad()
-def products_thread_invariant(batch_sizes, dim: int, num_classes: int, threads: int,
-                              runs=(1, 2, 8, 64)) -> bool:
-    """Whether the trainer's products (one item alone or in a batch) give the same bits at
-    `threads` CPU threads as at one: then the thread count is free to change between steps and
-    processes without changing any number. True for MKL's AVX-512 code here; its AVX2 code splits a
-    lone product across threads and rounds it differently."""
-    gen = torch.Generator().manual_seed(1)
-    before = torch.get_num_threads()
-    try:
-        for b in sorted(set(batch_sizes)):
-            for r in runs:
-                inputs = _random_products(gen, r, b, dim, num_classes)
-                results = []
-                for count in (1, threads):
-                    torch.set_num_threads(count)
-                    results.append(_products(*inputs))
-                if not all(torch.equal(a, b) for a, b in zip(*results)):
-                    return False
-        return True
-    finally:
-        torch.set_num_threads(before)
