@@ -153,7 +153,8 @@ SCIENCE = {"utils.chain", "utils.train", "utils.losses"}
 PERSISTENCE = {"utils.engine", "utils.checkpoints", "utils.labels"}
 # Modules that describe runs and results: they must not reach the loop even through another module.
 DESCRIPTIONS = {"utils.runs", "utils.steps", "utils.selection", "utils.report", "utils.options",
-                "utils.threads", "utils.io", "utils.cli", "utils.leases", "utils.progress"}
+                "utils.threads", "utils.io", "utils.cli", "utils.leases", "utils.progress", "utils.evidence",
+                "utils.evidence_report", "utils.claims", "utils.claims_report"}
 
 
 def test_no_module_imports_the_training_loop_but_the_science_and_persistence_layers():
