@@ -29,8 +29,12 @@ from utils import theory_outputs as tho
 from utils.cli import (ArgumentParser, DefaultsHelpFormatter, UserError, load_yaml_file, os_error_line,
                        resolve_device, run_main)
 from utils.options import Interval, Option, add_options, check_option_values, read_as_flag
+from utils.runs import MAX_ROUNDS
+from utils.threads import available_cores
 
 MAX_N = 30000   # G is N x N in float64: 7 GB at this size
+MAX_SETTINGS = 10_000  # settings of one sweep (about a day at a few seconds each)
+MAX_ADAM_STEPS = 10**8  # the faithful solver's steps (its default: 100,000)
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")   # a folder name that stays under --out
 RECORD_FILES = ("records.csv", "records.jsonl", "figure.png", "figure.pdf")   # a run's files in its folder
 MAX_NAME = 200          # characters of a derived folder name (file systems allow 255 bytes)
@@ -43,9 +47,11 @@ NEW_GROUP = "[new] options not in the original"
 
 # the options of the run (not of the model), each parsed under its first flag's name, '-' read as '_'
 RUN_OPTIONS = {opt.dest: opt for opt in (
-    Option(("--max_dist",), type=int, default=10, valid=Interval(int, 1, note="distillation rounds"),
+    Option(("--max_dist",), type=int, default=10,
+           valid=Interval(int, 1, MAX_ROUNDS, note="distillation rounds"),
            help="distillation rounds (>= 1)"),
-    Option(("--max_iter",), type=int, default=100000, valid=Interval(int, 1, note="Adam steps"),
+    Option(("--max_iter",), type=int, default=100000,
+           valid=Interval(int, 1, MAX_ADAM_STEPS, note="Adam steps"),
            help="Adam steps per round of the faithful solver"),
     Option(("--approx",), type=bool, default=False,
            help="linear approximation of the softmax (bare flag or True/False)"),
@@ -109,6 +115,20 @@ def check_setting(s: th.Setting) -> None:
 
 def check_run(args) -> None:
     check_option_values(RUN_OPTIONS.values(), args)
+    cores = available_cores()
+    if args.threads > cores:  # thousands of threads crash the process (no thread can start), never help
+        raise UserError(f"--threads {args.threads}: this process may use {cores} CPU core"
+                        f"{'s' if cores != 1 else ''}; give at most {cores} (0: the default policy)")
+
+
+def check_sweep_size(grid: dict) -> None:
+    """Refuse a sweep of more than MAX_SETTINGS settings before any is built (each one solves
+    every round: seconds to minutes)."""
+    count = math.prod(len(values) for values in grid.values())
+    if count > MAX_SETTINGS:
+        sizes = " x ".join(f"{len(values)} {key}" for key, values in grid.items())
+        raise UserError(f"the sweep has {count:,} settings ({sizes}), more than {MAX_SETTINGS:,}; sweep "
+                        "fewer values, or split it into several commands (--name for each)")
 
 
 def check_name(name: str, what: str) -> None:
@@ -213,6 +233,9 @@ def parse_sweep(items, parser) -> dict:
         key = key.strip().lstrip("-")
         if key not in SWEEPABLE:
             raise UserError(f"--sweep {key}: cannot sweep this; choose from {', '.join(SWEEPABLE)}")
+        if key in grid:
+            raise UserError(f"--sweep {key} is given twice; list all its values in one: "
+                            f"--sweep {key}=V1,V2,...")
         grid[key] = [read_as_flag(parser, key, v.strip(), f"--sweep {item!r}") for v in values.split(",")
                      if v.strip()]
         if not grid[key]:
@@ -372,6 +395,7 @@ def main(argv=None) -> int:
     if args.name:
         check_name(args.name, "--name")
     check_run(args)
+    check_sweep_size(grid)
     settings = settings_from(args, grid)
     device = resolve_device(args.device, "--device")
     run = Run(args, device, th.resolve_dtype(args.dtype, args.solver), "linear" if args.approx else "softmax")

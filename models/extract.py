@@ -1,7 +1,6 @@
 """Feature extraction through a frozen backbone, and the cache that makes it happen once."""
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -14,13 +13,7 @@ from data.features import FeatureSet, cache_path, load_cached_features, safe_nam
 from models.backbones import backbone_preprocessing, backbone_tag, load_backbone, weights_file
 from utils.cli import UserError
 from utils.io import remove_stale_temporaries
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+from utils.threads import available_cores
 
 
 _CAPPED_SAID = set()  # (asked, cores) already reported, so the notice is printed once

@@ -15,6 +15,7 @@ from conftest import DIGITS, blob_features, stderr_error_lines
 import train_linear
 import data.datasets
 import models.extract
+import utils.threads
 from data.datasets import TORCHVISION_FILES, digits_features, host_unreachable, image_splits
 from data.features import load_features_file, save_features
 from utils.cli import run_main
@@ -532,9 +533,9 @@ def test_workers_are_capped_at_the_cores_available_and_said_once(cli, capsys, mo
         asked.append(workers)
         return real(model, dataset, device, batch_size, 0, desc, **kwargs)  # no worker processes in a test
     monkeypatch.setattr(models.extract, "extract_features", spy)
-    monkeypatch.setattr(models.extract.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(utils.threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(models.extract, "_CAPPED_SAID", set())
-    assert models.extract.available_cores() == 2
+    assert utils.threads.available_cores() == 2
     folder = make_image_folder(tmp_path / "imgs", classes=("a", "b"), train=2, test=1, size=8)
     argv = ("-d", "imagefolder", "--arch", "resnet18", "--pretrained", "False", "--epochs", 1)
     assert run_with(cli, *argv, "-j", 4, data=folder) == 0
@@ -550,14 +551,15 @@ def test_workers_are_capped_at_the_cores_available_and_said_once(cli, capsys, mo
 
 
 def test_cores_without_an_affinity_mask_come_from_cpu_count(monkeypatch):
-    monkeypatch.delattr(models.extract.os, "sched_getaffinity", raising=False)
-    monkeypatch.setattr(models.extract.os, "cpu_count", lambda: 3)
-    assert models.extract.available_cores() == 3
-    monkeypatch.setattr(models.extract.os, "cpu_count", lambda: None)
-    assert models.extract.available_cores() == 1
+    monkeypatch.delattr(utils.threads.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(utils.threads.os, "cpu_count", lambda: 3)
+    assert utils.threads.available_cores() == 3
+    monkeypatch.setattr(utils.threads.os, "cpu_count", lambda: None)
+    assert utils.threads.available_cores() == 1
 
 
-@pytest.mark.parametrize("change", ["sparse features", "sparse csr labels", "complex features", "bool features"])
+@pytest.mark.parametrize("change", ["sparse features", "sparse csr labels", "complex features",
+                                    "bool features"])
 def test_features_of_a_layout_or_type_no_probe_reads_are_one_line(tmp_path, change):
     """Sparse tensors used to fail deep inside torch (NotImplementedError); now one line naming the fix."""
     from utils.cli import UserError

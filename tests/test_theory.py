@@ -527,8 +527,8 @@ def test_config_options_are_read_as_the_command_line_reads_them(tmp_path):
     ("--seed", "-1", "--seed must be >= 0, got -1"),
     ("--k", "-3", "--k must be >= 2 (number of classes), got -3"),
     ("--n", "-1", "--n must be >= 1 (samples per class), got -1"),
-    ("--max_dist", "-1", "--max_dist must be >= 1 (distillation rounds), got -1"),
-    ("--max_iter", "-5", "--max_iter must be >= 1 (Adam steps), got -5"),
+    ("--max_dist", "-1", "--max_dist must be an integer in [1, 1000] (distillation rounds), got -1"),
+    ("--max_iter", "-5", "--max_iter must be an integer in [1, 100000000] (Adam steps), got -5"),
     ("--max-newton", "-1", "--max-newton must be >= 1, got -1"),
     ("--threads", "-2", "--threads must be >= 0 (0: one thread on the CPU), got -2"),
 ])

@@ -231,4 +231,9 @@ def teacher_weights(store: ResultsStore, teacher: Run, selection: str):
         raise TeacherUnavailable(f"checkpoint {path} is not the one the record {store.path(teacher.key)} "
                                  f"of {what} names (content hash differs: it changed after the run "
                                  "finished).", teacher.step, retrain=True)
-    return load_torch_bytes(data)["model"]["weight"], teacher.key
+    try:
+        return load_torch_bytes(data)["model"]["weight"], teacher.key
+    except Exception as exc:  # a foreign pickle (blocked by weights_only), or not a checkpoint of ours
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise TeacherUnavailable(f"checkpoint {path} of {what} cannot be read as a checkpoint of this tool "
+                                 f"({first}).", teacher.step, retrain=True) from None

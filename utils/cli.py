@@ -123,7 +123,18 @@ def _mapping_without_duplicates(loader, node, deep=False):
     return loader.construct_mapping(node, deep=deep)
 
 
+class QuotedText(str):
+    """A YAML scalar written in quotes ("10", '0.5'): text on purpose, never a number. (An unquoted
+    5e-3 is text to YAML too, but the writer meant the number the command line reads.)"""
+
+
+def _text(loader, node):
+    value = loader.construct_scalar(node)
+    return QuotedText(value) if node.style in ("'", '"') else value
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_StrictLoader.add_constructor("tag:yaml.org,2002:str", _text)
 
 
 def load_yaml_file(path, what: str):

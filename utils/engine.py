@@ -71,13 +71,14 @@ class EngineOptions:
                                  "and DIR/test/<class>/...)")
     cache_root: str = option("cache", "--cache-dir", new=True, help="feature cache directory")
     device: torch.device = torch.device("cpu")
-    workers: int = option(4, "-j", "--workers", type=int,
-                          help="data loading workers of feature extraction (at most the CPU cores available)")
+    workers: int = option(4, "-j", "--workers", type=int, valid=Interval(int, 0),
+                          help="data loading workers of feature extraction (at most the CPU cores available; "
+                               "0: images are read in the main process)")
     test_batch: int = option(100, "--test-batch", type=int, valid=Interval(int, 1),
                              help="batch size of feature extraction")
     max_batch_runs: int = option(64, "--max-batch-runs", type=int, valid=Interval(int, 1), new=True,
                                  metavar="N", help="most runs trained together in one batch")
-    save_every: int = option(25, "--save-every", type=int, new=True, metavar="N",
+    save_every: int = option(25, "--save-every", type=int, valid=Interval(int, 0), new=True, metavar="N",
                              help="epochs between resumable checkpoints (0: end only)")
     overwrite: bool = option(False, "--overwrite", type=bool, new=True,
                              help="retrain runs that already have a result record")
@@ -201,6 +202,7 @@ class ChainRunner:
         for source, cfg in jobs:
             groups[(source, cfg.epochs, cfg.train_batch, cfg.val_split, cfg.feature_norm)].append(cfg)
         remove_stale_temporaries(self.store.records_dir)
+        self.store.check_names()
         records = []
         bar = None
         try:
@@ -323,6 +325,7 @@ class ChainRunner:
             return None
         teacher = run.teacher(self.opts.checkpoint_root)
         if self.store.has(teacher.key):
+            self._tidy_finished(teacher.folder)  # what a killed or damaged holder left beside it
             return None
         holder = read_holder(teacher.folder / LEASE_NAME)
         if holder is None or holder.is_dead(self.opts.lease_timeout, time.time()):

@@ -33,7 +33,7 @@ from utils.evidence_report import grid_evidence
 from utils.io import remove_stale_temporaries
 from utils.options import read_as_flag
 from utils.report import METRIC_DESCRIPTION, report_options, write_reports
-from utils.runs import ResultsStore, step_fields, step_settings, with_key_neutral_settings
+from utils.runs import MAX_ROUNDS, ResultsStore, step_fields, step_settings, with_key_neutral_settings
 from utils.selection import DEFAULT
 from utils.settings import (FLAG, GRID_KEYS, RECIPE_KEY, RUN_OPTIONS, build_parser, config_from_args,
                             finished_note, source_from_args)
@@ -144,8 +144,8 @@ def load_grid(path, max_chains=MAX_CHAINS) -> dict:
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < float("inf"):
         _fail(path, f"report claims_margin must be a number of accuracy points >= 0, got {margin!r}")
     rounds = grid.get("rounds", 4)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        _fail(path, f"'rounds' must be an integer >= 0, got {rounds!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 0 <= rounds <= MAX_ROUNDS:
+        _fail(path, f"'rounds' must be an integer in [0, {MAX_ROUNDS}], got {rounds!r}")
     if not isinstance(grid.get("partial", True), bool):
         _fail(path, f"'partial' must be true or false, got {grid['partial']!r}")
     if not isinstance(grid.get("title", ""), str) or not isinstance(report.get("title", ""), str):
@@ -323,6 +323,8 @@ def run_grid_command(args, opts) -> int:
         raise UserError(f"no results yet for recipe {grid['name']} in {opts.results_root}; "
                         "run it without --report-only")
     remove_stale_temporaries(out_dir)  # of a report writer that was killed
+    # a cell with fewer seeds than the grid's says so ("(n=1)"), even where no cell has them all
+    grid["seeds"] = len({cfg.seed for _, cfg in all_jobs})
     written = write_reports(records, out_dir, grid, checkpoint_root=opts.checkpoint_root)
     if options["kind"] == "distillation":
         written += write_claims([with_key_neutral_settings(r) for r in records], out_dir, options["title"],

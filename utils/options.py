@@ -13,7 +13,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Optional
 
-from utils.cli import UserError, add_bool_flag
+from utils.cli import QuotedText, UserError, add_bool_flag
 
 _UNSET = object()
 
@@ -101,7 +101,10 @@ class Option:
         return self.neutral is not _UNSET and value == self.neutral
 
     def problem(self, value) -> Optional[str]:
-        """None when `value` is allowed, else the one-line message naming the fix."""
+        """None when `value` is allowed, else the one-line message naming the fix. An option whose
+        default is None (not given) is not checked when it is not given."""
+        if value is None and self.default is None:
+            return None
         if self.type is float and not (_is_number(value) and math.isfinite(value)):
             return f"{self.flag} must be a finite number, got {value}"
         if self.choices is not None and value not in self.choices:
@@ -172,6 +175,8 @@ def read_as_flag(parser, dest: str, value, where: str):
         raise UserError(f"{where}: expected one value, got {got}")
     action = next(a for a in parser._actions if a.dest == dest and a.option_strings)
     flag = next(o for o in action.option_strings if o.startswith("--"))
+    if isinstance(value, QuotedText) and action.type in (int, float):
+        raise UserError(f"{where}: {str(value)!r} is quoted, so it is text; write the number without quotes")
 
     def error(message):
         raise _BadValue(message)

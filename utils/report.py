@@ -174,9 +174,10 @@ def _bold_steps(cells: dict, steps: list, eta: float) -> set:
     return bold
 
 
-def distillation_table(members: list, metric: str) -> dict:
+def distillation_table(members: list, metric: str, seeds: int = 0) -> dict:
     """Cells of one appendix table: {'etas', 'steps', 'cells': {(step, eta): (mean, std, n) | None},
-    'best': {eta: best displayed mean}, 'bold': {eta: steps shown in bold}, 'n': most seeds in a cell}."""
+    'best': {eta: best displayed mean}, 'bold': {eta: steps shown in bold}, 'n': the seeds a cell
+    should have: `seeds` (the grid's), or the most in any cell if more}."""
     etas = sorted({float(r["eta"]) for r in members})
     steps = [s.code for s in steps_in(members)]
     values = defaultdict(list)
@@ -188,7 +189,7 @@ def distillation_table(members: list, metric: str) -> dict:
         means = [round(c[0], 2) for s in steps if (c := cells[s, e]) is not None]
         best[e] = max(means) if means else None
     bold = {e: _bold_steps(cells, steps, e) for e in etas}
-    n = max((c[2] for c in cells.values() if c is not None), default=0)
+    n = max([seeds] + [c[2] for c in cells.values() if c is not None])
     return {"etas": etas, "steps": steps, "cells": cells, "best": best, "bold": bold, "n": n}
 
 
@@ -576,7 +577,7 @@ def distillation_report(records: list, out_dir: Path, grid: dict, checkpoint_roo
     md = [f"# {title}", "", f"Number shown: {METRIC_DESCRIPTION[metric]}.", ""]
     tex = [_tex_header(title), ""]
     for index, (settings, members) in enumerate(groups):
-        table = distillation_table(members, metric)
+        table = distillation_table(members, metric, grid.get("seeds", 0))
         name = group_title(settings, members)
         caption = _caption(title, metric, table["n"], name)
         md += [f"## {name}", "", _table_markdown(table, caption)]
@@ -665,7 +666,7 @@ def ls_temperature_report(records: list, out_dir: Path, grid: dict) -> list:
         for eta in sorted({float(r["eta"]) for r in members}):
             what = f"{group_title(settings, members)}, eta = {format_eta(eta)}"
             table = ls_temperature_table(members, metric, eta)
-            n = _ls_seed_count(table)
+            n = max(_ls_seed_count(table), grid.get("seeds", 0))
             caption, rows, alphas = _ls_caption(title, what, n, metric), _ls_rows(table, n), table["alphas"]
             head = "| | " + " | ".join(f"alpha = {a:g}: top-1 / top-2 | alpha = {a:g}: conf. / entropy"
                                        for a in alphas) + " |"

@@ -6,7 +6,9 @@ get their own checkpoints and records, and a finished run is recognised by its r
 """
 import hashlib
 import json
+import math
 import os
+import re
 import subprocess
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
@@ -29,6 +31,11 @@ VOLATILE_FIELDS = ("wall_time_s", "batch_runs", "created", "trained_by", "resume
 STUDENTS = frozenset({"student", "pll"})    # the steps that learn from a teacher's checkpoint
 ALL_STEPS = frozenset({"teacher", "student", "pll"})
 MAX_SEED = 2**32 - 1  # numpy's RandomState (the validation split) takes seeds in [0, 2**32 - 1]; torch too
+# Most epochs per step and most distillation rounds a command accepts: far beyond any study (the paper:
+# 200 epochs, 4 rounds), close enough that a typo (--epochs 1000000000000) is refused at once
+# instead of training silently for days.
+MAX_EPOCHS = 100_000
+MAX_ROUNDS = 1_000
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,8 @@ class RunConfig:
                              sweep=True, steps=ALL_STEPS, help="SGD momentum")
     gamma: float = option(0.98, "--gamma", type=float, valid=Interval(float, 0, 1, closed="right"),
                           sweep=True, steps=ALL_STEPS, help="lr is multiplied by gamma after every epoch")
-    epochs: int = option(200, "--epochs", type=int, valid=Interval(int, 1), sweep=True, steps=ALL_STEPS,
+    epochs: int = option(200, "--epochs", type=int, valid=Interval(int, 1, MAX_EPOCHS), sweep=True,
+                         steps=ALL_STEPS,
                          column=9, help="epochs per step")
     train_batch: int = option(128, "--train-batch", type=int, valid=Interval(int, 1), sweep=True,
                               steps=ALL_STEPS, help="training batch size")
@@ -146,6 +154,10 @@ def check_settings(cfg: RunConfig) -> None:
         raise UserError("--val-clean needs a validation split: add --val-split 0.1 (for example)")
 
 
+# <dataset>-<step code>-<hash>: what `run_key` makes (dataset names are plain names, data/features.py)
+RUN_KEY_PATTERN = re.compile(r"[A-Za-z0-9_+.-]+-(0|[1-9][0-9]*|p)-[0-9a-f]{12}")
+
+
 def run_key(cfg: RunConfig, step, features_id: str) -> str:
     blob = json.dumps(step_settings(cfg, step, features_id), sort_keys=True).encode()
     return f"{cfg.dataset}-{step}-{hashlib.blake2b(blob, digest_size=6).hexdigest()}"
@@ -221,18 +233,116 @@ class ResultsStore:
             return []
         return [read_record(path) for path in sorted(self.records_dir.glob("*.json"))]
 
+    def check_names(self) -> None:
+        """UserError for a .json file in the store whose name is not a run key (not a record of this
+        tool: it would be taken for one, or hide a mistake), naming it."""
+        if not self.records_dir.is_dir():
+            return
+        for path in sorted(self.records_dir.glob("*.json")):
+            if not RUN_KEY_PATTERN.fullmatch(path.stem):
+                raise UserError(f"{path} is not a result record of this tool (a record's file name is its "
+                                "run key, <dataset>-<step>-<12 hex digits>); move it out of "
+                                f"{self.records_dir}")
+
 
 def read_record(path: Path) -> dict:
-    """A record file's content; UserError naming the file and the fix when it is damaged."""
+    """A record file's content; UserError naming the file and the fix when it is damaged or does not
+    follow the record schema (`record_problem`)."""
     try:
         record = json.loads(path.read_text())
-        problem = None if isinstance(record, dict) and record.get("key") == path.stem else "not a run record"
+        problem = record_problem(record, path.stem)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         problem = one_line(exc, 80)
     if problem:
         raise UserError(f"damaged result record {path} ({problem}): delete it and run the same command again "
                         "to retrain that run")
     return record
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _kind_problem(name: str, value, kind: str, optional: bool = False):
+    """None when `value` is of `kind` ('number': finite; 'int' >= 0; 'str'; 'bool'; 'dict'; 'list'),
+    or None and `optional`; else what is wrong, in words."""
+    if value is None and optional:
+        return None
+    ok = {"number": _is_finite_number(value), "int": type(value) is int and value >= 0,
+          "str": isinstance(value, str), "bool": isinstance(value, bool), "dict": isinstance(value, dict),
+          "list": isinstance(value, list)}[kind]
+    words = {"number": "a finite number", "int": "an integer >= 0", "str": "text", "bool": "true or false",
+             "dict": "a mapping", "list": "a list"}[kind]
+    return None if ok else f"{name} must be {words}{' or null' if optional else ''}, got {value!r:.40}"
+
+
+# The record fields other than the settings and the per-rule numbers: their kind and whether null is
+# allowed. A field not listed here is not read by this tool.
+_RECORD_FIELDS = {"features_id": ("str", False), "teacher_key": ("str", True),
+                  "realised_corruption": ("number", False), "teacher_top2_coverage": ("number", True),
+                  "best_train_acc": ("number", False), "best_train_acc_true": ("number", False),
+                  "val_acc_byval": ("number", True), "checkpoints": ("dict", True),
+                  "final_checkpoints": ("dict", True), "superclasses": ("list", True),
+                  "device": ("str", True), "threads": ("int", True), "fused_batches": ("bool", True),
+                  "wall_time_s": ("number", True), "batch_runs": ("int", True),
+                  "resumed_from_epoch": ("int", True), "completed_from_checkpoints": ("bool", True),
+                  "created": ("str", True), "trained_by": ("str", True), "torch_version": ("str", True),
+                  "python": ("str", True), "code_version": ("str", True)}
+_REQUIRED = ("features_id", "realised_corruption", "best_train_acc")
+
+
+def _setting_problem(name: str, value):
+    """What is wrong with a stored setting: its type, then its option's own rule."""
+    opt = SETTINGS[name]
+    kinds = {str: str, bool: bool, int: int, float: (int, float)}
+    if isinstance(value, bool) and opt.type is not bool or not isinstance(value, kinds[opt.type]):
+        return f"{name} must be a {opt.type.__name__}, got {value!r:.40}"
+    return opt.problem(value)
+
+
+def _numbers_problem(record: dict):
+    """The numbers of each selection rule: an epoch >= 1 and finite numbers; only a rule that chose
+    no epoch (best-by-validation without a validation split) may have nulls."""
+    for rule in RULES:
+        epoch = record.get(rule.field("epoch"))
+        optional = rule.name == "val" and epoch is None
+        if not optional and not (type(epoch) is int and epoch >= 1):
+            return f"{rule.field('epoch')} must be an epoch >= 1, got {epoch!r:.40}"
+        for quantity in ("test_acc", "test_top2", "test_confidence", "test_entropy"):
+            name = rule.field(quantity)
+            problem = _kind_problem(name, record.get(name), "number", optional)
+            if problem:
+                return problem
+    return None
+
+
+def record_problem(record, stem: str):
+    """None for a record this tool wrote for the run named `stem`, else what is wrong with it (the
+    first problem): its key, step, settings (types and rules), numbers, provenance fields, and
+    whether its key is the one its settings give (a record copied under another run's name is not)."""
+    if not isinstance(record, dict) or record.get("key") != stem:
+        return "not a run record" if not isinstance(record, dict) else f"its key is not {stem!r}"
+    try:
+        step = step_of(record.get("step"))
+    except (ValueError, TypeError):
+        return f"step must be a round number or 'p', got {record.get('step')!r:.40}"
+    for name in step_fields(step):
+        if name not in record and not SETTINGS[name].is_neutral(SETTINGS[name].neutral):
+            return f"it lacks the setting {name}"
+        problem = _setting_problem(name, record[name]) if name in record else None
+        if problem:
+            return problem
+    for name, (kind, optional) in _RECORD_FIELDS.items():
+        if name in record or name in _REQUIRED:
+            problem = _kind_problem(name, record.get(name), kind, optional)
+            if problem:
+                return problem
+    problem = _numbers_problem(record)
+    if problem:
+        return problem
+    if run_key(config_from_settings(record), step, record["features_id"]) != stem:
+        return "its settings give another run key (a record copied or edited under another run's name)"
+    return None
 
 
 def sha256_of(data: bytes) -> str:

@@ -12,8 +12,8 @@ from data.features import check_plain_name, safe_name
 from models.backbones import BACKBONES, check_arch
 from utils.cli import ArgumentParser, DefaultsHelpFormatter, UserError, resolve_device
 from utils.engine import EngineOptions, FeatureSource
-from utils.options import Option, add_options, check_option_values, options_of
-from utils.runs import SETTINGS, RunConfig, check_settings
+from utils.options import Interval, Option, add_options, check_option_values, options_of
+from utils.runs import MAX_ROUNDS, SETTINGS, RunConfig, check_settings
 from utils.selection import DEFAULT, LAST
 from utils.steps import Step, chain_steps
 
@@ -32,17 +32,19 @@ SOURCE_OPTIONS = (
 )
 # which steps run (with --config the recipe says it)
 STEP_OPTIONS = (
-    Option(("--dist",), type=int, default=0, help="distillation round (0: teacher)"),
+    Option(("--dist",), type=int, default=0, valid=Interval(int, 0, MAX_ROUNDS),
+           help="distillation round (0: teacher)"),
     Option(("--last",), type=int, default=0, choices=(0, 1),
            help="teacher checkpoint: 0 best, 1 last"),
     Option(("--partial",), type=bool, default=False,
            help="train the PLL student (bare flag or True/False)"),
-    Option(("--rounds",), type=int, new=True, metavar="R",
+    Option(("--rounds",), type=int, new=True, metavar="R", valid=Interval(int, 0, MAX_ROUNDS),
            help="run the whole chain: teacher, rounds 1..R, PLL"),
 )
 COMMAND_OPTIONS = (
     Option(("--gpu-id",), default="0",
-           help="CUDA device index; 'cpu' (or no GPU present) trains on the CPU"),
+           help="CUDA device index (the first of a list such as 0,1); 'cpu' or -1 (or no GPU present) trains "
+                "on the CPU; also auto, cuda, cuda:i"),
     Option(("--config",), new=True, metavar="YAML",
            help="run a grid from a recipe file (see recipe.MD)"),
     Option(("--shard",), new=True, metavar="I/N",
@@ -128,22 +130,23 @@ def config_from_args(args) -> RunConfig:
 
 
 def steps_from_args(args) -> list:
+    check_option_values(STEP_OPTIONS, args)
     if args.rounds is not None:
-        if args.rounds < 0:
-            raise UserError(f"--rounds must be >= 0, got {args.rounds}")
+        if args.dist or args.partial:
+            given = " and ".join(flag for flag, on in (("--dist", args.dist), ("--partial", args.partial))
+                                 if on)
+            raise UserError(f"--rounds runs the whole chain (teacher, rounds 1..R, PLL): drop {given}, or "
+                            "drop --rounds to run one step")
         return chain_steps(args.rounds)
     if args.partial:
         return [Step.pll()]
-    if args.dist < 0:
-        raise UserError(f"--dist must be >= 0, got {args.dist}")
     return [Step.student(args.dist)]
 
 
 def engine_options(args) -> EngineOptions:
     check_option_values(ENGINE_OPTIONS.values(), args)
     given = {name: getattr(args, name) for name in ENGINE_OPTIONS}
-    return EngineOptions(**{**given, "save_every": max(args.save_every, 0)},
-                         device=resolve_device(args.gpu_id, "--gpu-id"),
+    return EngineOptions(**given, device=resolve_device(args.gpu_id, "--gpu-id"),
                          poll_seconds=min(5.0, args.lease_timeout / 20),
                          progress="none" if args.quiet else "auto")
 

@@ -7,6 +7,7 @@ The thread count is left free to change only where the probes found that this BL
 bits at any count and for a run alone or batched; elsewhere training stays on one thread, which
 keeps every run's numbers independent of its batch and of the machine's load.
 """
+import os
 import time
 
 import torch
@@ -22,6 +23,13 @@ _FREE_EVAL_THREADS = {}  # (evaluation rows, d, K) -> the same for evaluation
 # Up to this many test (or validation) rows, torch reduces a run's evaluation sums on one thread
 # whatever the thread count (its grain size); beyond, the split of a sum could follow the count.
 SERIAL_REDUCTION_ROWS = 32_768
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def cpu_thread_plan(device: torch.device, num_train: int, batch: int, dim: int, num_classes: int, log=print,
