@@ -44,6 +44,9 @@ from utils.runs import Hyper  # noqa: E402
 from utils.train import TrainData, Targets, train_heads  # noqa: E402
 
 BATCH, TEST_BATCH = 128, 100
+# The trainer's clock: wall time, or (--clock cpu) this process's CPU time, which another process
+# on the cores disturbs less (meaningful at one thread).
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,15 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2, help="trainer epochs per R (min epoch time is reported)")
     p.add_argument("--baseline-epochs", type=int, default=2, help="baseline epochs (min is reported)")
     p.add_argument("--runs", default="1,8,24,48", help="comma-separated R values")
-    p.add_argument("--targets", choices=("hard", "soft", "partial"), default="hard",
-                   help="what the trainer's runs fit: labels, a random teacher's soft targets (T = 1) or its "
-                        "top-2 candidate sets")
+    p.add_argument("--targets", choices=("hard", "soft", "partial", "soft-per-batch"), default="hard",
+                   help="what the trainer's runs fit: labels, a random teacher's soft targets (T = 1) "
+                        "kept for every row or computed from its weights per mini-batch (as for N x K "
+                        "beyond utils.chain.KEPT_SOFT_TARGETS; no --reference), or its top-2 candidate sets")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--threads", default=None,
                    help="comma-separated CPU thread counts (default: 1 and torch's)")
     p.add_argument("--workers4", action="store_true", help="also time the baseline with 4 DataLoader workers")
     p.add_argument("--reference", metavar="FILE",
                    help="a saved copy of utils/train.py to time alongside the current one")
+    p.add_argument("--clock", choices=tuple(CLOCK), default="wall",
+                   help="time the trainer by wall time, or by this process's CPU time (cpu: less disturbed "
+                        "by other processes; use it with --threads 1)")
     p.add_argument("--profile", type=int, default=0, metavar="R", help="profile one trainer epoch at R runs")
     p.add_argument("--repeats", type=int, default=5, help="repeats of each matmul timing")
     p.add_argument("--contention", action="store_true",
@@ -179,6 +186,9 @@ def run_inputs(data: TrainData, runs, device, kind="hard"):
     hyper = [Hyper(lr=0.05, wd=5e-4, momentum=0.9, gamma=0.98, epochs=1, train_batch=BATCH)] * runs
     if kind == "hard":
         return Targets("hard", data.noisy_labels, smoothing=vec(0.0)), init, hyper
+    if kind == "soft-per-batch":
+        teacher = (torch.randn(runs, k, d, generator=gen) * 0.05).to(device)
+        return Targets("soft", None, temperature=vec(1.0), teacher=teacher), init, hyper
     teacher_logits = torch.randn(runs, data.train_rows.shape[1], k, generator=gen).to(device)
     if kind == "soft":
         targets = Targets("soft", distillation_targets(teacher_logits, vec(1.0)), temperature=vec(1.0))
@@ -188,7 +198,7 @@ def run_inputs(data: TrainData, runs, device, kind="hard"):
 
 
 def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fused=False, tuner=None,
-                  kind="hard", train=train_heads) -> float:
+                  kind="hard", train=train_heads, clock=time.perf_counter) -> float:
     """Min seconds of one epoch (train + test eval) of train_heads (or `train`, a reference copy)
     with `runs` runs at once, each with its own shuffle seed or all with one (`fused`: as
     --fuse-shared-seeds trains them)."""
@@ -197,10 +207,10 @@ def trainer_epoch(data: TrainData, runs, epochs, device, shared_seed=False, fuse
 
     def on_epoch(state):
         sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append(clock())
 
     sync(device)
-    stamps.append(time.perf_counter())
+    stamps.append(clock())
     seeds = [0] * runs if shared_seed else list(range(runs))
     hyper = [replace(h, epochs=epochs) for h in hyper]
     train(data, targets, init, hyper, seeds, on_epoch=on_epoch, fuse_shared_order=fused, tuner=tuner)
@@ -324,7 +334,7 @@ def baseline_section(args, arrays, thread_options, default_threads, device, gflo
 def trainer_section(args, arrays, thread_options, default_threads, device, peak, base, gflop_per_run_epoch):
     """(c): {(mode, R, threads, trainer): s/epoch}, trainer 'current' or 'reference'."""
     trainers = {"current": train_heads}
-    if args.reference:
+    if args.reference and args.targets != "soft-per-batch":
         trainers["reference"] = load_reference(args.reference)
     print(f"\n(c) utils.train.train_heads, R runs at once, {args.targets} targets (min over {args.epochs} "
           "epochs; 'of matmul' is against the best plain matmul at the same thread count)")
@@ -340,7 +350,8 @@ def trainer_section(args, arrays, thread_options, default_threads, device, peak,
                 for name, train in trainers.items():
                     sec = at_threads(threads, default_threads, lambda: trainer_epoch(
                         data, runs, args.epochs, device, shared_seed=mode != "independent",
-                        fused=mode == "shared+fused", kind=args.targets, train=train))
+                        fused=mode == "shared+fused", kind=args.targets, train=train,
+                        clock=CLOCK[args.clock]))
                     at[mode, runs, threads, name] = sec
                     rate = runs * gflop_per_run_epoch / sec
                     print(f"  {mode:<12} {runs:>3} {threads:>3} {name:<9} {sec:>8.3f} "

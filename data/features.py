@@ -22,6 +22,10 @@ from utils.cli import UserError, one_line
 from utils.io import atomic_torch_save, load_torch_file
 
 REQUIRED_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
+# Features are kept in these precisions as stored (the trainer upcasts a few rows at a time, exactly);
+# any other type is converted to float32 on loading.
+STORED_PRECISIONS = (torch.float32, torch.float16, torch.bfloat16)
+CHUNK_VALUES = 1 << 22  # values hashed or checked at once (16 MB as float32): no full-size temporary
 
 # Names that become parts of paths (under -c/--checkpoint, --results, --cache-dir): a plain file
 # name, never '..', '/x' or 'a/b'.
@@ -83,11 +87,14 @@ class FeatureSet:
         return self.train_x.shape[1]
 
     def fingerprint(self) -> str:
-        """Content hash: checkpoints and records say exactly which features they came from."""
+        """Content hash: checkpoints and records say exactly which features they came from. Features
+        are hashed as their float32 values (a block of rows at a time), so a file stored in float16
+        and the same values stored in float32 are one set of features."""
         h = hashlib.blake2b(digest_size=8)
         for t in (self.train_x, self.train_y, self.test_x, self.test_y):
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.contiguous().numpy().tobytes())
+            for block in _row_chunks(t):
+                h.update((block.float() if t.is_floating_point() else block).contiguous().numpy())
         return h.hexdigest()
 
     def to_file_dict(self) -> dict:
@@ -209,11 +216,17 @@ def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str)
     if k < 2:
         raise UserError(f"features file {source}: need at least 2 classes, found {k}")
     ty, vy = ty.long(), vy.long()
-    tx, vx = tx.float(), vx.float()
-    if not (torch.isfinite(tx).all() and torch.isfinite(vx).all()):
+    tx, vx = (x if x.dtype in STORED_PRECISIONS else x.float() for x in (tx, vx))
+    if not all(bool(torch.isfinite(block).all()) for x in (tx, vx) for block in _row_chunks(x)):
         raise UserError(f"features file {source} contains NaN or inf features; recompute them")
     names = _class_names(arrays["class_names"], k, source) if "class_names" in arrays else None
     return FeatureSet(name, backbone, tx.contiguous(), ty, vx.contiguous(), vy, k, class_names=names)
+
+
+def _row_chunks(t: torch.Tensor):
+    """`t` a block of rows of about CHUNK_VALUES values at a time (views, no copy)."""
+    rows = max(1, CHUNK_VALUES // max(1, t[0].numel() if len(t) else 1))
+    return (t[start:start + rows] for start in range(0, max(len(t), 1), rows))
 
 
 def _class_names(value, k: int, source: str) -> list:

@@ -23,7 +23,8 @@ from utils.runs import Hyper
 from utils.selection import DEFAULT, RULE
 from utils.steps import SeedPurpose, Step, chain_steps
 from utils.threads import cpu_thread_plan
-from utils.train import Targets, TrainData, TrainState, eval_rows, head_logits, per_run, train_heads
+from utils.train import (Targets, TrainData, TrainState, block_logits, eval_rows, per_run, row_blocks,
+                         train_heads)
 
 __all__ = ["Hyper", "Lesson", "StepFit", "chain_data", "fit_chain", "lesson_for"]
 
@@ -34,6 +35,13 @@ class Lesson:
     targets: Targets
     init: torch.Tensor          # (R, K, d) initial weights
     coverage: Optional[list]    # students: % of training rows whose true class is in the teacher's top-2
+
+
+# A student keeps its teacher's soft targets for every training row (one gather a step) while they
+# take at most this many floats per run (64 MB); beyond, it computes them from the teacher's
+# weights for every mini-batch, as the original does (one more product a step, no N x K array).
+# Either way the same bits here: a row of a product is rounded alike in any block of rows.
+KEPT_SOFT_TARGETS = 1 << 24
 
 
 def lesson_for(step: Step, data: TrainData, hypers, seeds,
@@ -53,16 +61,32 @@ def lesson_for(step: Step, data: TrainData, hypers, seeds,
     if step.is_teacher:
         smoothing = per_run(hypers, "label_smoothing", device)
         return Lesson(Targets("hard", data.noisy_labels, smoothing=smoothing), fresh_start(), None)
-    # each run's logits on all rows, then its training rows: no (R, N, d) copy of the features
-    logits = head_logits(data.features, teacher_weights)
-    logits = logits.gather(1, data.train_rows.unsqueeze(-1).expand(-1, -1, k))
-    top2 = pll_candidates(logits)
+    temperature = per_run(hypers, "temperature", device)
+    keep = not step.is_pll and data.train_rows.shape[1] * k <= KEPT_SOFT_TARGETS
+    top2, soft = teacher_outputs(data, teacher_weights, temperature, keep)
     coverage = ((top2 == data.true_labels.unsqueeze(-1)).any(-1).double().mean(-1) * 100).tolist()
     if step.is_pll:
         return Lesson(Targets("partial", top2), teacher_weights, coverage)
-    temperature = per_run(hypers, "temperature", device)
-    return Lesson(Targets("soft", distillation_targets(logits, temperature), temperature=temperature),
-                  fresh_start(), coverage)
+    teacher = None if keep else teacher_weights
+    return Lesson(Targets("soft", soft, temperature=temperature, teacher=teacher), fresh_start(), coverage)
+
+
+def teacher_outputs(data: TrainData, teacher_weights: torch.Tensor, temperature: torch.Tensor,
+                    keep_soft: bool):
+    """(top-2 classes (R, N_train, 2) of each run's teacher on its training rows, and with
+    `keep_soft` its softmax at the run's temperature (R, N_train, K), else None), from the teacher's
+    weights a block of rows at a time."""
+    runs, num_rows = data.train_rows.shape
+    k = data.num_classes
+    top2 = torch.empty(runs, num_rows, 2, dtype=torch.long, device=data.features.device)
+    soft = torch.empty(runs, num_rows, k, device=data.features.device) if keep_soft else None
+    for r in range(runs):
+        for rows in row_blocks(num_rows, k):
+            logits = block_logits(data.features, data.train_rows[r, rows], teacher_weights[r])
+            top2[r, rows] = pll_candidates(logits)
+            if keep_soft:
+                soft[r, rows] = distillation_targets(logits.unsqueeze(0), temperature[r:r + 1])[0]
+    return top2, soft
 
 
 def chain_data(features, noisy_labels: torch.Tensor, val_rows: Optional[torch.Tensor] = None,
@@ -80,10 +104,11 @@ def chain_data(features, noisy_labels: torch.Tensor, val_rows: Optional[torch.Te
         rows = rows[kept].view(runs, -1)
         val_labels = noisy.gather(1, val_rows) if val_labels is None else val_labels.view(runs, -1)
     device = device or features.train_x.device
-    on = lambda t: None if t is None else t.contiguous().to(device)  # noqa: E731
-    return TrainData(on(features.train_x), on(rows), on(noisy.gather(1, rows)), on(features.train_y[rows]),
-                     on(features.test_x), on(features.test_y), on(val_rows), on(val_labels),
-                     features.num_classes)
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    # without a validation split every run trains on all rows: one copy of the rows and clean labels
+    true = features.train_y[rows[0]].expand(runs, -1) if val_rows is None else features.train_y[rows]
+    return TrainData(on(features.train_x), on(rows), on(noisy.gather(1, rows)), on(true), on(features.test_x),
+                     on(features.test_y), on(val_rows), on(val_labels), features.num_classes)
 
 
 @dataclass

@@ -18,6 +18,7 @@ plan comes from utils/threads.py; a record's content is `utils.runs.record_paylo
 import os
 import platform
 import time
+from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -28,7 +29,7 @@ from data.corruption import format_superclasses, superclass_groups
 from data.features import FeatureSet, load_features_file
 from models.backbones import backbone_tag
 from models.extract import load_or_extract_features
-from utils.chain import lesson_for
+from utils.chain import KEPT_SOFT_TARGETS, lesson_for
 from utils.checkpoints import (RESUME_FILE, Run, read_resume_state, record_from_final_checkpoints,
                                save_resume_state, stack_resume_states, teacher_weights,
                                write_final_checkpoints)
@@ -36,6 +37,8 @@ from utils.cli import UserError
 from utils.io import HOST, remove_stale_temporaries
 from utils.labels import Group, prepare_group, superclasses_of
 from utils.leases import LEASE_NAME, Heartbeat, LeaseLost, read_holder, try_claim
+from utils.memory import (BLOCK_BYTES, check_fits, machine_memory, resident_bytes, return_freed_blocks,
+                          run_bytes, size_text)
 from utils.options import Interval, option
 from utils.progress import Progress, progress_mode
 from utils.runs import Hyper, ResultsStore, record_payload
@@ -99,6 +102,7 @@ class EngineOptions:
 
 def load_source(source: FeatureSource, opts: EngineOptions, log) -> FeatureSet:
     if source.features_path:
+        _check_loadable(Path(source.features_path))
         return load_features_file(source.features_path, name=source.dataset)
     return load_or_extract_features(source.dataset, source.arch, source.pretrained, opts.data_root,
                                     opts.cache_root, opts.device, opts.test_batch, opts.workers, log,
@@ -174,6 +178,19 @@ class _Watch:
         return False
 
 
+def _check_loadable(path: Path) -> None:
+    """Stop with one line when a features file cannot fit in this machine's memory once loaded."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # loading it says what is wrong
+    have = machine_memory(torch.device("cpu"))
+    if have and resident_bytes() + size > have:
+        raise UserError(f"features file {path} needs about {size_text(size)} of memory once loaded, more "
+                        f"than the {size_text(have)} of this machine can hold beside this process: use fewer "
+                        "rows (a smaller features file, e.g. float16 features) or a machine with more memory")
+
+
 def _unlink(path) -> None:
     try:
         os.unlink(path)
@@ -192,6 +209,7 @@ class ChainRunner:
         self.done_here = set()  # keys trained by this process (so --overwrite retrains each once)
         # runs this process trained, found finished, and completed from final checkpoints
         self.counts = {"trained": 0, "found": 0, "completed": 0}
+        return_freed_blocks()
 
     # ---- planning -------------------------------------------------------------------------
     def run(self, jobs, steps) -> list:
@@ -211,6 +229,7 @@ class ChainRunner:
                 if bar is None:  # after the first load, so a bad features file prints only its error
                     bar = self.progress.bar(len(jobs) * len(steps), "runs", "run")
                 configs = [replace(c, backbone=features.backbone, dataset=features.name) for c in configs]
+                self._check_memory(features, configs, steps)
                 fid = features.fingerprint()
                 group = prepare_group(features, fid, configs, self.opts.device,
                                       self._superclasses(features, fid, configs))
@@ -220,6 +239,21 @@ class ChainRunner:
             if bar is not None:
                 bar.close()
         return records
+
+    def _check_memory(self, features: FeatureSet, configs, steps) -> None:
+        """Stop with one line, before anything of the group's training is allocated, when its
+        largest batched computation would not fit in this machine's (or GPU's) memory."""
+        n, d, k = len(features.train_y), features.dim, features.num_classes
+        soft = n * k if n * k <= KEPT_SOFT_TARGETS else 0  # floats a student keeps per run
+        kept = max(0 if step.is_teacher else 4 * n if step.is_pll else soft for step in steps)
+        per_run = run_bytes(n, d, k, max(c.train_batch for c in configs), kept)
+        # --feature-norm: a float32 copy of the features and float64 temporaries
+        normalized = 0 if configs[0].feature_norm == "none" else 12 * n * d
+        on_gpu = self.opts.device.type == "cuda"
+        loaded = features.train_x.nbytes + features.test_x.nbytes if on_gpu else resident_bytes()
+        check_fits(self.opts.device, loaded + normalized + BLOCK_BYTES, per_run,
+                   min(self.opts.max_batch_runs, len(configs)),
+                   "the features" + (" on the GPU" if on_gpu else ", libraries and what is loaded"))
 
     def _superclasses(self, features: FeatureSet, fid: str, configs):
         """The superclass of every class (cc corruption; None without it), printed once per features."""

@@ -23,6 +23,9 @@ _FREE_EVAL_THREADS = {}  # (evaluation rows, d, K) -> the same for evaluation
 # Up to this many test (or validation) rows, torch reduces a run's evaluation sums on one thread
 # whatever the thread count (its grain size); beyond, the split of a sum could follow the count.
 SERIAL_REDUCTION_ROWS = 32_768
+# The probes' random inputs stay below this many bytes (a batch of R items of K x d weights, their
+# products and copies): batches of as many runs as fit, up to the tuple's largest.
+PROBE_BYTES = 1 << 25
 
 
 def available_cores() -> int:
@@ -146,6 +149,13 @@ def _random_products(gen: torch.Generator, runs: int, batch: int, dim: int, num_
     return [torch.randn(shape, generator=gen) for shape in shapes]
 
 
+def _affordable(runs, batch: int, dim: int, num_classes: int) -> list:
+    """The batch sizes of `runs` whose probe inputs and results stay within PROBE_BYTES (the
+    smallest always)."""
+    per_run = 4 * (2 * batch * (dim + num_classes) + 4 * num_classes * dim)
+    return [r for r in runs if r == min(runs) or r * per_run <= PROBE_BYTES]
+
+
 def _products(x, w, g, base):
     """The trainer's products: the forward (B x d)(d x K) and the weight gradient (K x B)(B x d)
     accumulated into a copy of `base`."""
@@ -160,7 +170,7 @@ def batched_products_match_lone(batch_sizes, dim: int, num_classes: int, runs=(2
     product across threads but a batch item not, so the bits differ above one thread."""
     gen = torch.Generator().manual_seed(0)
     for b in sorted(set(batch_sizes)):
-        for r in runs:
+        for r in _affordable(runs, b, dim, num_classes):
             x, w, g, base = _random_products(gen, r, b, dim, num_classes)
             together = _products(x, w, g, base)
             # runs sharing their mini-batch: one gathered copy, expanded
@@ -207,7 +217,7 @@ def products_thread_invariant(batch_sizes, dim: int, num_classes: int, threads: 
     before = torch.get_num_threads()
     try:
         for b in sorted(set(batch_sizes)):
-            for r in runs:
+            for r in _affordable(runs, b, dim, num_classes):
                 inputs = _random_products(gen, r, b, dim, num_classes)
                 results = []
                 for count in (1, threads):

@@ -25,7 +25,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from utils.losses import generalized_cross_entropy, hard_label_cross_entropy, soft_cross_entropy
+from utils.losses import distillation_targets, generalized_cross_entropy, hard_label_cross_entropy, \
+    soft_cross_entropy
 from utils.selection import TRACKED
 from utils.threads import step_chunks
 
@@ -33,11 +34,11 @@ from utils.threads import step_chunks
 @dataclass
 class TrainData:
     """Tensors on the training device. Rows index into `features`."""
-    features: torch.Tensor        # (N, d) float32
+    features: torch.Tensor        # (N, d) as stored (float32, float16, bfloat16): upcast rows as used
     train_rows: torch.Tensor      # (R, N_train) long: the rows each run trains on
     noisy_labels: torch.Tensor    # (R, N_train) the (corrupted) labels of those rows
     true_labels: torch.Tensor     # (R, N_train) their clean labels (metrics only)
-    test_features: torch.Tensor   # (N_test, d)
+    test_features: torch.Tensor   # (N_test, d), as stored
     test_labels: torch.Tensor     # (N_test,)
     val_rows: Optional[torch.Tensor] = None    # (R, N_val) held-out rows, or None
     val_labels: Optional[torch.Tensor] = None  # (R, N_val) labels used to select on val
@@ -47,12 +48,15 @@ class TrainData:
 @dataclass
 class Targets:
     """What the runs fit. kind 'hard': values (R, N_train) labels, smoothed by `smoothing` (R,);
-    'soft': values (R, N_train, K) probabilities, `temperature` (R,) applied to the student;
-    'partial': values (R, N_train, 2) candidate classes, fitted with generalised CE."""
+    'soft': the teacher's softmax at `temperature` (R,) (applied to the student too), either kept
+    as values (R, N_train, K) or, with `teacher` (R, K, d) weights and values None, computed from
+    each mini-batch's rows as the original does; 'partial': values (R, N_train, 2) candidate
+    classes, fitted with generalised CE."""
     kind: str
-    values: torch.Tensor
+    values: Optional[torch.Tensor]
     smoothing: Optional[torch.Tensor] = None
     temperature: Optional[torch.Tensor] = None
+    teacher: Optional[torch.Tensor] = None
 
     def loss(self) -> Callable:
         """f(logits (R, B, K), batch targets) -> (loss (R,), gradient (R, B, K)). Smoothing and
@@ -69,10 +73,12 @@ class Targets:
             return generalized_cross_entropy
         raise ValueError(f"unknown target kind {self.kind!r}")
 
-    def at(self, positions: torch.Tensor) -> torch.Tensor:
-        """The targets of each run's training rows at `positions` (R, B)."""
+    def at(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The targets of each run's training rows at `positions` (R, B), whose features are x (R, B, d)."""
         if self.kind == "hard":
             return self.values.gather(1, positions)
+        if self.values is None:
+            return distillation_targets(torch.bmm(x, self.teacher.transpose(1, 2)), self.temperature)
         return self.values[torch.arange(len(positions), device=positions.device)[:, None], positions]
 
 
@@ -194,55 +200,71 @@ def _hits(below: torch.Tensor, num_classes: int):
     return (below == num_classes - 1).sum(-1), (below >= num_classes - 2).sum(-1)
 
 
-def _logits_by_run(features: torch.Tensor, weight: torch.Tensor):
-    """Each run's (N, K) logits in turn, one (N x d)(d x K) product per run; features (N, d) or
-    (R, N, d)."""
-    per_run = features.expand(weight.shape[0], -1, -1) if features.ndim == 2 else features
-    return (x @ w.T for x, w in zip(per_run, weight))
+# Rows scored at once (evaluation, a teacher's outputs): about this many logits (16 MB), so that
+# nothing of size N x K is held for a run. This BLAS rounds each row of an (n x d)(d x K) product as
+# the same row of any other n-row product (a one-row product takes another path: never one row).
+BLOCK_LOGITS = 1 << 22
 
 
-@torch.no_grad()
-def head_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(R, N, K) logits of features (N, d) shared by R heads, or (R, N, d) features of each run.
+def row_blocks(num_rows: int, num_classes: int) -> list:
+    """Consecutive slices of about BLOCK_LOGITS logits each, none of one row (unless there is one row)."""
+    size = max(2, BLOCK_LOGITS // num_classes)
+    starts = list(range(0, num_rows, size))
+    if len(starts) > 1 and num_rows - starts[-1] == 1:
+        starts.pop()  # the last block takes the single row left
+    return [slice(start, stop) for start, stop in zip(starts, starts[1:] + [num_rows])]
 
-    One (N x d)(d x K) product per run, never one (N x d)(d x R*K) product: a BLAS may round the
-    columns of a wider product differently, which would make a run's numbers depend on its batch."""
-    return torch.stack(list(_logits_by_run(features, weight)))
+
+def block_logits(features: torch.Tensor, rows, weight: torch.Tensor) -> torch.Tensor:
+    """The float32 logits (n, K) of features[rows] (upcast from their stored precision) under one head."""
+    return features[rows].float() @ weight.T
 
 
-def _test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """The test metrics of ONE run: logits (1, N, K), labels (1, N). Evaluated run by run so that
-    every sum over the N rows has the same shape (and so the same bits) whatever the batch."""
+def _test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """(top-1 hits, top-2 hits, {mean test loss, confidence (%), entropy (nats)}) of ONE run on a
+    block of rows: logits (1, n, K), labels (1, n). Evaluated run by run so that every sum over rows
+    has the same shape (and so the same bits) whatever the batch."""
     top1, top2 = topk_hits(logits, labels)
-    n = labels.shape[1]
     log_p = torch.log_softmax(logits, dim=-1)
     probs = log_p.exp()
-    return {"test_loss": -log_p.gather(-1, labels.unsqueeze(-1)).mean((1, 2)),
-            "test_acc": top1 * (100.0 / n), "test_top2": top2 * (100.0 / n),
-            # calibration view of the "diffusion" effect: mean max-probability (%) and entropy (nats)
-            "test_confidence": probs.amax(-1).mean(-1) * 100,
-            "test_entropy": -(probs * log_p).sum(-1).mean(-1)}
+    return top1, top2, {"test_loss": -log_p.gather(-1, labels.unsqueeze(-1)).mean((1, 2)),
+                        # calibration view of the "diffusion" effect: mean max-probability and entropy
+                        "test_confidence": probs.amax(-1).mean(-1) * 100,
+                        "test_entropy": -(probs * log_p).sum(-1).mean(-1)}
+
+
+def _run_test_metrics(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> dict:
+    """One run's test metrics, a block of rows at a time: accuracies from the hits of all blocks,
+    the means weighted by the blocks' rows (one block: its own means)."""
+    blocks = row_blocks(len(labels), weight.shape[0])
+    parts = [_test_metrics(block_logits(features, rows, weight).unsqueeze(0), labels[rows].unsqueeze(0))
+             for rows in blocks]
+    n = len(labels)
+    means = parts[0][2] if len(parts) == 1 else {
+        name: sum(part[2][name].double() * (rows.stop - rows.start) for part, rows in zip(parts, blocks)) / n
+        for name in parts[0][2]}
+    top1, top2 = (sum(part[i] for part in parts) for i in (0, 1))
+    return {"test_loss": means["test_loss"], "test_acc": top1 * (100.0 / n), "test_top2": top2 * (100.0 / n),
+            "test_confidence": means["test_confidence"], "test_entropy": means["test_entropy"]}
 
 
 def eval_rows(data: TrainData) -> list:
-    """How many rows an evaluation scores: the test rows, then each run's validation rows."""
-    return [len(data.test_labels)] + ([data.val_rows.shape[1]] if data.val_rows is not None else [])
+    """The sizes of the blocks of rows an evaluation scores at once (test, then validation rows)."""
+    counts = [len(data.test_labels)] + ([data.val_rows.shape[1]] if data.val_rows is not None else [])
+    return sorted({rows.stop - rows.start for n in counts for rows in row_blocks(n, data.num_classes)})
 
 
 @torch.no_grad()
-def evaluate(data: TrainData, weight: torch.Tensor, val_features: Optional[torch.Tensor] = None) -> dict:
+def evaluate(data: TrainData, weight: torch.Tensor) -> dict:
     """Per run: test loss, top-1/top-2 accuracy (percent), confidence and entropy; val accuracy
-    when a val split exists. Each run's logits are scored as they come (never stacked)."""
-    labels = data.test_labels.unsqueeze(0)
-    runs = [_test_metrics(run_logits.unsqueeze(0), labels)
-            for run_logits in _logits_by_run(data.test_features, weight)]
+    when a val split exists. Run by run, a block of rows at a time (nothing N x K is held)."""
+    runs = [_run_test_metrics(data.test_features, data.test_labels, w) for w in weight]
     out = {name: torch.cat([run[name] for run in runs]) for name in runs[0]}
     if data.val_rows is not None:
-        if val_features is None:
-            val_features = data.features[data.val_rows]
-        val_logits = _logits_by_run(val_features, weight)
-        hits = [topk_hits(run_logits.unsqueeze(0), val_labels.unsqueeze(0))[0]
-                for run_logits, val_labels in zip(val_logits, data.val_labels)]
+        hits = [sum(topk_hits(block_logits(data.features, rows[block], w).unsqueeze(0),
+                              labels[block].unsqueeze(0))[0]
+                    for block in row_blocks(len(rows), w.shape[0]))
+                for rows, labels, w in zip(data.val_rows, data.val_labels, weight)]
         out["val_acc"] = torch.cat(hits) * (100.0 / data.val_rows.shape[1])
     return out
 
@@ -269,7 +291,7 @@ class PlainSGD:
             at = positions[:, start:start + self.batch_size]
             x = data.features[data.train_rows.gather(1, at)].float()                   # (R, b, d)
             logits = torch.bmm(x, self.weight.transpose(1, 2))
-            loss, grad_logits = self.loss(logits, self.targets.at(at))
+            loss, grad_logits = self.loss(logits, self.targets.at(at, x))
             grad = torch.baddbmm(self.wd * self.weight, grad_logits.transpose(1, 2), x)
             self.momentum.mul_(self.m).add_(grad)
             self.weight.sub_(self.lr * self.momentum)
@@ -322,17 +344,16 @@ class _BatchedSGD:
         self.group = self.shared if fuse else 1
         self.num_orders = self.num_runs // self.shared
         self.group_rows = data.train_rows[::self.shared]                                # (U, N_train)
-        self.noisy_and_true = torch.stack([data.noisy_labels, data.true_labels])        # (2, R, N_train)
         self.loss = targets.loss()
         # soft targets / candidate sets as rows of one matrix: a step gathers its own with
         # index_select, several times faster than advanced indexing (R, N, K)[arange, positions]
         num_targets = self.num_runs * self.num_train
-        self.target_rows = None if targets.kind == "hard" else targets.values.reshape(num_targets, -1)
+        self.target_rows = None if targets.values is None or targets.kind == "hard" else \
+            targets.values.reshape(num_targets, -1)
         self.arange_r = torch.arange(self.num_runs, device=weight.device)[:, None]
         self.num_classes, self.dim = weight.shape[1:]
-        self.fused_weight = weight.view(self.num_runs // self.group, self.group * self.num_classes, -1)
         self.decayed = torch.empty_like(weight)
-        self.fused_decayed = self.decayed.view_as(self.fused_weight)
+        self.fused_decayed = self.decayed.view(self.num_runs // self.group, self.group * self.num_classes, -1)
         self.lr = torch.empty_like(self.lr0)  # this epoch's, per run
         per_unit = max(1, UPDATE_CHUNK_BYTES // (self.num_classes * self.dim * weight.element_size()))
         if weight.device.type != "cpu":
@@ -360,14 +381,21 @@ class _BatchedSGD:
                       self.momentum_factor[runs], self.lr[runs]) for orders, runs in spans]
 
     def _step_buffers(self, b: int):
-        """(gathered rows (U * b, d), logits (R, b, K), comparisons (2, R, b, K)) for batches of b
-        rows, as views of buffers allocated once."""
+        """(gathered rows (U * b, d) as stored, the same in float32, logits (R, b, K), comparisons
+        (2, R, b, K), the teacher's logits (R, b, K)) for batches of b rows, as views of buffers
+        allocated once (the stored rows are the float32 ones when the features are float32)."""
         if b not in self.buffers:
-            shapes = [(self.num_orders * b, self.dim), (self.num_runs, b, self.num_classes),
-                      (2, self.num_runs, b, self.num_classes)]
+            rows, logits = (self.num_orders * b, self.dim), (self.num_runs, b, self.num_classes)
+            shapes = [(rows, self.data.features.dtype), (rows, torch.float32), (logits, torch.float32),
+                      ((2, *logits), torch.float32), (logits, torch.float32)]
             if not self.buffers:
-                self.flat_buffers = [torch.empty(math.prod(s), device=self.weight.device) for s in shapes]
-            self.buffers[b] = [flat[:math.prod(s)].view(s) for flat, s in zip(self.flat_buffers, shapes)]
+                self.flat_buffers = [torch.empty(math.prod(shape), dtype=dtype, device=self.weight.device)
+                                     for shape, dtype in shapes]
+            views = [flat[:math.prod(shape)].view(shape)
+                     for flat, (shape, _) in zip(self.flat_buffers, shapes)]
+            if self.data.features.dtype == torch.float32:
+                views[0] = views[1]
+            self.buffers[b] = views
         return self.buffers[b]
 
     def epoch(self, epoch: int, tuner=None):
@@ -380,10 +408,15 @@ class _BatchedSGD:
         rows = self.group_rows.gather(1, positions)
         if self.shared > 1:
             positions = positions.repeat_interleave(self.shared, 0)                                 # (R, N)
-        labels = self.noisy_and_true.gather(2, positions.expand(2, -1, -1))                       # (2, R, N)
-        # hard labels in this epoch's order, else where each (run, position) is in target_rows
-        targets = (self.targets.values.gather(1, positions) if self.target_rows is None
-                   else positions + self.arange_r * self.num_train)
+        labels = torch.empty(2, *positions.shape, dtype=torch.long, device=device)                # (2, R, N)
+        torch.gather(self.data.noisy_labels, 1, positions, out=labels[0])
+        torch.gather(self.data.true_labels, 1, positions, out=labels[1])
+        # hard labels in this epoch's order, else where each (run, position) is in target_rows (or,
+        # for soft targets from the teacher's weights, unused)
+        if self.targets.kind == "hard":
+            targets = self.targets.values.gather(1, positions)
+        else:
+            targets = positions + self.arange_r * self.num_train
         loss_sum = torch.zeros(self.num_runs, device=device, dtype=torch.float64)
         below = torch.empty(2, self.num_runs, self.num_train, device=device)
         for chunk in step_chunks(tuner, math.ceil(self.num_train / self.batch_size)):
@@ -402,14 +435,19 @@ class _BatchedSGD:
         """One SGD step of every run on its mini-batch, its heads updated unit by unit: (loss (R,),
         logits (R, b, K), the buffer for the train metrics' comparisons)."""
         num_orders, b = batch_rows.shape
-        rows_buffer, logits, compared = self._step_buffers(b)
+        stored, rows_buffer, logits, compared, teacher_logits = self._step_buffers(b)
         # index_select on flat indices is ~4x faster than advanced indexing for this gather
-        xb = torch.index_select(self.data.features, 0, batch_rows.reshape(-1), out=rows_buffer)
+        xb = torch.index_select(self.data.features, 0, batch_rows.reshape(-1), out=stored)
+        if xb is not rows_buffer:
+            xb = rows_buffer.copy_(xb)  # upcast: exact
         xb = xb.view(num_orders, b, -1)                                                     # (U, b, d)
-        self._forward(xb, logits)
+        self._forward(xb, logits, self.weight, self.group)
         if self.target_rows is not None:
             batch_targets = self.target_rows.index_select(0, batch_targets.reshape(-1))
             batch_targets = batch_targets.view(self.num_runs, b, -1)
+        elif self.targets.teacher is not None:  # the teacher's softmax of these rows, as the original
+            self._forward(xb, teacher_logits, self.targets.teacher, 1)
+            batch_targets = distillation_targets(teacher_logits, self.targets.temperature)
         loss, grad_logits = self.loss(logits, batch_targets)
         if self.group > 1:  # to the fused products' layout: (U, b, G*K)
             grad_logits = grad_logits.view(num_orders, self.group, b, -1).transpose(1, 2)
@@ -429,19 +467,21 @@ class _BatchedSGD:
             unit.weight.sub_(torch.mul(unit.lr, unit.momentum, out=unit.decayed))
         return loss, logits, compared
 
-    def _forward(self, xb: torch.Tensor, logits: torch.Tensor) -> None:
-        """The (R, b, K) logits of the step's gathered batches xb (U, b, d), into `logits`."""
+    def _forward(self, xb: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, group: int) -> None:
+        """The (R, b, K) logits under `weight` (R, K, d) of the step's gathered batches xb (U, b, d),
+        into `logits`; `group` > 1: fused, as one wider product per block of runs."""
         num_orders, b, _ = xb.shape
-        if self.group > 1:  # fused: U matmuls of (b x d) @ (d x G*K)
-            wide = torch.bmm(xb, self.fused_weight.transpose(1, 2)).view(num_orders, b, self.group, -1)
-            logits.view(num_orders, self.group, b, -1).copy_(wide.transpose(1, 2))
+        if group > 1:  # fused: U matmuls of (b x d) @ (d x G*K)
+            fused = weight.view(num_orders, group * self.num_classes, -1)
+            wide = torch.bmm(xb, fused.transpose(1, 2)).view(num_orders, b, group, -1)
+            logits.view(num_orders, group, b, -1).copy_(wide.transpose(1, 2))
         elif self.shared > 1:
             for u in range(num_orders):
                 block = slice(u * self.shared, (u + 1) * self.shared)
                 x = xb[u].expand(self.shared, b, -1)
-                torch.bmm(x, self.weight[block].transpose(1, 2), out=logits[block])
+                torch.bmm(x, weight[block].transpose(1, 2), out=logits[block])
         else:
-            torch.bmm(xb, self.weight.transpose(1, 2), out=logits)
+            torch.bmm(xb, weight.transpose(1, 2), out=logits)
 
 
 def _initial_state(data: TrainData, init_weight: torch.Tensor) -> TrainState:
@@ -482,7 +522,6 @@ def train_heads(data: TrainData, targets: Targets, init_weight: Optional[torch.T
     state = _initial_state(data, init_weight) if resume is None else resume
     sgd = (PlainSGD(data, targets, hypers, shuffle_seeds, state.weight, state.momentum) if plain else
            _BatchedSGD(data, targets, hypers, shuffle_seeds, state.weight, state.momentum, fuse_shared_order))
-    val_features = data.features[data.val_rows] if data.val_rows is not None else None  # gathered once
     with torch.no_grad():  # gradients by hand (utils/losses.py): no autograd graph
         for epoch in range(state.epoch, epochs):
             train_loss, hits = sgd.epoch(epoch, tuner)
@@ -491,7 +530,7 @@ def train_heads(data: TrainData, targets: Targets, init_weight: Optional[torch.T
                 raise NonFiniteLoss(epoch + 1, int(bad.nonzero()[0]))
             if tuner is not None:
                 tuner.end_epoch()  # the thread count of evaluation (fixed, unless it cannot change a number)
-            metrics = evaluate(data, state.weight, val_features)
+            metrics = evaluate(data, state.weight)
             _record_epoch(state, train_loss, hits, sgd.lr.view(-1), metrics, data.train_rows.shape[1])
             if on_epoch is not None:
                 on_epoch(state)
