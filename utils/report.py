@@ -332,16 +332,16 @@ def _seed_count(groups: list) -> int:
 
 
 def _captioned_panels(plt, nrows: int, ncols: int, caption_lines: list, *, fig_width: float, panel_in: float,
-                      gap_in: float, wspace: float, sharey):
+                      gap_in: float, wspace: float, sharey, below_in: float = 0.6):
     """(figure, 2-D axes) of nrows x ncols panels in fixed room (inches): the caption lines, wrapped to
     the width, above as the figure's title; panels of `panel_in` plus `gap_in` for their titles and
-    axis labels; room for a legend below."""
+    axis labels; `below_in` under the last row for its tick and axis labels; room for a legend below."""
     text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in caption_lines)
     caption_in, legend_in = 0.17 * (text.count("\n") + 1) + 0.2, 0.4
-    height = caption_in + legend_in + nrows * panel_in + nrows * gap_in
+    height = caption_in + legend_in + nrows * (panel_in + gap_in) + below_in - 0.6
     fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False, sharey=sharey)
     fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=wspace,
-                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + 0.6) / height,
+                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + below_in) / height,
                         hspace=gap_in / panel_in)
     fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
     return fig, axes
@@ -385,7 +385,7 @@ def _gain_bars(ax, members: list, metric: str, gain_etas, steps: list, colours) 
                for e in etas}
     ax.set_xticks(range(len(etas)), [format_eta(e) + (f"\nteacher {teacher[e][0]:.1f}%" if teacher[e] else "")
                                      for e in etas])
-    ax.set_xlabel("corruption rate eta (below it: the teacher's own accuracy)")
+    ax.set_xlabel("corruption rate eta")
     return etas
 
 
@@ -396,8 +396,8 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
     nrows = math.ceil(count / ncols)
     # One y-axis for every panel: separate scales would make unlike panels look alike.
     fig, axes = _captioned_panels(plt, nrows, ncols, [title, _gain_caption(groups, metric)[0]],
-                                  fig_width=max(4.6 * ncols, 7.0), panel_in=2.6, gap_in=0.9, wspace=0.12,
-                                  sharey=True)
+                                  fig_width=max(4.6 * ncols, 7.0), panel_in=2.6, gap_in=1.1, wspace=0.12,
+                                  sharey=True, below_in=0.85)  # tick labels of two lines: eta, teacher
     steps = steps_in([r for _, m in groups for r in m], kinds=("student", "pll"))
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(steps), 1)))
     for ax in axes.flat[len(groups):]:
