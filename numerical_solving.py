@@ -27,7 +27,7 @@ import torch
 from utils import theory as th
 from utils import theory_outputs as tho
 from utils.cli import (ArgumentParser, DefaultsHelpFormatter, UserError, load_yaml_file, os_error_line,
-                       resolve_device, run_main)
+                       plural, resolve_device, run_main)
 from utils.options import Interval, Option, add_options, check_option_values, read_as_flag
 from utils.runs import MAX_ROUNDS
 from utils.threads import available_cores
@@ -198,7 +198,8 @@ def refuse_to_overwrite(folder: Path, arrays: list[Path]) -> None:
     if records:
         parts.append(f"{folder} already holds an earlier run's {', '.join(p.name for p in records)}")
     if found:
-        parts.append(f"{len(found)} array(s) of the same setting(s) already exist in {found[0].parent} "
+        parts.append(f"{plural(len(found), 'array')} of the same settings already "
+                     f"{'exists' if len(found) == 1 else 'exist'} in {found[0].parent} "
                      f"(e.g. {found[0].name})")
     ways = ["pass --overwrite to replace them"]
     if records:
@@ -325,10 +326,10 @@ def theory_lines(s: th.Setting, max_dist: int) -> tuple[list[str], dict]:
     if info["t_star"] is None:
         lines.append(f"theory: no round reaches 100% population accuracy: {info['reason']}")
     elif info["threshold"] is None:
-        lines.append(f"theory: 100% population accuracy from round {info['t_star']} ({info['reason']})")
+        lines.append(f"theory: 100% population accuracy from step {info['t_star']} ({info['reason']})")
     else:
         where = "within" if info["t_star"] <= max_dist else f"beyond --max_dist {max_dist};"
-        lines.append(f"theory: 100% population accuracy from round t* = {info['t_star']} ({where} "
+        lines.append(f"theory: 100% population accuracy from step t* = {info['t_star']} ({where} "
                      f"first t with (mu_big/mu_small)^t > (1+Delta)/Delta = {info['threshold']:.4g}, "
                      f"Delta = (1-eta) - eta/(K-1) = {info['delta']:.4g})"
                      + (f"; {info['reason']}" if info["reason"] else ""))
@@ -336,8 +337,33 @@ def theory_lines(s: th.Setting, max_dist: int) -> tuple[list[str], dict]:
 
 
 ACC_HEAD = f"{'clean':>7} {'noisy':>7} {'overall':>7}"
-HEADER = (f"{'round':>5} | {'solved':<6} {ACC_HEAD} | {'closed form':<11} {ACC_HEAD} | {'max|Y-Ycf|':>10} | "
+FORMULA = "noise-free formula"   # the closed form of the block model without noise (epsilon = 0), linearised
+HEADER = (f"{'step':>5} | {'solved':<6} {ACC_HEAD} | {FORMULA} {ACC_HEAD} | {'max|Y-Ycf|':>10} | "
           f"{'residual':>9} | {'work':>22} | {'time':>8}")
+
+
+def expectation_lines(info: dict, max_dist: int, gram: bool) -> list[str]:
+    """What the table below will show, in words, before its numbers: when the noise-free formula
+    corrects the noisy samples (`info`: `th.theory_rounds_to_perfect`), and, for a G that is not a
+    Gram matrix, that the solved steps need not show the paper's effect and which setting does."""
+    t = info["t_star"]
+    if t is None:
+        when = f"no step corrects every sample ({info['reason']})"
+    elif t == 0:
+        when = "nothing to correct (no corrupted labels)"
+    elif t <= max_dist:
+        when = f"every noisy sample is corrected from step t* = {t}, within these {max_dist} steps"
+    else:
+        when = (f"the noisy samples are corrected only from step t* = {t}, beyond --max_dist {max_dist}: "
+                "until then its columns stay near the given labels' clean 100%, noisy 0%")
+    lines = [f"expect: {FORMULA} columns (the paper's closed form: the block matrix without noise, linear "
+             f"approximation): {when}"]
+    if not gram:
+        lines.append("expect: this G is not a Gram matrix (no features have it), so the solved steps need "
+                     "not average the labels as the paper describes; --gram features (a Gram matrix of "
+                     "features with the same block means) shows the paper's effect: noisy samples corrected "
+                     "step by step")
+    return lines
 
 
 def round_line(r: dict, solver: str, approx: bool) -> str:
@@ -352,7 +378,7 @@ def round_line(r: dict, solver: str, approx: bool) -> str:
     else:
         work = f"{r['iterations']} path steps ({r['work']} G)"
     flag = "" if r["converged"] else "  <-- NOT converged"
-    return (f"{r['round']:>5} | {'':<6} {fmt_acc(r['acc'])} | {'':<11} {fmt_acc(r['cf_acc'])} | "
+    return (f"{r['round']:>5} | {'':<6} {fmt_acc(r['acc'])} | {'':<{len(FORMULA)}} {fmt_acc(r['cf_acc'])} | "
             f"{r['cf_gap']:10.3g} | {r['residual']:9.2e} | {work:>22} | {r['seconds']:7.2f}s{flag}")
 
 
@@ -489,7 +515,7 @@ def solve_all(run: Run, settings: list[th.Setting], tags: list[str], grid: dict,
     bar.close()
     varying = [k for k in grid if len(grid[k]) > 1]
     paths = tho.draw_figure(folder, records, varying, figure_title(run, settings, varying, named["title"]))
-    print(f"\n{len(settings)} setting(s) in {time.perf_counter() - started:.2f}s"
+    print(f"\n{plural(len(settings), 'setting')} in {time.perf_counter() - started:.2f}s"
           + (f", {diverged} of them DIVERGED (see above)" if diverged else "")
           + f"; records: {folder}/records.csv (.jsonl); figure: {paths[0]} (.pdf)"
           + (f"; arrays: {run.arrays}/" if args.save else ""))
@@ -512,7 +538,7 @@ def solve_setting(run: Run, s: th.Setting, tag: str, records: list, bar) -> bool
                            max_iter=args.max_iter, tol=args.tol, max_newton=args.max_newton, log=log):
         say(round_line(r, args.solver, args.approx))
         if r["round"] > 0 and r["note"] and (not r["converged"] or r["folds"] or not noted):
-            say(f"      round {r['round']}: {r['note']}")     # failures and folds always, other notes once
+            say(f"      step {r['round']}: {r['note']}")     # failures and folds always, other notes once
             noted = True
         if args.save:
             tho.save_round_array(run.arrays / f"{tag}_{r['round']}.npz", r["Y"], problem.true, problem.given,
@@ -531,23 +557,26 @@ def print_introduction(run: Run, s: th.Setting, problem: th.Problem) -> dict:
     """The setting, its matrix G and the theory's prediction, then the table's header. Returns the
     theory's numbers (`th.theory_rounds_to_perfect`)."""
     args, say = run.args, run.say
-    where = f"{run.device}" + (f", {torch.get_num_threads()} thread(s)" if run.device.type == "cpu" else "")
+    threads = f", {plural(torch.get_num_threads(), 'thread')}" if run.device.type == "cpu" else ""
+    where = f"{run.device}{threads}"
     say("")
     say(f"setting: K={s.k} n={s.n} lambda={s.lbd:g} c={s.c:g} d={s.d:g} eta={s.eta:g} epsilon={s.epsilon:g} "
         f"seed={s.seed} gram={s.gram} labels={s.labels} | solver {args.solver} ({run.mode}), "
         f"{run.dtype_name} on {where}")
+    lines, info = theory_lines(s, args.max_dist)
+    for line in expectation_lines(info, args.max_dist, problem.diagnostics["gram"]):
+        say(line)
     say(f"G: {problem.kernel.description}")
     for line in th.describe_diagnostics(problem.diagnostics):
         say(line)
-    lines, info = theory_lines(s, args.max_dist)
     for line in lines:
         say(line)
     horizon = max(args.max_dist, (info["t_star"] or 0) + 10, 50)
     first = th.closed_form_first_perfect(problem, horizon)
     corrupted = int((problem.given != problem.true).sum())
-    say(f"closed form with the realised labels ({corrupted} of {s.N} corrupted, "
+    say(f"{FORMULA} with the realised labels ({corrupted} of {s.N} corrupted, "
         f"{100 * corrupted / s.N:.2f}%): "
-        + (f"100% accuracy first at round {first}" if first else f"not 100% within {horizon} rounds"))
+        + (f"100% accuracy first at step {first}" if first else f"not 100% within {horizon} steps"))
     say(HEADER)
     return info
 
@@ -563,23 +592,31 @@ def print_verdict(run: Run, s: th.Setting, problem: th.Problem, seconds: float, 
         run.say(divergence_headline(s, growth, sizes))
         status = (f"each round's linear solve is accurate ({tolerance}), but the rounds DIVERGE (above)"
                   if not bad else
-                  f"{bad} round(s) did NOT reach the tolerance ({tolerance}), and the rounds DIVERGE (above)")
+                  f"{plural(bad, 'round')} did NOT reach the tolerance ({tolerance}), and the rounds DIVERGE "
+                  "(above)")
     else:
         status = (f"every round reached its tolerance ({tolerance})" if not bad
-                  else f"{bad} round(s) did NOT reach the tolerance ({tolerance})")
+                  else f"{plural(bad, 'round')} did NOT reach the tolerance ({tolerance})")
     run.say(f"solved {args.max_dist} rounds in {seconds:.2f}s (+{problem.seconds:.2f}s building G and "
             "diagnostics); " + status)
     return diverged
 
 
+# The model settings a figure's title names, as the paper writes them, and their Setting fields.
+TITLE_SETTINGS = {"K": "k", "n": "n", "c": "c", "d": "d", "eta": "eta", "lambda": "lbd", "epsilon": "epsilon"}
+
+
 def figure_title(run: Run, settings: list[th.Setting], varying: list[str], title: str | None) -> str:
-    """The recipe's title (if any) with the solver, mode and matrix below it; else those and the
-    fixed eta and lambda."""
+    """The recipe's title (if any) with the solver, mode and matrix below it; else those, and below
+    them every model setting not swept (K, n, c, d, eta, lambda, epsilon), so a figure says what it
+    shows."""
     what = (f"{run.args.solver} solver, {run.mode} mode"
             + ("" if "gram" in varying else f", gram={settings[0].gram}"))
     if title:
         return f"{title}\n({what})"
-    return what + ("" if varying else f", eta={settings[0].eta:g}, lambda={settings[0].lbd:g}")
+    fixed = [f"{name}={getattr(settings[0], field):g}" for name, field in TITLE_SETTINGS.items()
+             if field not in varying]
+    return what + ("\n" + ", ".join(fixed) if fixed else "")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,12 @@ Evidence:       python train_linear.py -d digits --evidence          (feature co
 import argparse
 import sys
 
-from models.extract import features_cache_path
-from utils.checkpoints import TeacherUnavailable
-from utils.cli import UserError, run_main, str2bool
-from utils.engine import ChainRunner, FeatureSource, load_source
-from utils.evidence import feature_evidence
-from utils.evidence_report import check_folder_free, evidence_folder, summary_lines, write_source_evidence
-from utils.grid import run_grid_command
+# Only what parsing and checking the command line needs is imported here (no torch): `--help` and a
+# mistyped value answer at once. Each command imports its own machinery once its line is checked.
+from utils.cli import UserError, check_recipe_file, run_main, str2bool
 from utils.selection import RULES
-from utils.settings import (build_parser, config_from_args, engine_options, finished_note, source_from_args,
-                            steps_from_args)
+from utils.settings import (build_parser, check_engine_options, config_from_args, engine_options,
+                            finished_note, settings_text, source_from_args, steps_from_args)
 from utils.steps import step_of
 
 
@@ -63,12 +59,11 @@ def summary_table(records) -> str:
     return "\n".join(lines)
 
 
-def extract_only(source: FeatureSource, opts) -> int:
+def extract_only(source, opts) -> int:
     """`--extract-only`: the features file of a dataset through a backbone, extracted once."""
-    if source.features_path or source.dataset == "digits":
-        raise UserError("--extract-only extracts image features through --arch: "
-                        "give an image dataset with -d "
-                        "(digits and --features files are features already)")
+    from models.extract import features_cache_path
+    from utils.engine import load_source
+
     features = load_source(source, opts, print)
     path = features_cache_path(source.dataset, source.arch, source.pretrained,
                                opts.data_root, opts.cache_root)
@@ -79,12 +74,13 @@ def extract_only(source: FeatureSource, opts) -> int:
     return 0
 
 
-def evidence(args, opts) -> int:
+def evidence(source, cfg, opts) -> int:
     """`--evidence`: what the features of one source say about the paper's mechanism; no training."""
-    if args.rounds is not None or args.partial or args.dist:
-        raise UserError("--evidence trains nothing: drop --dist, --partial and --rounds")
-    cfg = config_from_args(args)
-    features = load_source(source_from_args(args), opts, print)
+    from utils.engine import load_source
+    from utils.evidence import feature_evidence
+    from utils.evidence_report import check_folder_free, evidence_folder, summary_lines, write_source_evidence
+
+    features = load_source(source, opts, print)
     folder = evidence_folder(opts.results_root, features.name, features.backbone)
     check_folder_free(folder, features.fingerprint(), opts.overwrite)
     ev = feature_evidence(features, [(cfg.ctype, cfg.eta, cfg.seed)])
@@ -94,11 +90,10 @@ def evidence(args, opts) -> int:
     return 0
 
 
-def run_chain(args, opts) -> int:
+def run_chain(source, cfg, steps, opts) -> int:
     """One configuration's steps (--dist, --partial or --rounds): train what is missing, print the table."""
-    source = source_from_args(args)
-    cfg = config_from_args(args)
-    steps = steps_from_args(args)
+    from utils.engine import ChainRunner
+
     runner = ChainRunner(opts)
     records = runner.run([(source, cfg)], steps)
     by_step = {r["step"]: r for r in records}
@@ -106,33 +101,55 @@ def run_chain(args, opts) -> int:
     note = finished_note(runner.counts, opts.results_root)
     if note:
         print(note)
-    print(f"{ordered[0]['dataset']} / {ordered[0]['backbone']}: ctype={cfg.ctype} eta={cfg.eta:g} "
-          f"seed={cfg.seed} "
-          f"lr={cfg.lr:g} wd={cfg.wd:g} on {opts.device}; realised corruption "
-          f"{ordered[0]['realised_corruption']:.2f}%")
+    print(f"{ordered[0]['dataset']} / {ordered[0]['backbone']}: {settings_text(cfg)} on {opts.device}; "
+          f"realised corruption {ordered[0]['realised_corruption']:.2f}%")
     print(summary_table(ordered))
     print(f"records: {opts.results_root}/records/   checkpoints: {opts.checkpoint_root}/")
     return 0
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def check_command_line(args) -> tuple:
+    """Every check of a parsed command line that needs no file and no torch, in the order a user
+    fixes them. Returns (source, run settings, steps) of a chain, extraction or evidence command
+    (None where the command has none; all None for a recipe)."""
     if args.config and args.extract_only:
         raise UserError("--extract-only extracts the features of one -d/--arch; drop --config")
     if args.evidence and args.extract_only:
         raise UserError("--evidence and --extract-only are two commands; give one")
     if not args.config and (args.shard is not None or args.report_only or args.allow_large_grid):
         raise UserError("--shard, --report-only and --allow-large-grid work with a recipe: add --config YAML")
+    check_engine_options(args)
+    if args.config:
+        check_recipe_file(args.config, "recipe file")
+        return None, None, None
+    if args.evidence and (args.rounds is not None or args.partial or args.dist):
+        raise UserError("--evidence trains nothing: drop --dist, --partial and --rounds")
+    source = source_from_args(args)
+    if args.extract_only:
+        if source.features_path or source.dataset == "digits":
+            raise UserError("--extract-only extracts image features through --arch: give an image dataset "
+                            "with -d (digits and --features files are features already)")
+        return source, None, None
+    return source, config_from_args(args), None if args.evidence else steps_from_args(args)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    source, cfg, steps = check_command_line(args)
+    from utils.checkpoints import TeacherUnavailable  # torch from here on
+
     opts = engine_options(args)
     try:
         if args.config:
+            from utils.grid import run_grid_command
+
             return run_grid_command(args, opts)
         if args.extract_only:
-            return extract_only(source_from_args(args), opts)
+            return extract_only(source, opts)
         if args.evidence:
-            return evidence(args, opts)
-        return run_chain(args, opts)
+            return evidence(source, cfg, opts)
+        return run_chain(source, cfg, steps, opts)
     except TeacherUnavailable as exc:  # name the exact command that trains (or retrains) the teacher
         command = "python train_linear.py " + " ".join(argv_without_step_flags(argv)
                                                        + ["--dist", str(exc.step)])

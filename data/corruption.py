@@ -10,8 +10,7 @@ import torch
 from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
 
 from data.class_correlation import class_pair_stats
-
-CORRUPTION_TYPES = ("sym", "asym", "cc")
+from utils.names import CORRUPTION_TYPES
 
 # The original cuts the superclass dendrogram at this fraction of its largest merge height.
 SUPERCLASS_CUT = 0.8

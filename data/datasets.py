@@ -19,12 +19,9 @@ import torch
 
 from data.features import FeatureSet
 from data.splits import fixed_train_test_split
-from utils.cli import UserError, one_line
+from utils.cli import UserError, one_line, plural
+from utils.names import DATASETS
 
-IMAGE_DATASETS = ("cifar10", "cifar100", "food101", "stanfordcars", "flowers102", "caltech101",
-                  "caltech256", "imagefolder")
-FEATURE_DATASETS = ("digits",)
-DATASETS = FEATURE_DATASETS + IMAGE_DATASETS
 
 IMAGEFOLDER_LAYOUTS = ("-d imagefolder reads the images in --data-root DIR, laid out as DIR/<class>/<images> "
                        "(split 80/20 with seed 42) or as DIR/train/<class>/<images> and "
@@ -121,8 +118,9 @@ def _image_folder_splits(root: Path, transform):
             raise UserError(f"image folder {path}: {one_line(exc, 120)}; put each class's images "
                             f"(.png, .jpg, ...) in its own sub-folder ({IMAGEFOLDER_LAYOUTS})") from None
         if len(found.classes) < 2:
-            raise UserError(f"image folder {path} has {len(found.classes)} class folder(s); a classifier "
-                            f"needs at least 2, one sub-folder of images per class ({IMAGEFOLDER_LAYOUTS})")
+            raise UserError(f"image folder {path} has {plural(len(found.classes), 'class folder')}; a "
+                            "classifier needs at least 2, one sub-folder of images per class "
+                            f"({IMAGEFOLDER_LAYOUTS})")
         return found
 
     split_dirs = [name for name in ("train", "test") if (root / name).is_dir()]

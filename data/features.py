@@ -10,7 +10,6 @@ axes of the evidence figures).
 """
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -20,19 +19,13 @@ import torch
 
 from utils.cli import UserError, one_line
 from utils.io import atomic_torch_save, load_torch_file
+from utils.names import FEATURE_NORMS, check_plain_name, safe_name
 
 REQUIRED_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
 # Features are kept in these precisions as stored (the trainer upcasts a few rows at a time, exactly);
 # any other type is converted to float32 on loading.
 STORED_PRECISIONS = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_VALUES = 1 << 22  # values hashed or checked at once (16 MB as float32): no full-size temporary
-
-# Names that become parts of paths (under -c/--checkpoint, --results, --cache-dir): a plain file
-# name, never '..', '/x' or 'a/b'.
-NAME_CHARS = "letters, digits, '_', '-', '.', '+'"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
-_NAME_BAD_CHAR = re.compile(r"[^A-Za-z0-9_.+-]")
-MAX_NAME_LENGTH = 100
 
 # Most classes a features file may have: a run builds K x K matrices (corruption, class correlations)
 # and K x d weights, and loops over the classes, so K is bounded before anything of size K exists.
@@ -41,31 +34,6 @@ MAX_CLASSES = 100_000
 # (float32 weight, momentum, best snapshots, teacher) of one run, for the memory check.
 BYTES_PER_CLASS_PAIR = 48
 BYTES_PER_WEIGHT = 32
-
-
-def is_plain_name(name) -> bool:
-    """True for a name that is safe as one path component (see NAME_PATTERN)."""
-    return isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and bool(NAME_PATTERN.fullmatch(name))
-
-
-def safe_name(text, default: str = "custom") -> str:
-    """`text` as one safe path component: every character other than letters, digits, '_', '-',
-    '.', '+' becomes '_', leading dots are dropped, at most MAX_NAME_LENGTH characters (`default`
-    if nothing is left). Plain names come back unchanged: 'ViT-B/16' -> 'ViT-B_16',
-    '../../evil' -> '_.._evil'."""
-    name = _NAME_BAD_CHAR.sub("_", str(text)).lstrip(".")[:MAX_NAME_LENGTH]
-    return name or default
-
-
-def check_plain_name(name: str, what: str) -> str:
-    """`name` if it is a plain name, else a one-line UserError naming `what` (e.g. '-d')."""
-    if not is_plain_name(name):
-        suggestion = safe_name(name, "")
-        hint = f" (e.g. {suggestion!r})" if suggestion else ""
-        raise UserError(f"{what} {name!r} is not a plain name: it names files under the checkpoint, results "
-                        f"and cache directories, so use only {NAME_CHARS}, not starting with '.', at most "
-                        f"{MAX_NAME_LENGTH} characters{hint}")
-    return name
 
 
 @dataclass
@@ -183,8 +151,9 @@ def validate_feature_arrays(arrays: dict, source: str, name: str, backbone: str)
     if missing:
         has = sorted(map(str, arrays))
         shown = ", ".join(has[:20]) + (f", ... ({len(has) - 20} more)" if len(has) > 20 else "")
-        raise UserError(f"features file {source} lacks {missing}; it must hold {list(REQUIRED_KEYS)} "
-                        f"(optional: num_classes, name, backbone) but has [{shown}] "
+        lacks = "" if len(missing) == len(REQUIRED_KEYS) else f", without {', '.join(missing)}"
+        raise UserError(f"features file {source} must hold {', '.join(REQUIRED_KEYS)} (optional: "
+                        f"num_classes, name, backbone, class_names) but has [{shown}]{lacks} "
                         "(see README, 'Features-file format')")
     tx, ty, vx, vy = (_numeric_tensor(arrays[k], k, source) for k in REQUIRED_KEYS)
     if tx.ndim != 2 or vx.ndim != 2:
@@ -240,7 +209,8 @@ def _class_names(value, k: int, source: str) -> list:
 
 def load_features_file(path, name=None) -> FeatureSet:
     path = Path(path)
-    fix = "Point --features at a .pt/.npz file in the format of README 'Features-file format'."
+    fix = ("Point --features at a .pt/.npz file in the format of README 'Features-file format' (in a "
+           "recipe: its features: key).")
     if path.suffix == ".npz":
         if not path.is_file():
             raise UserError(f"features file not found: {path}. {fix}")
@@ -274,9 +244,6 @@ def load_cached_features(path, dataset: str, backbone: str) -> FeatureSet:
 
 def save_features(path, features: FeatureSet) -> None:
     atomic_torch_save(path, features.to_file_dict())
-
-
-FEATURE_NORMS = ("none", "l2", "standardize")
 
 
 def normalize_features(features: FeatureSet, mode: str) -> FeatureSet:

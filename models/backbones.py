@@ -1,30 +1,13 @@
 """Frozen feature extractors by name: constructor, ImageNet weights, feature dimension, transform."""
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from models.timm_backbones import (build_timm_backbone, is_timm_arch, timm_model_name, timm_preprocessing,
-                                   timm_tag)
+from models.timm_backbones import build_timm_backbone, timm_preprocessing, timm_tag
+from utils.names import BACKBONES, is_timm_arch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_BACKBONE_SEED = 0   # initialisation of `--pretrained False` backbones
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    builder: str        # torchvision.models function name
-    weights_enum: str   # torchvision.models weights class name
-    feature_dim: int
-
-
-BACKBONES = {
-    "resnet18": BackboneSpec("resnet18", "ResNet18_Weights", 512),
-    "resnet34": BackboneSpec("resnet34", "ResNet34_Weights", 512),
-    "resnet50": BackboneSpec("resnet50", "ResNet50_Weights", 2048),
-    "vit_b_16": BackboneSpec("vit_b_16", "ViT_B_16_Weights", 768),
-}
 
 
 def backbone_tag(arch: str, pretrained: bool) -> str:
@@ -32,19 +15,6 @@ def backbone_tag(arch: str, pretrained: bool) -> str:
     if is_timm_arch(arch):
         return timm_tag(arch, pretrained)
     return arch if pretrained else f"{arch}-random"
-
-
-def check_arch(arch: str) -> str:
-    """`arch` if it names a backbone (torchvision's, or any timm model as 'timm:<name>'), else a
-    one-line error."""
-    from utils.cli import UserError
-
-    if is_timm_arch(arch):
-        timm_model_name(arch)
-    elif arch not in BACKBONES:
-        raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(BACKBONES)}, or timm:<model name> "
-                        "for any timm model (e.g. timm:vit_base_patch14_dinov2.lvd142m)")
-    return arch
 
 
 def backbone_preprocessing(arch: str):

@@ -9,10 +9,11 @@ import torch
 from tqdm import tqdm
 
 from data.datasets import class_names_of, digits_features, image_splits
-from data.features import FeatureSet, cache_path, load_cached_features, safe_name, save_features
+from data.features import FeatureSet, cache_path, load_cached_features, save_features
 from models.backbones import backbone_preprocessing, backbone_tag, load_backbone, weights_file
 from utils.cli import UserError
 from utils.io import remove_stale_temporaries
+from utils.names import safe_name
 from utils.threads import available_cores
 
 

@@ -9,28 +9,12 @@ import socket
 import torch
 from torch import nn
 
-from data.features import safe_name
 from utils.cli import UserError
+from utils.names import TIMM_PREFIX, safe_name, timm_model_name
 
-TIMM_PREFIX = "timm:"
 HUB_HOST = "huggingface.co"  # where timm's pretrained weights come from
 WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
                 "open_clip_pytorch_model.bin")
-
-
-def is_timm_arch(arch: str) -> bool:
-    return str(arch).startswith(TIMM_PREFIX)
-
-
-def timm_model_name(arch: str) -> str:
-    """'timm:vit_small_patch14_dinov2.lvd142m' -> the timm name, checked against timm's registry."""
-    import timm
-
-    name = arch[len(TIMM_PREFIX):]
-    if not name or not timm.is_model(name):
-        raise UserError(f"--arch {arch}: timm has no model {name!r}; list candidates with "
-                        f"python -c \"import timm; print(timm.list_models('*dinov2*', pretrained=True))\"")
-    return name
 
 
 def timm_tag(arch: str, pretrained: bool) -> str:

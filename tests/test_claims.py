@@ -145,6 +145,24 @@ def test_claim_files_or_one_line_without_enough_seeds(tmp_path, capsys):
     assert not (tmp_path / "claims.md").exists()  # a stale report would contradict the new tables
 
 
+def test_the_forest_plot_subtitle_is_one_line_and_its_legend_explains_the_marks(tmp_path, monkeypatch):
+    import utils.claims_report
+    seen = {}
+    real = utils.claims_report.save_figure
+
+    def keep(plt, fig, stem):
+        seen.update(title=fig.get_suptitle(),
+                    legend=[text.get_text() for legend in fig.legends for text in legend.get_texts()])
+        return real(plt, fig, stem)
+    monkeypatch.setattr(utils.claims_report, "save_figure", keep)
+    members = chain(0.5, {"0": 0.0, "1": 4.0, "p": 4.0}, last_offsets={"0": 0.0, "1": -4.0, "p": 4.0})
+    write_claims(members, tmp_path, "Synthetic", 1.0)
+    assert seen["title"] == ("A, resnet34, cc, lr 0.05, wd 0.0005: paired differences over seeds, mean and "
+                             "95% t interval")
+    assert seen["legend"] == ["best-by-test epoch (the paper's)", "last epoch", "C2's margin",
+                              "(!) a verdict differs between rules"]
+
+
 RECIPE = """\
 name: tiny3
 title: "Tiny digits grid, 3 seeds"

@@ -153,7 +153,7 @@ BAD_FEATURES = {
                           ["is empty", "at least one row"]),
     "zero-width features": (with_(train_features=np.zeros((150, 0), np.float32),
                                   test_features=np.zeros((60, 0), np.float32)), ["is empty"]),
-    "missing key": (with_(test_labels=None), ["lacks ['test_labels']", "Features-file format"]),
+    "missing key": (with_(test_labels=None), ["without test_labels", "Features-file format"]),
     # class counts no run could use: refused before anything of size K is allocated
     "huge label": (with_(train_labels=np.where(np.arange(150) == 7, 2**40, np.arange(150) % 3)),
                    ["labels go up to 1099511627776", "1,099,511,627,777 classes", "at most 100,000 classes"]),
@@ -190,10 +190,20 @@ def test_features_file_with_wrong_keys_lists_required_and_present_keys(cli, caps
                "X_test": arrays["test_features"], "y_test": arrays["test_labels"]}
     path = tmp_path / f"feats{suffix}"
     (save_npz if suffix == ".npz" else save_pt)(path, renamed)
-    one_error(capsys, cli("--features", path, "--epochs", 1), f"features file {path}",
-              "lacks ['train_features', 'train_labels', 'test_features', 'test_labels']",
-              "it must hold ['train_features', 'train_labels', 'test_features', 'test_labels']",
-              "but has [X_test, X_train, y_test, y_train]", alone=False)
+    line = one_error(capsys, cli("--features", path, "--epochs", 1), alone=False)
+    assert line == (f"error: features file {path} must hold train_features, train_labels, test_features, "
+                    "test_labels (optional: num_classes, name, backbone, class_names) but has "
+                    "[X_test, X_train, y_test, y_train] (see README, 'Features-file format')")
+
+
+def test_features_file_missing_one_key_names_it_after_the_required_ones(cli, capsys, tmp_path, no_training):
+    arrays = blob_features()
+    del arrays["test_labels"]
+    path = save_npz(tmp_path / "feats.npz", arrays)
+    line = one_error(capsys, cli("--features", path, "--epochs", 1), alone=False)
+    assert line.endswith("but has [test_features, train_features, train_labels], without test_labels "
+                         "(see README, 'Features-file format')")
+    assert line.count("train_features") == 2 and line.count("test_labels") == 2  # required; present or absent
 
 
 def test_class_count_beyond_memory_is_refused_before_allocating(cli, capsys, tmp_path,
@@ -367,7 +377,7 @@ def test_partial_false_trains_the_teacher_and_partial_true_the_pll_student(cli, 
     assert [r["step"] for r in cli.records()] == ["0"]
     capsys.readouterr()
     # PLL student (needs the teacher): in another store, so its missing teacher shows which step it is
-    one_error(capsys, cli(*DIGITS, "--epochs", 1, "--partial", "True", where="b"), "the teacher (round 0)",
+    one_error(capsys, cli(*DIGITS, "--epochs", 1, "--partial", "True", where="b"), "step 1 (Teacher)",
               "--dist 0", alone=False)
     assert cli(*DIGITS, "--epochs", 1, "--partial", where="a") == 0
     assert sorted(r["step"] for r in cli.records()) == ["0", "p"]
@@ -475,7 +485,7 @@ def test_odd_file_stem_is_mapped_to_a_plain_dataset_name(cli, tmp_path):
 
 
 def test_safe_name_keeps_plain_names_and_maps_the_rest():
-    from data.features import check_plain_name, is_plain_name, safe_name
+    from utils.names import check_plain_name, is_plain_name, safe_name
     for plain in ("digits", "cifar100", "resnet18-random", "clip_vit.b+16", "imagefolder-pets-0a1b2c3d"):
         assert is_plain_name(plain) and safe_name(plain) == plain and check_plain_name(plain, "-d") == plain
     for text, mapped in (("a/b", "a_b"), ("../x", "_x"), ("...", "custom"), ("/abs", "_abs"), ("a\\b", "a_b"),
@@ -548,3 +558,56 @@ def test_readme_option_tables_list_the_parser_options_and_defaults():
     assert set(rows) == set(actions), (set(rows) ^ set(actions))
     for names, default in rows.items():
         assert same_default(default, actions[names]), (names, default, shown_default(actions[names]))
+
+
+# ---- fast answers: the command line is checked before torch is imported -----------------------------
+# Importing train_linear and answering --help or a bad value took 3-8 s (torch alone: 2-4 s here);
+# without torch it takes about 0.1 s. The bound is generous for a busy shared machine; the check that
+# torch was never imported is the one that cannot be noisy.
+ANSWER_SECONDS = 1.5
+ANSWER = """
+import sys, time
+start = time.perf_counter()
+try:
+    import train_linear
+    from utils.cli import run_main
+    code = run_main(train_linear.main, sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print("ANSWER", code, "torch" in sys.modules, time.perf_counter() - start)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["-d", "digits", "--corruption", "50"], 2),
+                                        (["--corruptoin", "0.3"], 2), (["-d", "nosuch"], 2),
+                                        (["-d", "digits", "--rounds", "2", "--lr", "0"], 2),
+                                        (["--config", "recipes/nosuch.yaml"], 2)],
+                         ids=["help", "bad value", "mistyped flag", "unknown dataset", "bad lr", "no recipe"])
+def test_help_and_argument_errors_answer_without_importing_torch(argv, code):
+    proc = subprocess.run([sys.executable, "-c", ANSWER, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    _, got, torch_imported, seconds = proc.stdout.splitlines()[-1].split()
+    assert (int(got), torch_imported) == (code, "False"), proc.stdout + proc.stderr
+    assert float(seconds) < ANSWER_SECONDS
+    if code == 2:
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("typed, meant", [("--corruptoin", "--corruption"), ("--wdd", "--wd"),
+                                          ("--manualseed", "--manualSeed"), ("-rounds", "--rounds")])
+def test_a_mistyped_flag_suggests_the_closest_one(cli, capsys, typed, meant):
+    one_error(capsys, cli("-d", "digits", typed, "3"),
+              f"unrecognized arguments: {typed} 3; did you mean {meant}? (see --help)")
+
+
+def test_an_unknown_flag_far_from_every_option_gets_no_suggestion(cli, capsys):
+    line = one_error(capsys, cli("-d", "digits", "--zzzzzz"))
+    assert line == "error: train_linear.py: unrecognized arguments: --zzzzzz (see --help)"
+
+
+def test_a_missing_recipe_names_the_installations_recipes_folder(cli, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the installation's folder: recipes/ is not here
+    line = one_error(capsys, cli("--config", "recipes/digit.yaml"))
+    recipes = ROOT / "recipes"
+    assert line == (f"error: recipe file not found: recipes/digit.yaml (read from {tmp_path}); the recipes "
+                    f"of this installation are in {recipes}/; did you mean {recipes / 'digits.yaml'}?")

@@ -354,7 +354,7 @@ def test_a_student_waits_for_a_teacher_that_another_live_process_trains(cli, mon
     assert cli(*DIGITS, "--epochs", 2, "--dist", 1) == 0
     assert len(polls) == 1
     out = capsys.readouterr().out
-    assert "step 1: waiting for 1 run(s) that other processes are training (other-node:1)" in out
+    assert "step 2: waiting for 1 run that other processes are training (other-node:1)" in out
     assert len(cli.records()) == 2
 
 

@@ -457,7 +457,8 @@ def test_unreadable_image_names_the_file(cli, capsys, tmp_path):
 # ---- cache names stay plain file names inside --cache-dir --------------------------------------------
 @pytest.mark.parametrize("folder", ["pets", "we ird+näme", "...", ".hidden", "a" * 80, "x;rm -rf"])
 def test_image_folder_cache_name_is_a_plain_name_inside_the_cache(tmp_path, folder):
-    from data.features import cache_path, is_plain_name
+    from data.features import cache_path
+    from utils.names import is_plain_name
     root = tmp_path / folder
     root.mkdir()
     name = models.extract.cache_name("imagefolder", root)

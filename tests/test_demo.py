@@ -20,3 +20,18 @@ def test_demo_reproduces_the_readme_table(cli):
         assert got == pytest.approx(expected, abs=1.0), (step, got, expected)
     assert records["0"]["realised_corruption"] == pytest.approx(50.12, abs=0.01)  # labels: numpy, exact
     assert records["p"]["teacher_top2_coverage"] == pytest.approx(96.8, abs=0.5)
+
+
+def test_the_readme_demo_header_is_what_the_demo_command_prints():
+    """The demo block's header line (checked without training: its settings part comes from the
+    command line alone) lists the settings off their defaults, here --val-split."""
+    import re
+    from conftest import ROOT
+    import train_linear
+    from utils.settings import config_from_args, settings_text
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"&& python train_linear.py (.*)\n", readme).group(1).split()
+    cfg = config_from_args(train_linear.build_parser().parse_args(command))
+    header = next(line for line in readme.splitlines() if line.startswith("digits / pixels: "))
+    assert header == f"digits / pixels: {settings_text(cfg)} on cpu; realised corruption 50.12%"
+    assert settings_text(cfg).endswith(" val_split=0.1")

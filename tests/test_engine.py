@@ -120,7 +120,8 @@ def test_missing_round_names_the_command_that_trains_it(cli, capsys):
     capsys.readouterr()
     assert cli(*DIGITS, "--epochs", 2, "--dist", 2) == 2
     err = stderr_error_lines(capsys.readouterr().err)
-    assert len(err) == 1 and "round 1" in err[0] and "python train_linear.py" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: step 2 of this configuration and seed has no result")
+    assert "python train_linear.py" in err[0]
     command = err[0].split("python train_linear.py", 1)[1].split()
     args = train_linear.build_parser().parse_args(command)
     assert [str(s) for s in train_linear.steps_from_args(args)] == ["1"]
@@ -288,7 +289,9 @@ def test_run_keys_follow_what_changes_each_step():
 
 
 # ---- what a command prints: progress off a terminal, --quiet, finished runs, superclasses -------------
-STEP_LINE = r"^step (0|1|p): 1 run of digits trained in \d+\.\d s \(epoch 3/3\)$"
+# each line: the step (the tables' names), the time since the command started and what is left of it
+STEP_LINE = (r"^step (1 \(Teacher\)|2|PLL): 1 run of digits trained in \d+\.\d s \(epoch 3/3\); "
+             r"\d+ s elapsed, (about \d+ s left \((2 of 3|1 of 3) runs\)|none left)$")
 
 
 def test_off_a_terminal_one_line_per_step_and_no_bars(cli, capsys):
@@ -299,7 +302,9 @@ def test_off_a_terminal_one_line_per_step_and_no_bars(cli, capsys):
     out, err = capsys.readouterr()
     assert "\r" not in out + err and "█" not in out + err and "|" not in out + err
     steps = [line for line in out.splitlines() if re.match(STEP_LINE, line)]
-    assert [line.split(":")[0] for line in steps] == ["step 0", "step 1", "step p"]
+    assert [line.split(":")[0] for line in steps] == ["step 1 (Teacher)", "step 2", "step PLL"]
+    assert [line.split("elapsed, ")[1].split(" (")[-1] for line in steps] == ["2 of 3 runs)", "1 of 3 runs)",
+                                                                              "none left"]
     assert err == ""
 
 
@@ -365,3 +370,116 @@ def test_superclasses_are_printed_once_and_recorded_for_cc_only(cli, capsys):
     assert cli(*DIGITS, "--epochs", 2, "--ctype", "sym", where="sym") == 0
     assert "superclasses of" not in capsys.readouterr().out
     assert "superclasses" not in cli.records("sym")[0]
+
+
+# ---- the header says every setting that is not at its default -------------------------------------
+def test_the_header_lists_every_setting_that_differs_from_its_default(cli, capsys):
+    assert cli(*DIGITS, "--dist", 0, "--epochs", 3, "--feature-norm", "l2", "--label-smoothing", 0.1) == 0
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("digits / pixels")]
+    assert header == ["digits / pixels: ctype=cc eta=0.5 seed=0 lr=0.05 wd=0.005 epochs=3 "
+                      "label_smoothing=0.1 feature_norm=l2 on cpu; realised corruption 49.97%"]
+
+
+def test_every_setting_off_its_default_enters_the_header():
+    """Each setting (a new one too) appears in the header exactly when it is off its default."""
+    from dataclasses import replace
+    from utils.runs import SETTINGS
+    from utils.settings import HEADER_SETTINGS, settings_text
+    base = RunConfig("digits", "pixels")
+    defaults = "ctype=cc eta=0.5 seed=0 lr=0.0005 wd=0.0001"
+    assert settings_text(base) == defaults  # at the defaults: the chain's identity and lr, wd only
+    other = {"selection": "last", "feature_norm": "standardize", "val_clean": True}
+    for name, opt in SETTINGS.items():
+        if name in ("dataset", "backbone") + HEADER_SETTINGS:
+            continue
+        if name in other:
+            value = other[name]
+        else:
+            value = opt.default * 2 + 1 if opt.type is int else (opt.default or 0.1) / 2
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        assert settings_text(replace(base, **{name: value})) == f"{defaults} {name}={text}", name
+
+
+# ---- runs that did not train say so -----------------------------------------------------------------
+UNTRAINED = (r"^warning: step 2 of digits looks untrained: its test accuracy \d+\.\d\d% is below chance "
+             r"\(10\.0%\) while its teacher reached \d+\.\d\d%; likely cause: too small a learning rate or "
+             r"too few epochs for these features \(--lr 0\.0005, --epochs 200\); the demo trains the digits "
+             r"with --lr 0\.05 --wd 5e-3$")
+
+
+def test_the_original_defaults_on_digits_warn_that_the_student_did_not_train(cli, capsys):
+    """The faithful defaults (lr 5e-4, wd 1e-4) leave the digits' first student below chance (6.1%,
+    with a 52.8% teacher): one warning line, and the record says why."""
+    import re
+    assert cli("-d", "digits", "--rounds", 1) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and re.match(UNTRAINED, warnings[0]), warnings
+    recs = cli.by_step()
+    assert recs["1"]["not_trained"] == warnings[0].split("untrained: ")[1].split("; likely")[0]
+    assert "not_trained" not in recs["0"] and "not_trained" not in recs["p"]
+    assert recs["1"]["test_acc_bytest"] < 10.0 < recs["0"]["test_acc_bytest"] - 0.25 * 90
+
+
+def test_a_teacher_near_chance_on_its_own_labels_warns(cli, capsys):
+    assert cli("-d", "digits", "--dist", 0, "--epochs", 2) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: step 1 (Teacher) of digits looks untrained: its training accuracy on its own (noisy) "
+        "labels never exceeded ")
+    assert "near chance (10.0%; a model of the true classes gets about 50% on these labels)" in warnings[0]
+    assert "(--lr 0.0005, --epochs 2)" in warnings[0]
+    assert cli.by_step()["0"]["not_trained"].startswith("its training accuracy on its own (noisy) labels")
+
+
+def test_the_demo_settings_warn_of_nothing(cli, capsys):
+    assert cli(*DIGITS, "--rounds", 1, "--epochs", 20, "--corruption", 0.9) == 0
+    assert "warning:" not in capsys.readouterr().out
+    assert not any("not_trained" in r for r in cli.records())
+
+
+# ---- labels that are probably wrong -------------------------------------------------------------------
+def test_one_based_labels_a_missing_test_class_and_a_small_test_split_warn(cli, capsys, tmp_path):
+    import numpy as np
+    from conftest import blob_features
+    arrays = blob_features(num_train=150, num_test=30, num_classes=3)
+    arrays["train_labels"] = arrays["train_labels"] + 1     # 1..3: class 0 empty, K = 4
+    arrays["test_labels"] = np.where(arrays["test_labels"] == 2, 1, arrays["test_labels"]) + 1  # no class 3
+    np.savez(tmp_path / "feats.npz", **arrays)
+    assert cli("--features", tmp_path / "feats.npz", "--dist", 0, "--epochs", 3, "--lr", 0.05) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: feats:")]
+    assert warnings == [
+        "warning: feats: class 0 of 4 has no training sample; the labels run from 1 to 3: if they count "
+        "from 1, store labels - 1",
+        "warning: feats: class 3 has training samples but no test sample: test accuracy says nothing "
+        "about it",
+        "warning: feats: the test split has 30 samples, so one sample moves test accuracy by 3.3 points: "
+        "differences between steps of that size are noise"]
+
+
+def test_label_warnings_name_the_classes():
+    from utils.sanity import label_warnings
+    assert label_warnings([0, 1, 2, 2], [0, 1, 2] * 20, 3, "x") == []
+    lines = label_warnings(list(range(12)) * 5, list(range(20)) * 5, 20, "x")
+    assert lines == ["warning: x: classes 12, 13, 14, 15, 16, 17, 18, 19 of 20 have no training sample: "
+                     "nothing teaches a probe such a class; check the labels and num_classes"]
+    lines = label_warnings(list(range(25)) * 2, [0] * 60, 25, "x")
+    assert lines == ["warning: x: classes 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 14 more have training samples "
+                     "but no test sample: test accuracy says nothing about them"]
+
+
+# ---- off a terminal: elapsed time and an estimate of what is left -------------------------------------
+def test_the_estimate_of_what_is_left_is_the_time_per_trained_run_epoch_times_the_epochs_left(monkeypatch):
+    import utils.progress
+    from utils.progress import Progress, duration
+    now = [1000.0]
+    monkeypatch.setattr(utils.progress.time, "time", lambda: now[0])
+    progress = Progress("lines", log=lambda line: None)
+    count = progress.runs(total=5, epochs=100)
+    assert count.estimate() == "0 s elapsed"
+    now[0] += 10.0
+    count.update(2)
+    count.trained(2, 100)   # 200 run-epochs in 10 s: 0.05 s each; 3 runs of 100 epochs left: 15 s
+    assert count.estimate() == "10 s elapsed, about 15 s left (3 of 5 runs)"
+    count.update(3)
+    assert count.estimate() == "10 s elapsed, none left"
+    assert [duration(s) for s in (4.4, 65, 3600 * 2 + 7 * 60 + 20)] == ["4 s", "1 min 05 s", "2 h 07 min"]

@@ -437,7 +437,9 @@ def test_grid_summaries_count_distinct_runs_and_finished_ones(cli, tmp_path, cap
     recipe = write_recipe(tmp_path)
     assert cli("--config", recipe, "--shard", "0/2") == 0
     out = capsys.readouterr().out
-    assert "recipe tiny: shard 0/2: 2 of 4 configurations x 3 steps: 6 runs on cpu\n" in out
+    # the plan first: runs per step and epochs (the recipe: 3 epochs)
+    assert ("recipe tiny: shard 0/2: 2 of 4 configurations x 3 steps: 6 runs on cpu "
+            "(2 per step, 3 epochs each)\n") in out
     assert "this process trained 6 runs\n" in out
     assert "12 runs, of which 6 not finished yet -> " in out
     assert out.count("superclasses of digits (cc): {") == 1  # once, for every eta and seed of the dataset
@@ -455,10 +457,30 @@ def test_grid_summaries_name_teachers_shared_by_several_chains(cli, tmp_path, ca
     recipe = write_recipe(tmp_path, text.replace("partial: true", "partial: false"), name="temps.yaml")
     assert cli("--config", recipe) == 0
     out = capsys.readouterr().out
-    assert "2 configurations x 2 steps: 3 runs (1 teacher shared by several chains) on cpu\n" in out
+    assert ("2 configurations x 2 steps: 3 runs (1 teacher shared by several chains) on cpu "
+            "(per step: 1 (Teacher) 1, 2 2; 3 epochs each)\n") in out
     assert "3 runs (1 teacher shared by several chains), all finished -> " in out
     recipe = write_recipe(tmp_path, text, name="temps_pll.yaml")
     assert cli("--config", recipe) == 0
     out = capsys.readouterr().out
     assert "4 runs (1 teacher and 1 PLL student shared by several chains), all finished -> " in out
     assert "this process trained 1 run; 3 runs already finished" in out  # the PLL student is new
+
+
+def test_one_configuration_is_one_configuration(cli, tmp_path, capsys):
+    text = RECIPE.replace("corruption: [0, 0.5]", "corruption: 0.5")
+    assert cli("--config", write_recipe(tmp_path, text.replace("manualSeed: [0, 1]", "manualSeed: 0"))) == 0
+    out = capsys.readouterr().out
+    assert "recipe tiny: 1 configuration x 3 steps: 3 runs on cpu (1 per step, 3 epochs each)\n" in out
+    assert "this process trained 3 runs\n" in out
+
+
+def test_a_features_key_naming_no_file_is_reported_as_the_recipe_names_it(cli, tmp_path, capsys, no_training,
+                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = RECIPE.replace("  dataset: digits\n", "  features: nosuch.npz\n")
+    assert cli("--config", write_recipe(tmp_path, text)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: recipe {tmp_path / 'tiny.yaml'}: features: nosuch.npz is not a file (a relative "
+                   f"path is read from {tmp_path}); point the recipe's features: key at a .pt/.npz features "
+                   "file (README, 'Features-file format')\n")

@@ -52,7 +52,8 @@ def stopped_before_work(monkeypatch):
 
         def run(self, jobs, steps):
             raise Accepted
-    monkeypatch.setattr(train_linear, "ChainRunner", Runner)
+    import utils.engine  # train_linear.py imports it once the command line is checked
+    monkeypatch.setattr(utils.engine, "ChainRunner", Runner)
 
 
 @pytest.mark.parametrize("opt", numeric(OPTIONS), ids=lambda o: o.flag)

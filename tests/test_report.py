@@ -74,7 +74,8 @@ def test_groups_split_on_every_varying_setting_but_seed_and_eta():
 
 def test_markdown_and_latex_tables(tmp_path):
     written = write_reports(synthetic(), tmp_path, GRID)
-    assert {p.name for p in written} == {"tables.md", "tables.tex", "records.csv", "gain.png", "gain.pdf"}
+    assert {p.name for p in written} == {"tables.md", "tables.tex", "records.csv", "gain.png", "gain.pdf",
+                                         "captions.md"}
     md = (tmp_path / "tables.md").read_text()
     a_md = md.split("## B")[0]
     a_rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
@@ -97,6 +98,10 @@ def test_markdown_and_latex_tables(tmp_path):
     with open(tmp_path / "records.csv") as f:
         rows_csv = list(csv.DictReader(f))
     assert len(rows_csv) == len(synthetic()) and rows_csv[0]["test_acc_byval"] == ""
+    header = list(rows_csv[0])
+    assert header[header.index("step") + 1] == "step_label"  # the tables' name beside the stored code
+    assert [(r["step"], r["step_label"]) for r in rows_csv[:4]] == [("0", "1 (Teacher)"), ("1", "2"),
+                                                                    ("2", "3"), ("p", "PLL")]
 
 
 def test_missing_seed_is_marked_and_ties_are_all_bold(tmp_path):
@@ -183,7 +188,8 @@ def _capture_figures(monkeypatch):
 
     def spy(fig, stem, **kwargs):
         saved[Path(stem).name] = {"axes": list(fig.axes), "legends": [t.get_text() for lg in fig.legends
-                                                                      for t in lg.get_texts()]}
+                                                                      for t in lg.get_texts()],
+                                  "title": fig.get_suptitle()}
         return real(fig, stem, **kwargs)
     monkeypatch.setattr(utils.report, "atomic_save_figure", spy)
     return saved
@@ -200,6 +206,31 @@ def test_gain_figure_shares_its_y_axis_and_names_steps_as_the_tables(tmp_path, m
     assert all(ax.get_ylim() == panels[0].get_ylim() for ax in panels)
     assert all(panels[0].get_shared_y_axes().joined(panels[0], ax) for ax in panels)
     assert saved["gain"]["legends"] == ["2", "3", "PLL"]  # the tables' row names, not 't = 1'
+
+
+def test_figures_have_one_line_subtitles_and_captions_md_the_rest(tmp_path, monkeypatch):
+    """Under the recipe's title, one short line; the full captions go to captions.md. The gain
+    figure shows each panel's teacher accuracy (mean over seeds) under its corruption rate."""
+    saved = _capture_figures(monkeypatch)
+    recs = [r for r in synthetic() if r["dataset"] == "A"]
+    write_logs(recs, tmp_path / "ckpt", lambda r: [50.0, 60.0])
+    write_reports(recs, tmp_path / "out", GRID, checkpoint_root=tmp_path / "ckpt")
+    assert saved["gain"]["title"] == ("Synthetic\nGain over the same seed's teacher (step 1): mean ± std "
+                                      "over 3 seeds, best-by-test accuracy")
+    assert saved["curves"]["title"] == ("Synthetic\nTest accuracy per epoch, mean over 3 seeds; dashed: the "
+                                        "steps' mean best-by-test accuracy")
+    ticks = [t.get_text() for t in saved["gain"]["axes"][0].get_xticklabels()]
+    assert ticks == ["0.5\nteacher 82.0%", "0.9\nteacher 42.0%"]  # mean of 80, 82, 84 and of 40, 41, 45
+    assert (tmp_path / "out" / "captions.md").read_text() == (
+        "# Synthetic: figure captions\n\n"
+        "`gain.png`, `gain.pdf`: Distillation gain (points) = a student step's test accuracy minus the "
+        "same seed's teacher's (step 1); mean and std (sample std, ddof=1) over 3 seeds. Below each "
+        "corruption rate: the teacher's own accuracy (mean over seeds). Number: "
+        f"{METRIC_DESCRIPTION['test']}.\n\n"
+        "`curves.png`, `curves.pdf`: Test accuracy per epoch, mean over 3 seeds. Solid: the curve, whose end "
+        "is the last-epoch number; dashed: the mean of each run's best-by-test accuracy (the paper's "
+        "number). Their distance is what choosing the epoch on the test set adds. The y-range leaves out "
+        "the first 5% of epochs.\n")
 
 
 # ---- the training-curve figure -------------------------------------------------------------
@@ -253,7 +284,8 @@ def test_missing_logs_skip_the_curves_with_one_line(tmp_path, capsys):
     capsys.readouterr()
     # the store copied without its checkpoints: tables and gain figure as usual, no curves, one line
     written = write_reports(recs, out, GRID, checkpoint_root=tmp_path / "elsewhere")
-    assert {p.name for p in written} == {"tables.md", "tables.tex", "records.csv", "gain.png", "gain.pdf"}
+    assert {p.name for p in written} == {"tables.md", "tables.tex", "records.csv", "gain.png", "gain.pdf",
+                                         "captions.md"}
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and "training curves skipped" in lines[0] and "log.jsonl" in lines[0]
     assert "removed the stale curves.png, curves.pdf" in lines[0]

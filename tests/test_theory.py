@@ -453,7 +453,8 @@ def test_yaml_config_sets_options_and_sweep_and_flags_win(tmp_path):
 def test_printout_shows_theory_and_closed_form_beside_the_solution(tmp_path, capsys):
     assert cli(tmp_path, "--k", 3, "--n", 10, "--max_dist", 2, "--epsilon", 0.05, "--lbd", "1e-3") == 0
     out = capsys.readouterr().out
-    assert "NOT a Gram matrix" in out and "t* =" in out and "closed form" in out
+    assert "NOT a Gram matrix" in out and "t* =" in out
+    assert "| noise-free formula   clean   noisy overall |" in out
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and "|" in line]
     assert [int(r.split("|")[0]) for r in rows] == [0, 1, 2]
     assert all(not math.isnan(float(r.split("|")[4])) for r in rows)
@@ -671,7 +672,7 @@ def test_a_rerun_into_an_existing_folder_is_refused_and_overwrite_replaces_it(tm
     line = one_error_line(capsys)
     assert (f"{folder} already holds an earlier run's records.csv, records.jsonl, figure.png, "
             "figure.pdf") in line
-    assert f"4 array(s) of the same setting(s) already exist in {out / 'linear'}" in line
+    assert f"4 arrays of the same settings already exist in {out / 'linear'}" in line
     assert ("pass --overwrite to replace them, or --name NAME --save False to write the new run "
             "elsewhere") in line
     assert cli(tmp_path, *argv, "--name", "mine") == 2                 # the arrays would still collide
@@ -711,7 +712,7 @@ def test_approx_on_the_original_matrix_headlines_the_divergence(tmp_path, capsys
     assert "every round reached its tolerance" not in out
     assert "DIVERGED: the rounds' outputs grow without bound" in out and "x9.2 a round" in out
     assert "relative to the largest output" in out and "but the rounds DIVERGE" in out
-    assert "1 setting(s) in" in out and "1 of them DIVERGED" in out
+    assert "\n1 setting in " in out and "1 of them DIVERGED" in out
     lines = out.splitlines()
     headline = lines.index(next(x for x in lines if x.startswith("DIVERGED")))
     assert headline < lines.index(next(x for x in lines if x.startswith("solved 3 rounds")))   # comes first
@@ -747,7 +748,7 @@ def test_cpu_solve_uses_one_thread_unless_told_and_restores_the_count(tmp_path, 
     before = (torch.get_num_threads(), blas_threads())
     assert cli(tmp_path, *SMALL, "--approx", "--device", "cpu", "--save", "False", *flag) == 0
     expected = (threads, {threads}) if threads else before   # torch and scipy's BLAS (G's diagnostics) alike
-    assert f" on cpu, {expected[0]} thread(s)" in capsys.readouterr().out
+    assert f" on cpu, {expected[0]} thread{'s' if expected[0] > 1 else ''}\n" in capsys.readouterr().out
     assert seen == [expected]
     assert (torch.get_num_threads(), blas_threads()) == before
 
@@ -766,3 +767,59 @@ def test_theory_figure_draws_the_closed_form_as_points_and_keeps_the_legend_off_
     fig.canvas.draw()
     box = legend.get_window_extent().transformed(fig.axes[1].transAxes.inverted())
     assert box.x0 >= 1.0  # to the right of the axes: on no data
+
+
+# ----------------------------------------------------------------------------------------------
+# What a first run says before its numbers, and what its figure says
+# ----------------------------------------------------------------------------------------------
+
+def test_the_first_lines_say_what_to_expect_and_where_the_effect_shows(tmp_path, capsys):
+    """Here (as at the option table's defaults) the formula corrects the noisy samples only beyond
+    --max_dist and G is no Gram matrix: the lines after the setting say both, and name --gram features."""
+    assert cli(tmp_path, "--k", 3, "--n", 10, "--max_dist", 2, "--epsilon", 0.05, "--lbd", "1e-3") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("setting: K=3 n=10 ")
+    assert lines[2:4] == [
+        "expect: noise-free formula columns (the paper's closed form: the block matrix without noise, linear "
+        "approximation): the noisy samples are corrected only from step t* = 14, beyond --max_dist 2: until "
+        "then its columns stay near the given labels' clean 100%, noisy 0%",
+        "expect: this G is not a Gram matrix (no features have it), so the solved steps need not average the "
+        "labels as the paper describes; --gram features (a Gram matrix of features with the same block "
+        "means) shows the paper's effect: noisy samples corrected step by step"]
+    assert cli(tmp_path, "--k", 3, "--n", 10, "--max_dist", 20, "--lbd", "1e-3", "--gram", "features",
+               "--approx", "--save", "False") == 0
+    expect = [line for line in capsys.readouterr().out.splitlines() if line.startswith("expect:")]
+    assert expect == ["expect: noise-free formula columns (the paper's closed form: the block matrix without "
+                      "noise, linear approximation): every noisy sample is corrected from step t* = 14, "
+                      "within these 20 steps"]
+
+
+def test_a_single_setting_figure_names_the_model_settings_in_its_title():
+    import argparse
+    run = numerical_solving.Run(argparse.Namespace(solver="exact"), torch.device("cpu"), torch.float64,
+                                "softmax")
+    s = th.Setting()
+    assert numerical_solving.figure_title(run, [s], [], None) == (
+        "exact solver, softmax mode, gram=original\n"
+        "K=4, n=500, c=0.4, d=0.1, eta=0.5, lambda=1e-05, epsilon=0.05")
+    assert numerical_solving.figure_title(run, [s], ["eta"], None).endswith("lambda=1e-05, epsilon=0.05")
+    assert "eta=" not in numerical_solving.figure_title(run, [s], ["eta"], None)
+    assert numerical_solving.figure_title(run, [s], ["eta"], "Title") == \
+        "Title\n(exact solver, softmax mode, gram=original)"
+
+
+def test_the_formulas_crosses_of_a_sweep_do_not_hide_each_other():
+    """Equal formula values (here every setting's) are drawn side by side, each setting's crosses
+    shifted by its own amount; the solved dots stay on the whole steps; the legend says what each is."""
+    base = {name: 0 for name in tho.RECORD_FIELDS}
+    records = [{**base, "eta": eta, "round": t, "cf_clean": 100.0, "cf_noisy": 0.0}
+               for eta in (0.1, 0.3, 0.5) for t in range(3)]
+    fig = tho.theory_figure(records, ["eta"], "title")
+    crosses = [line for line in fig.axes[1].get_lines() if line.get_marker() == "x"]
+    dots = [line for line in fig.axes[1].get_lines() if line.get_marker() == "o"]
+    shifts = np.asarray([np.asarray(line.get_xdata()) - np.arange(3) for line in crosses])
+    assert tho.CROSS_SHIFT >= 0.1
+    assert shifts == pytest.approx(np.array([[-1.0], [0.0], [1.0]]) * tho.CROSS_SHIFT * np.ones(3))
+    assert all(list(line.get_xdata()) == [0, 1, 2] for line in dots)
+    assert fig.axes[1].get_legend().get_title().get_text() == (
+        "dots: solved fixed point\ncrosses: formula of the\nnoise-free block model")

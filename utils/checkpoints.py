@@ -188,10 +188,6 @@ def record_from_final_checkpoints(folder: Path, key: str) -> Optional[dict]:
 
 # ---- a teacher, through its record ----------------------------------------------------------
 
-def step_name(step: Step) -> str:
-    return "the teacher (round 0)" if step.is_teacher else f"round {step}"
-
-
 class TeacherUnavailable(UserError):
     """A student's teacher cannot be read: not trained yet (`retrain` False) or its files no longer
     match its record (`retrain` True). The message ends with the fix; the command line puts the
@@ -203,7 +199,7 @@ class TeacherUnavailable(UserError):
 
     def with_command(self, command: str) -> str:
         if self.retrain:
-            return f"{self.problem} Retrain {step_name(self.step)}: {command} --overwrite"
+            return f"{self.problem} Retrain {self.step.title}: {command} --overwrite"
         return f"{self.problem} Train it first: {command}"
 
 
@@ -212,7 +208,7 @@ def teacher_weights(store: ResultsStore, teacher: Run, selection: str):
     record and checked against the content hash the record names."""
     rule = RULE[selection]
     kind = rule.checkpoint
-    what = step_name(teacher.step)
+    what = teacher.step.title
     if not store.has(teacher.key):
         raise TeacherUnavailable(f"{what} of this configuration and seed has no result record "
                                  f"({store.path(teacher.key)}).", teacher.step, retrain=False)

@@ -186,11 +186,17 @@ def claims_figure(entries: list, margin: float, stem: Path) -> list:
     axes[0, 0].set_yticks(range(len(rows)), labels, fontsize=7)
     axes[0, 0].set_ylim(len(rows) - 0.5, -0.5)
     handles = [plt.Line2D([], [], color=RULE_COLOURS[r], marker="o", markersize=3.5) for r in rules]
-    fig.legend(handles, [RULE_TEXT[r] for r in rules], loc="outside lower center", ncol=len(rules),
-               frameon=False, fontsize=8)
+    texts = [RULE_TEXT[r] for r in rules]
+    if "C2" in claims:
+        handles.append(plt.Line2D([], [], color="black", linewidth=0.7, linestyle="--"))
+        texts.append("C2's margin")
+    if any(label.startswith("(!)") for label in labels):
+        handles.append(plt.Line2D([], [], linestyle="none"))
+        texts.append("(!) a verdict differs between rules")
+    fig.legend(handles, texts, loc="outside lower center", ncol=len(texts), frameon=False, fontsize=8)
     constant = group_name(shown[0], [k for k in names if k not in varying])
-    fig.suptitle(f"{constant}: paired differences over seeds, mean and {int(CONFIDENCE * 100)}% t interval\n"
-                 "(!) a verdict differs between rules; dashed: C2's margin", fontsize=8)
+    fig.suptitle(f"{constant}: paired differences over seeds, mean and {int(CONFIDENCE * 100)}% t interval",
+                 fontsize=8)
     return save_figure(plt, fig, stem)
 
 

@@ -4,6 +4,7 @@ Errors a user can fix are raised as `UserError` anywhere below the entry script;
 them into one line on stderr and exit code 2, so no deep traceback reaches the user.
 """
 import argparse
+import difflib
 import errno
 import re
 import sys
@@ -23,6 +24,11 @@ def one_line(message, limit=None) -> str:
     if not text and isinstance(message, BaseException):
         text = type(message).__name__
     return text[:limit] if limit else text
+
+
+def plural(count: int, word: str, words: str = None) -> str:
+    """'1 run', '2 runs' ('1 class', '3 classes' with words='classes')."""
+    return f"{count:,} {word if count == 1 else words or word + 's'}"
 
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -75,7 +81,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message):
-        raise UserError(f"{self.prog}: {message} (see --help)")
+        raise UserError(f"{self.prog}: {message}{self._did_you_mean(message)} (see --help)")
+
+    def _did_you_mean(self, message: str) -> str:
+        """'; did you mean --corruption?' for each unrecognized option close to one of ours."""
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return ""
+        flags = {flag.lstrip("-"): flag for flag in self._option_string_actions if flag.startswith("--")}
+        close = []
+        for word in message[len(prefix):].split():
+            name = word.split("=", 1)[0].lstrip("-")
+            if word.startswith("-"):
+                close += [flags[match] for match in difflib.get_close_matches(name, flags, n=1, cutoff=0.7)]
+        return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def resolve_device(spec, flag: str):
@@ -137,11 +156,26 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 _StrictLoader.add_constructor("tag:yaml.org,2002:str", _text)
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"   # the recipes of this installation
+
+
+def check_recipe_file(path, what: str) -> None:
+    """UserError when a recipe (or config) file is not there: it names this installation's recipes
+    folder, since a relative path is read from the current folder, and the closest recipe's path."""
+    path = Path(path)
+    if path.is_file():
+        return
+    known = {recipe.name: recipe for recipe in sorted(RECIPES.rglob("*.yaml"))}
+    close = difflib.get_close_matches(path.name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {known[close[0]]}?" if close else ""
+    raise UserError(f"{what} not found: {path} (read from {Path.cwd()}); the recipes of this installation "
+                    f"are in {RECIPES}/{hint}")
+
+
 def load_yaml_file(path, what: str):
     """A YAML file's content (duplicate keys refused), or UserError naming `what` and the problem."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+    check_recipe_file(path, what)
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except yaml.YAMLError as exc:

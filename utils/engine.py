@@ -27,77 +27,25 @@ import torch
 
 from data.corruption import format_superclasses, superclass_groups
 from data.features import FeatureSet, load_features_file
-from models.backbones import backbone_tag
 from models.extract import load_or_extract_features
 from utils.chain import KEPT_SOFT_TARGETS, lesson_for
 from utils.checkpoints import (RESUME_FILE, Run, read_resume_state, record_from_final_checkpoints,
                                save_resume_state, stack_resume_states, teacher_weights,
                                write_final_checkpoints)
-from utils.cli import UserError
+from utils.cli import UserError, plural
 from utils.io import HOST, remove_stale_temporaries
 from utils.labels import Group, prepare_group, superclasses_of
 from utils.leases import LEASE_NAME, Heartbeat, LeaseLost, read_holder, try_claim
 from utils.memory import (BLOCK_BYTES, check_fits, machine_memory, resident_bytes, return_freed_blocks,
                           run_bytes, size_text)
-from utils.options import Interval, option
 from utils.progress import Progress, progress_mode
 from utils.runs import Hyper, ResultsStore, record_payload
+from utils.sanity import label_warnings, untrained_reason, untrained_warning
 from utils.selection import RULES
+from utils.settings import EngineOptions, FeatureSource
 from utils.steps import SeedPurpose, step_of
 from utils.threads import cpu_thread_plan
 from utils.train import NonFiniteLoss, TrainData, TrainState, eval_rows, train_heads
-
-
-@dataclass(frozen=True)
-class FeatureSource:
-    """Where a configuration's features come from: a dataset through a backbone, or a file."""
-    dataset: str
-    arch: str = "resnet34"
-    pretrained: bool = True
-    features_path: Optional[str] = None
-
-    def tag(self) -> str:
-        if self.features_path:
-            return "file"
-        return "pixels" if self.dataset == "digits" else backbone_tag(self.arch, self.pretrained)
-
-
-@dataclass
-class EngineOptions:
-    """How runs are trained and stored (none of it changes a run's numbers), each option declared
-    once with its command-line flag."""
-    checkpoint_root: str = option("checkpoint", "-c", "--checkpoint", help="root directory of checkpoints")
-    results_root: str = option("results", "--results", new=True, help="results store directory")
-    data_root: str = option("data_root", "--data-root", new=True,
-                            help="where torchvision datasets are read or downloaded; with -d imagefolder, "
-                                 "the image folder itself (DIR/<class>/<images>, or DIR/train/<class>/... "
-                                 "and DIR/test/<class>/...)")
-    cache_root: str = option("cache", "--cache-dir", new=True, help="feature cache directory")
-    device: torch.device = torch.device("cpu")
-    workers: int = option(4, "-j", "--workers", type=int, valid=Interval(int, 0),
-                          help="data loading workers of feature extraction (at most the CPU cores available; "
-                               "0: images are read in the main process)")
-    test_batch: int = option(100, "--test-batch", type=int, valid=Interval(int, 1),
-                             help="batch size of feature extraction")
-    max_batch_runs: int = option(64, "--max-batch-runs", type=int, valid=Interval(int, 1), new=True,
-                                 metavar="N", help="most runs trained together in one batch")
-    save_every: int = option(25, "--save-every", type=int, valid=Interval(int, 0), new=True, metavar="N",
-                             help="epochs between resumable checkpoints (0: end only)")
-    overwrite: bool = option(False, "--overwrite", type=bool, new=True,
-                             help="retrain runs that already have a result record")
-    # "auto": progress bars when stderr is a terminal, else one line per finished chunk of runs;
-    # "bars", "lines", or "none" (no progress output; warnings and errors still appear)
-    progress: str = "auto"
-    lease_timeout: float = option(600.0, "--lease-timeout", type=float,
-                                  valid=Interval(float, 0, closed="neither", note="seconds"), new=True,
-                                  metavar="S",
-                                  help="seconds without a heartbeat after which another process takes over "
-                                       "a run being trained")
-    poll_seconds: float = 5.0     # between looks at runs that other processes hold
-    fuse_shared_seeds: bool = option(False, "--fuse-shared-seeds", type=bool, new=True,
-                                     help="runs sharing mini-batches multiply them as one wider matmul: "
-                                          "faster, but not bit-identical to the same run alone on every BLAS "
-                                          "(recorded)")
 
 
 def load_source(source: FeatureSource, opts: EngineOptions, log) -> FeatureSet:
@@ -172,7 +120,7 @@ class _Watch:
             return True
         if kind is NonFiniteLoss:
             cfg, step = self.job.runs[exc.run].cfg, self.job.runs[0].step
-            raise UserError(f"loss became NaN/inf at epoch {exc.epoch} of step {step} ({cfg.dataset}, "
+            raise UserError(f"loss became NaN/inf at epoch {exc.epoch} of {step.title} ({cfg.dataset}, "
                             f"lr={cfg.lr:g}, wd={cfg.wd:g}, eta={cfg.eta:g}, seed={cfg.seed}); "
                             "use a smaller --lr") from None
         return False
@@ -205,6 +153,7 @@ class ChainRunner:
         self.progress = Progress(opts.progress, log)
         self.log = self.progress.log
         self.superclasses_shown = set()  # features fingerprints whose superclasses were printed
+        self.labels_checked = set()  # features fingerprints whose labels were checked (label_warnings)
         self.store = ResultsStore(opts.results_root)
         self.done_here = set()  # keys trained by this process (so --overwrite retrains each once)
         # runs this process trained, found finished, and completed from final checkpoints
@@ -227,10 +176,12 @@ class ChainRunner:
             for (source, *_), configs in groups.items():
                 features = load_source(source, self.opts, self.log)
                 if bar is None:  # after the first load, so a bad features file prints only its error
-                    bar = self.progress.bar(len(jobs) * len(steps), "runs", "run")
+                    mean_epochs = sum(cfg.epochs for _, cfg in jobs) / len(jobs)
+                    bar = self.progress.runs(len(jobs) * len(steps), mean_epochs)
                 configs = [replace(c, backbone=features.backbone, dataset=features.name) for c in configs]
                 self._check_memory(features, configs, steps)
                 fid = features.fingerprint()
+                self._check_labels(features, fid)
                 group = prepare_group(features, fid, configs, self.opts.device,
                                       self._superclasses(features, fid, configs))
                 for step in steps:
@@ -254,6 +205,14 @@ class ChainRunner:
         check_fits(self.opts.device, loaded + normalized + BLOCK_BYTES, per_run,
                    min(self.opts.max_batch_runs, len(configs)),
                    "the features" + (" on the GPU" if on_gpu else ", libraries and what is loaded"))
+
+    def _check_labels(self, features: FeatureSet, fid: str) -> None:
+        """Warnings about labels that are probably wrong, once per features."""
+        if fid not in self.labels_checked:
+            self.labels_checked.add(fid)
+            lines = label_warnings(features.train_y, features.test_y, features.num_classes, features.name)
+            for line in lines:
+                self.log(line)
 
     def _superclasses(self, features: FeatureSet, fid: str, configs):
         """The superclass of every class (cc corruption; None without it), printed once per features."""
@@ -308,8 +267,8 @@ class ChainRunner:
                 return
             claimed, held = self._claim(todo)
             if not claimed:
-                message = (f"step {todo[0].step}: waiting for {len(held)} run(s) that other processes are "
-                           f"training ({', '.join(sorted(set(held))[:3])}"
+                message = (f"{todo[0].step.title}: waiting for {plural(len(held), 'run')} that other "
+                           f"processes are training ({', '.join(sorted(set(held))[:3])}"
                            f"{', ...' if len(set(held)) > 3 else ''})")
                 if message != said:
                     self.progress.note(message)
@@ -426,13 +385,13 @@ class ChainRunner:
         return _Job(runs, [lease for _, _, lease in chunk], resumes, data, hypers,
                     [step.seed(c.seed, SeedPurpose.ORDER) for c in cfgs],
                     lesson, resume, teacher_keys,
-                    threads, tuner, f"step {step}: {len(runs)} run{'s' if len(runs) > 1 else ''} of "
-                                    f"{features.name}", time.time())
+                    threads, tuner, f"{step.title}: {plural(len(runs), 'run')} of {features.name}",
+                    time.time())
 
     def _finish_job(self, group: Group, job: _Job, state: TrainState, bar) -> dict:
         """{key: record} of the trained runs: final checkpoints, then each record."""
         facts = {"device": str(self.opts.device), "threads": job.threads,
-                 "fused_batches": self.opts.fuse_shared_seeds,
+                 "fused_batches": self.opts.fuse_shared_seeds, "num_classes": group.features.num_classes,
                  "wall_time_s": time.time() - job.started, "batch_runs": len(job.runs)}
         records = {}
         for r, run in enumerate(job.runs):
@@ -442,8 +401,12 @@ class ChainRunner:
             records[run.key] = self._finish_run(run, state, r, group.setup(run.cfg).realised,
                                                 group.setup(run.cfg).superclasses, facts)
             bar.update(1)
-        self.progress.chunk_done(job.desc, time.time() - job.started, state.epoch, job.hypers[0].epochs,
-                                 job.resume.epoch if job.resume else 0)
+        self.progress.chunk_done(job.desc, len(job.runs), time.time() - job.started, state.epoch,
+                                 job.hypers[0].epochs, job.resume.epoch if job.resume else 0)
+        trained = [records[run.key] for run in job.runs]
+        warning = untrained_warning(trained, [r.get("not_trained") for r in trained], job.runs[0].step.title)
+        if warning:
+            self.log(warning)
         return records
 
     def _finish_run(self, run: Run, state: TrainState, r: int, realised: float, superclasses,
@@ -460,6 +423,10 @@ class ChainRunner:
             "threads": facts["threads"], "fused_batches": facts["fused_batches"],
             "torch_version": str(torch.__version__), "python": platform.python_version()},
             superclasses)
+        teacher = self.store.get(facts["teacher_key"]) if facts["teacher_key"] else None
+        reason = untrained_reason(payload, facts["num_classes"], teacher)
+        if reason:  # the record says so too (and the copy in the last checkpoint)
+            payload["not_trained"] = reason
         record = {**payload, **write_final_checkpoints(run, state, r, payload),
                   "trained_by": f"{HOST}:{os.getpid()}",
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

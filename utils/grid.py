@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from utils.cli import UserError, load_yaml_file
+from utils.cli import UserError, load_yaml_file, plural
 from utils.claims_report import write_claims
 from utils.engine import ChainRunner, load_source
 from utils.evidence_report import grid_evidence
@@ -99,14 +99,13 @@ def load_grid(path, max_chains=MAX_CHAINS) -> dict:
     """Read and check a recipe; grid values come back as lists of the CLI's types (keys = option dests).
     A grid of more than `max_chains` chains is refused before its values are parsed (None: no limit)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe file not found: {path}; see recipes/ for examples")
     grid = load_yaml_file(path, "recipe file")  # strict: a key given twice (`lr:` twice) is refused
     if not isinstance(grid, dict):
         _fail(path, "must be a mapping with at least a 'grid:' section")
     unknown = set(grid) - TOP_KEYS
     if unknown:
-        _fail(path, f"unknown key(s) {sorted(map(str, unknown))}; allowed: {sorted(TOP_KEYS)}")
+        _fail(path, f"unknown key{'s' if len(unknown) > 1 else ''} {sorted(map(str, unknown))}; "
+                    f"allowed: {sorted(TOP_KEYS)}")
     if "grid" not in grid:
         _fail(path, "needs a 'grid:' mapping of train_linear.py options")
     chains = count_chains(grid)
@@ -227,19 +226,23 @@ def matching_records(records: list, jobs: list, steps: list) -> list:
     return out
 
 
+def _run_uses(jobs: list, steps: list) -> Counter:
+    """{a distinct run's identity: how many of the jobs' chains use it}: a teacher is one run however
+    many chains (temperatures, selection rules) learn from it. Runs are told apart as
+    `matching_records` tells records apart."""
+    return Counter(_ident(step_settings(cfg, step, ""), step, not source.features_path)
+                   for source, cfg in jobs for step in steps)
+
+
 def distinct_runs(jobs: list, steps: list) -> tuple:
     """(how many distinct runs the jobs' chains need, which of them serve several chains and at which
-    step): a teacher is one run however many chains (temperatures, selection rules) learn from it.
-    Runs are told apart as `matching_records` tells records apart."""
-    uses = Counter(_ident(step_settings(cfg, step, ""), step, not source.features_path)
-                   for source, cfg in jobs for step in steps)
-    shared = [step_of(ident[-1][1]) for ident, n in uses.items() if n > 1]
-    return len(uses), shared
+    step)."""
+    uses = _run_uses(jobs, steps)
+    return len(uses), [step_of(ident[-1][1]) for ident, n in uses.items() if n > 1]
 
 
 def runs_phrase(count: int, shared: list) -> str:
     """'240 runs (30 teachers shared by several chains)'; `shared`: the step of each shared run."""
-    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
     text = plural(count, "run")
     kinds = Counter(step.kind for step in shared)
     if kinds:
@@ -247,6 +250,17 @@ def runs_phrase(count: int, shared: list) -> str:
         parts = [plural(kinds[kind], names[kind]) for kind in names if kinds[kind]]
         text += f" ({' and '.join(parts)} shared by several chains)"
     return text
+
+
+def plan_phrase(jobs: list, steps: list) -> str:
+    """How much a grid trains, as its first line says it: '15 per step, 200 epochs each' (or each
+    step's count, 'per step: 1 (Teacher) 15, 2 45, ...; 200 epochs each', when they differ)."""
+    per_step = Counter(ident[-1][1] for ident in _run_uses(jobs, steps))
+    counts = [per_step[str(step)] for step in steps]
+    runs = (f"{counts[0]:,} per step," if len(set(counts)) == 1 else
+            "per step: " + ", ".join(f"{step.label} {n:,}" for step, n in zip(steps, counts)) + ";")
+    epochs = sorted({cfg.epochs for _, cfg in jobs})
+    return f"{runs} {epochs[0]}{f'-{epochs[-1]}' if len(epochs) > 1 else ''} epochs each"
 
 
 def evidence_sources(jobs: list) -> dict:
@@ -266,16 +280,25 @@ def _write_evidence(jobs: list, opts, out_dir: Path, title: str) -> list:
 
 
 def _train_grid(args, opts, grid: dict, all_jobs: list, jobs: list, steps: list) -> None:
-    part = (f"shard {args.shard}: {len(jobs)} of {len(all_jobs)}" if args.shard is not None
-            else str(len(jobs)))
-    print(f"recipe {grid['name']}: {part} configurations x {len(steps)} steps: "
-          f"{runs_phrase(*distinct_runs(jobs, steps))} on {opts.device}")
+    part = (plural(len(jobs), "configuration") if args.shard is None
+            else f"shard {args.shard}: {len(jobs)} of {plural(len(all_jobs), 'configuration')}")
+    plan = f" ({plan_phrase(jobs, steps)})" if jobs else ""
+    print(f"recipe {grid['name']}: {part} x {plural(len(steps), 'step')}: "
+          f"{runs_phrase(*distinct_runs(jobs, steps))} on {opts.device}{plan}")
     if jobs:
         runner = ChainRunner(opts)
         runner.run(jobs, steps)
         trained = runner.counts["trained"]
-        print(f"this process trained {trained} run{'s' if trained != 1 else ''}"
+        print(f"this process trained {plural(trained, 'run')}"
               + "".join(f"; {note}" for note in [finished_note(runner.counts, opts.results_root)] if note))
+
+
+def _check_features_file(path, settings: dict) -> None:
+    """Before any training: a run's features file exists, said in the recipe's words (its key)."""
+    features = settings.get("features")
+    if features is not None and not Path(features).is_file():
+        _fail(path, f"features: {features} is not a file (a relative path is read from {Path.cwd()}); point "
+                    "the recipe's features: key at a .pt/.npz features file (README, 'Features-file format')")
 
 
 def run_grid_command(args, opts) -> int:
@@ -292,6 +315,7 @@ def run_grid_command(args, opts) -> int:
     grid = load_grid(args.config, max_chains=None if args.allow_large_grid else MAX_CHAINS)
 
     def make_job(settings):
+        _check_features_file(args.config, settings)
         ns = parser.parse_args([])  # the CLI defaults, then the recipe's values
         for dest, value in settings.items():
             setattr(ns, dest, value)
@@ -309,7 +333,7 @@ def run_grid_command(args, opts) -> int:
     options = report_options(grid)
     if args.evidence:
         written = _write_evidence(all_jobs, opts, out_dir, options["title"])
-        print(f"feature evidence of {len(evidence_sources(all_jobs))} source(s) -> "
+        print(f"feature evidence of {plural(len(evidence_sources(all_jobs)), 'source')} -> "
               + ", ".join(str(p) for p in written))
         return 0
     if not args.report_only:

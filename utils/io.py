@@ -2,6 +2,8 @@
 
 A writer creates a temporary file next to the target and renames it into place, so a reader (or a
 resumed sweep after kill -9) sees either the old file or the complete new one, never half of it.
+torch is imported by the functions that use it: the results store (utils/runs.py) writes through
+this module, and train_linear.py checks its command line before torch is imported.
 """
 import io
 import json
@@ -10,8 +12,6 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 
 def _default_file_mode() -> int:
@@ -123,6 +123,8 @@ def atomic_write_json(path, obj) -> Path:
 def torch_bytes(obj) -> bytes:
     """What torch.save writes for `obj` (tensors and plain types), in memory: the same bytes for the
     same content, so a checkpoint's hash can be taken before it is written."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -130,6 +132,8 @@ def torch_bytes(obj) -> bytes:
 
 def load_torch_bytes(data: bytes):
     """The object in `torch_bytes` output, without unrestricted unpickling (weights_only)."""
+    import torch
+
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
@@ -154,6 +158,8 @@ def load_torch_file(path, what: str, fix: str):
     """Load a file written by `atomic_torch_save` without unrestricted unpickling.
 
     Raises UserError (one line naming `fix`) when the file is missing, truncated or not ours."""
+    import torch
+
     from utils.cli import UserError
 
     path = Path(path)

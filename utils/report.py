@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.cli import plural
 from utils.io import atomic_save_figure, atomic_write_text
 from utils.runs import SETTING_COLUMNS, config_from_settings, run_dir, step_fields, with_key_neutral_settings
 from utils.selection import DEFAULT, RULE, RULES
@@ -42,9 +43,11 @@ METRIC_DESCRIPTION = {
 }
 # Settings that never split a table into groups: they are its rows, columns or repetitions.
 NOT_GROUPING = ("seed", "eta")
-# CSV columns shown first (the key, the settings declared with a column, the headline accuracies);
-# the rest follow alphabetically.
-CSV_FIRST = ("key", *SETTING_COLUMNS, *(rule.field() for rule in RULES))
+# CSV columns shown first (the key, the settings declared with a column, with the step's label beside its
+# code, the headline accuracies); the rest follow alphabetically.
+_AFTER_STEP = SETTING_COLUMNS.index("step") + 1
+CSV_FIRST = ("key", *SETTING_COLUMNS[:_AFTER_STEP], "step_label", *SETTING_COLUMNS[_AFTER_STEP:],
+             *(rule.field() for rule in RULES))
 # Measured float columns of records.csv and their decimals (the float32 numbers of a run carry noise
 # such as 95.00000762939453): percentages to 4 decimals, entropies (nats) to 6. Every other column
 # (settings such as lr 5e-5, integers, strings, wall time) is written as recorded.
@@ -268,6 +271,9 @@ def _table_latex(table: dict, caption: str, label: str) -> str:
 
 # ---- records.csv -----------------------------------------------------------------------------
 def records_csv(records: list) -> str:
+    """The records as CSV rows, each with its step's name as the tables print it (`step_label`: the
+    stored code `step` is '0', '1', 'p'; its label '1 (Teacher)', '2', 'PLL')."""
+    records = [{**r, "step_label": step_of(r["step"]).label} for r in records]
     names = set().union(*(r.keys() for r in records)) if records else set()
     columns = [c for c in CSV_FIRST if c in names] + sorted(names - set(CSV_FIRST))
     buf = io.StringIO()
@@ -326,16 +332,16 @@ def _seed_count(groups: list) -> int:
 
 
 def _captioned_panels(plt, nrows: int, ncols: int, caption_lines: list, *, fig_width: float, panel_in: float,
-                      gap_in: float, wspace: float, sharey):
+                      gap_in: float, wspace: float, sharey, below_in: float = 0.6):
     """(figure, 2-D axes) of nrows x ncols panels in fixed room (inches): the caption lines, wrapped to
     the width, above as the figure's title; panels of `panel_in` plus `gap_in` for their titles and
-    axis labels; room for a legend below."""
+    axis labels; `below_in` under the last row for its tick and axis labels; room for a legend below."""
     text = "\n".join(textwrap.fill(line, int(fig_width * 13)) for line in caption_lines)
     caption_in, legend_in = 0.17 * (text.count("\n") + 1) + 0.2, 0.4
-    height = caption_in + legend_in + nrows * panel_in + nrows * gap_in
+    height = caption_in + legend_in + nrows * (panel_in + gap_in) + below_in - 0.6
     fig, axes = plt.subplots(nrows, ncols, figsize=(fig_width, height), squeeze=False, sharey=sharey)
     fig.subplots_adjust(left=0.75 / fig_width, right=1 - 0.15 / fig_width, wspace=wspace,
-                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + 0.6) / height,
+                        top=1 - (caption_in + 0.3) / height, bottom=(legend_in + below_in) / height,
                         hspace=gap_in / panel_in)
     fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
     return fig, axes
@@ -347,13 +353,17 @@ def save_figure(plt, fig, stem: Path) -> list:
     return written
 
 
-def _gain_caption(groups: list, metric: str, title: str) -> list:
+def _gain_caption(groups: list, metric: str) -> tuple:
+    """(the figure's one-line subtitle, its full caption for captions.md)."""
     seeds = _seed_count(groups)
+    short = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
+    number = f"{RULE[metric].column} accuracy" if metric in RULE else "each run's own --selection"
     spread = f"mean and std ({STD_WORDS}) over {seeds} seeds" if seeds > 1 else "1 seed (no std)"
     shared = "; one y-axis for all panels" if len(groups) > 1 else ""
-    return [title, "Distillation gain (pp) = student step minus the same seed's teacher (step 1); "
-                   f"{spread}{shared}",
-            f"Number: {METRIC_DESCRIPTION[metric]}"]
+    return (f"Gain over the same seed's teacher (step 1): {short}, {number}",
+            "Distillation gain (points) = a student step's test accuracy minus the same seed's teacher's "
+            f"(step 1); {spread}{shared}. Below each corruption rate: the teacher's own accuracy (mean over "
+            f"seeds). Number: {METRIC_DESCRIPTION[metric]}.")
 
 
 def _gain_bars(ax, members: list, metric: str, gain_etas, steps: list, colours) -> list:
@@ -370,7 +380,11 @@ def _gain_bars(ax, members: list, metric: str, gain_etas, steps: list, colours) 
         ax.bar(xs, means, bar, yerr=[(s[1] or 0.0) if s else 0.0 for s in stats], capsize=2, color=colours[i],
                label=step.label)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(etas)), [format_eta(e) for e in etas])
+    teacher = {e: _stats([record_value(r, metric) for r in members
+                          if step_of(r["step"]).is_teacher and math.isclose(float(r["eta"]), e)])
+               for e in etas}
+    ax.set_xticks(range(len(etas)), [format_eta(e) + (f"\nteacher {teacher[e][0]:.1f}%" if teacher[e] else "")
+                                     for e in etas])
     ax.set_xlabel("corruption rate eta")
     return etas
 
@@ -381,9 +395,9 @@ def gain_figure(groups: list, metric: str, title: str, gain_etas, out_dir: Path)
     ncols = min(3, count)
     nrows = math.ceil(count / ncols)
     # One y-axis for every panel: separate scales would make unlike panels look alike.
-    fig, axes = _captioned_panels(plt, nrows, ncols, _gain_caption(groups, metric, title),
-                                  fig_width=max(4.6 * ncols, 7.0), panel_in=2.6, gap_in=0.9, wspace=0.12,
-                                  sharey=True)
+    fig, axes = _captioned_panels(plt, nrows, ncols, [title, _gain_caption(groups, metric)[0]],
+                                  fig_width=max(4.6 * ncols, 7.0), panel_in=2.6, gap_in=1.1, wspace=0.12,
+                                  sharey=True, below_in=0.85)  # tick labels of two lines: eta, teacher
     steps = steps_in([r for _, m in groups for r in m], kinds=("student", "pll"))
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(steps), 1)))
     for ax in axes.flat[len(groups):]:
@@ -468,7 +482,8 @@ def _mean_curve(curves: list):
 def _skip_curves(out_dir: Path, checkpoint_root, missing: list) -> None:
     """Say in one line why there is no curve figure, and remove the one an earlier report left."""
     why = ("no checkpoint root given" if checkpoint_root is None else
-           f"{len(missing)} run(s) have no readable log.jsonl under {checkpoint_root}, e.g. {missing[0]}"
+           f"{plural(len(missing), 'run')} {'has' if len(missing) == 1 else 'have'} no readable log.jsonl "
+           f"under {checkpoint_root}, e.g. {missing[0]}"
            if missing else "no runs")
     stale = [out_dir / name for name in CURVE_FILES if (out_dir / name).exists()]
     for path in stale:
@@ -477,12 +492,14 @@ def _skip_curves(out_dir: Path, checkpoint_root, missing: list) -> None:
           + (f"; removed the stale {', '.join(p.name for p in stale)}" if stale else ""))
 
 
-def _curves_caption(groups: list, title: str) -> list:
-    seeds = _seed_count(groups)
-    return [title, f"Test accuracy per epoch, mean over {seeds} seed{'s' if seeds != 1 else ''}. Solid: the "
-                   "curve, whose end is the last-epoch number; dashed: the mean of each run's best-by-test "
-                   "accuracy (the paper's number). Their distance is what choosing the epoch on the test set "
-                   "adds. The y-range leaves out the first 5% of epochs."]
+def _curves_caption(groups: list) -> tuple:
+    """(the figure's one-line subtitle, its full caption for captions.md)."""
+    seeds = plural(_seed_count(groups), "seed")
+    return (f"Test accuracy per epoch, mean over {seeds}; dashed: the steps' mean best-by-test accuracy",
+            f"Test accuracy per epoch, mean over {seeds}. Solid: the curve, whose end is the last-epoch "
+            "number; dashed: the mean of each run's best-by-test accuracy (the paper's number). Their "
+            "distance is what choosing the epoch on the test set adds. The y-range leaves out the first 5% "
+            "of epochs.")
 
 
 def _plot_step_curves(ax, runs: list, colour) -> list:
@@ -549,7 +566,7 @@ def curves_figure(groups: list, title: str, gain_etas, out_dir: Path, checkpoint
         return []
     plt = pyplot()
     # Panels of one corruption rate share their y-axis (rows are comparable); rates differ too much.
-    fig, axes = _captioned_panels(plt, len(groups), len(etas), _curves_caption(groups, title),
+    fig, axes = _captioned_panels(plt, len(groups), len(etas), [title, _curves_caption(groups)[0]],
                                   fig_width=max(4.8 * len(etas), 7.0), panel_in=2.3, gap_in=0.8, wspace=0.2,
                                   sharey="col")
     labels, shown = _draw_curve_panels(axes, groups, etas, curves)
@@ -585,9 +602,14 @@ def distillation_report(records: list, out_dir: Path, grid: dict, checkpoint_roo
         tex.append(_table_latex(table, caption, label))
     written = _write_tables(out_dir, md, tex, records)
     gain_etas = [float(e) for e in opts.get("gain_etas") or DEFAULT_GAIN_ETAS]
-    written += gain_figure(groups, metric, title, gain_etas, out_dir)
-    written += curves_figure(groups, title, gain_etas, out_dir, checkpoint_root)
-    return written
+    gain = gain_figure(groups, metric, title, gain_etas, out_dir)
+    curves = curves_figure(groups, title, gain_etas, out_dir, checkpoint_root)
+    # the figures carry one-line subtitles; their full captions are here
+    captions = [f"# {title}: figure captions", "",
+                f"`gain.png`, `gain.pdf`: {_gain_caption(groups, metric)[1]}"]
+    if curves:
+        captions += ["", f"`curves.png`, `curves.pdf`: {_curves_caption(groups)[1]}"]
+    return written + gain + curves + [atomic_write_text(out_dir / "captions.md", "\n".join(captions) + "\n")]
 
 
 def ls_temperature_table(members: list, metric: str, eta: float) -> dict:

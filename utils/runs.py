@@ -13,11 +13,9 @@ import subprocess
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
-from data.corruption import CORRUPTION_TYPES
-from data.datasets import DATASETS
-from data.features import FEATURE_NORMS
 from utils.cli import UserError, one_line
 from utils.io import atomic_write_json
+from utils.names import CORRUPTION_TYPES, DATASETS, FEATURE_NORMS
 from utils.options import Interval, check_option_values, option, options_of
 from utils.selection import DEFAULT, RULE, RULES
 from utils.steps import step_of
@@ -287,7 +285,7 @@ _RECORD_FIELDS = {"features_id": ("str", False), "teacher_key": ("str", True),
                   "wall_time_s": ("number", True), "batch_runs": ("int", True),
                   "resumed_from_epoch": ("int", True), "completed_from_checkpoints": ("bool", True),
                   "created": ("str", True), "trained_by": ("str", True), "torch_version": ("str", True),
-                  "python": ("str", True), "code_version": ("str", True)}
+                  "python": ("str", True), "code_version": ("str", True), "not_trained": ("str", True)}
 _REQUIRED = ("features_id", "realised_corruption", "best_train_acc")
 
 

@@ -1,13 +1,13 @@
 """The steps of a chain: the teacher (round 0), the student of round t >= 1, the PLL student.
 
 A step is stored (records, run keys, folder names) as its code: "0" for the teacher, "t" for round
-t, "p" for the PLL student. Everything else about a step (its paper label, its teacher, its kind,
-its seeds) is derived here, so no other module compares codes.
+t, "p" for the PLL student (the original's `--dist t` and `--partial`). People read it by its
+`label`, the paper's numbering: step 1 is the teacher, step t + 1 the student of round t, then PLL.
+Everything else about a step (its label, its teacher, its kind, its seeds) is derived here, so no
+other module compares codes.
 """
 from dataclasses import dataclass
 from enum import IntEnum
-
-import numpy as np
 
 _PLL_CODE = "p"
 # The PLL student's number in seed derivations (round numbers stay far below it).
@@ -71,8 +71,15 @@ class Step:
 
     @property
     def label(self) -> str:
-        """The paper's naming: round 0 is '1 (Teacher)', round t is t+1, the PLL student 'PLL'."""
+        """The step's name everywhere a person reads it, the paper's numbering (its tables, and the
+        theory's rounds: round 1 fits the given labels): '1 (Teacher)', then '2', '3', ... for the
+        students of distillation rounds 1, 2, ... (`--dist t` trains step t + 1), and 'PLL'."""
         return "1 (Teacher)" if self.is_teacher else "PLL" if self.is_pll else str(self.round + 1)
+
+    @property
+    def title(self) -> str:
+        """The step as a sentence names it: 'step 1 (Teacher)', 'step 3', 'step PLL'."""
+        return f"step {self.label}"
 
     def sort_key(self) -> tuple:
         """Teacher, rounds in order, then PLL."""
@@ -80,6 +87,8 @@ class Step:
 
     def seed(self, seed: int, purpose: SeedPurpose) -> int:
         """The seed of one random stream of this step of the configuration with `seed`."""
+        import numpy as np  # here: train_linear.py checks its command line (with Step) before heavy imports
+
         number = _PLL_SEED_NUMBER if self.is_pll else self.round
         return int(np.random.SeedSequence([seed, number, int(purpose)]).generate_state(1)[0])
 

@@ -65,6 +65,8 @@ def save_round_array(path: Path, Y: torch.Tensor, true: torch.Tensor, given: tor
     return atomic_write_bytes(path, buf.getvalue())
 
 
+LEGEND_TITLE = "dots: solved fixed point\ncrosses: formula of the\nnoise-free block model"
+CROSS_SHIFT = 0.15   # steps between the formula's crosses of neighbouring settings in the figure
 CURVE_FIELDS = (*SETTING_FIELDS, "solver", "mode")     # what makes one curve of the figure: one run
 RECORD_FIELDS = [*CURVE_FIELDS, "round", "clean", "noisy", "overall", "cf_clean", "cf_noisy", "cf_overall",
                  "cf_gap", "residual", "iterations", "work", "folds", "converged", "seconds", "t_star",
@@ -118,8 +120,11 @@ def draw_figure(folder: Path, records: list[dict], varying: list[str], title: st
 
 def theory_figure(records: list[dict], varying: list[str], title: str):
     """The paper's picture for this experiment: accuracy of clean and of noisy samples against the
-    distillation round, one colour per setting: the solved fixed point (dots joined by a line) and
-    the closed form (crosses only: it exists at whole rounds). The legend sits outside the axes."""
+    step (0: the given labels, 1: the teacher, t + 1: the student of distillation round t), one
+    colour per setting: the solved fixed point (dots joined by a line) and the noise-free block
+    model's formula (crosses only: it exists at whole steps; with several settings each one's
+    crosses are shifted a little sideways, so equal values do not hide each other). The legend
+    sits outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,21 +138,22 @@ def theory_figure(records: list[dict], varying: list[str], title: str):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, recs in enumerate(groups.values()):
         recs = sorted(recs, key=lambda r: r["round"])
-        rounds = [r["round"] for r in recs]
+        steps = [r["round"] for r in recs]
+        shift = CROSS_SHIFT * (i - (len(groups) - 1) / 2)
         color = colors[i % len(colors)]
         label = setting_label(recs[0], varying)
         for ax, part in zip(axes, ("clean", "noisy")):
-            ax.plot(rounds, [r[part] for r in recs], "-o", color=color, ms=3, label=label)
-            ax.plot(rounds, [r["cf_" + part] for r in recs], linestyle="none", marker="x", ms=5, color=color,
-                    alpha=0.7)
+            ax.plot(steps, [r[part] for r in recs], "-o", color=color, ms=3, label=label)
+            ax.plot([t + shift for t in steps], [r["cf_" + part] for r in recs], linestyle="none", marker="x",
+                    ms=5, color=color)
     for ax, part in zip(axes, ("clean", "noisy")):
         ax.set_title(f"{part} samples (given label {'correct' if part == 'clean' else 'corrupted'})")
-        ax.set_xlabel("distillation round (0 = given labels)")
+        ax.set_xlabel("step (0: the given labels, 1: the teacher)")
         ax.set_ylim(-3, 103)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy against the true class (%)")
-    axes[1].legend(fontsize=8, title="dots: solved; crosses: closed form", title_fontsize=8, loc="upper left",
+    axes[1].legend(fontsize=8, title=LEGEND_TITLE, title_fontsize=8, loc="upper left",
                    bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
