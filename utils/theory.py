@@ -124,10 +124,14 @@ class Kernel:
     def thin(self) -> bool:
         return self.factor is not None and self.factor.shape[0] < self.N // 2
 
-    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+    def matmul(self, X: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+        """X G. `blocked`: a dense G on the CPU is read in blocks of rows (`blocked_product`), faster
+        but rounded differently from X @ G (the faithful Adam keeps the original's product)."""
         self.products[0] += 1
         if self.thin():
             return (X @ self.factor.T) @ self.factor
+        if blocked and X.shape[0] > 1 and self.G.device.type == "cpu":
+            return blocked_product(X, self.G)
         return X @ self.G
 
     def lowp(self, dtype) -> "Kernel":
@@ -136,6 +140,23 @@ class Kernel:
             factor = None if self.factor is None else self.factor.to(dtype)
             self._low[dtype] = Kernel(self.G.to(dtype), factor, self.description, self.products)
         return self._low[dtype]
+
+
+def blocked_product(X: torch.Tensor, G: torch.Tensor, block_bytes: int = 1 << 20) -> torch.Tensor:
+    """X G, G (contiguous) read in blocks of whole rows of about `block_bytes` (1 MB: a core's L2
+    cache here), each used by every row of X while it is in cache; the blocks' products are summed.
+    MKL's product with a few rows reads all of G once per row, from memory when G does not stay in
+    cache (16 MB in float32 at N = 2000, beside the preconditioner's LU): with 3 rows this takes
+    0.7-0.75 of its time at N = 1000-4000 (with 1 row it does not help)."""
+    N = G.shape[0]
+    rows = max(1, block_bytes // (G.shape[1] * G.element_size()))
+    blocks = N // rows
+    if blocks < 2 or not G.is_contiguous():
+        return X @ G
+    head = blocks * rows
+    parts = X[:, :head].reshape(X.shape[0], blocks, rows).transpose(0, 1)       # blocks x rows(X) x rows
+    out = torch.bmm(parts, G[:head].view(blocks, rows, -1)).sum(0)
+    return out if head == N else out + X[:, head:] @ G[head:]
 
 
 def original_gram(k, n, c, d, epsilon, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
@@ -382,12 +403,13 @@ def jacobian_solvers(kernel: Kernel, K: int, seed: int) -> dict:
 
 def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, solvers: dict, *, gram: bool,
                         B0: torch.Tensor | None, tol: float, max_newton: int, gen: torch.Generator,
-                        log=None) -> tuple[Solve, torch.Tensor]:
+                        min_eig_sym: float | None = None, log=None) -> tuple[Solve, torch.Tensor]:
     """Solve (1) to max|Y - F(Y)| <= tol. Returns (Solve, B) with B = T - Y, the next round's warm
     start. A Gram matrix G has exactly one fixed point, so Newton from the warm start (or from
     B = 0, uniform outputs, in round 1) is tried first; when it fails (round 1 at stiff lambda),
     and always when G is not a Gram matrix, the fixed point is the one on the weight-decay path
-    (`softmax_solver.follow_weight_decay_path`), whatever the rounds before it found."""
+    (`softmax_solver.follow_weight_decay_path`, which starts where the fixed point is unique by
+    `min_eig_sym`, the smallest eigenvalue of G's symmetric part), whatever the rounds before found."""
     K, N = T.shape
     beta = 1.0 / (N * lbd)
     before = kernel.products[0]
@@ -399,7 +421,7 @@ def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, solvers: di
                 work = kernel.products[0] - before
                 return Solve(out.P, out.residual, out.iterations, True, "", work), out.B
         path = ss.follow_weight_decay_path(kernel, T, beta, solvers["path"], tol=tol, gen=gen,
-                                           max_newton=max_newton, log=log)
+                                           min_eig_sym=min_eig_sym, max_newton=max_newton, log=log)
     ok, res = path.converged, path.residual          # the landing stopped on max|Y - F(Y)| <= tol
     note = path.note if ok else f"did NOT reach the tolerance: residual {res:.2e} > {tol:.0e}; {path.note}"
     return Solve(path.P, res, path.steps, ok, note, kernel.products[0] - before, path.folds), path.B
@@ -609,10 +631,10 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
         else:
             if jacobian is None:            # built once, they serve every round
                 jacobian = jacobian_solvers(kernel, s.k, sub_seeds(s.seed)["gram"])
-                gram = (problem.diagnostics or gram_diagnostics(kernel.G))["gram"]
-            sol, B = softmax_fixed_point(kernel, T, s.lbd, jacobian, gram=gram, B0=B, tol=tol,
+                diag = problem.diagnostics or gram_diagnostics(kernel.G)
+            sol, B = softmax_fixed_point(kernel, T, s.lbd, jacobian, gram=diag["gram"], B0=B, tol=tol,
                                          max_newton=max_newton, gen=generator(sub_seeds(s.seed)["gram"]),
-                                         log=log)
+                                         min_eig_sym=diag["min_eig_sym"], log=log)
         if kernel.G.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
