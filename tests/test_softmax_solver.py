@@ -112,6 +112,45 @@ def test_jacobian_solver_reaches_its_tolerance_and_reuses_its_preconditioner():
     assert solver.builds == 1             # the same P: one preconditioner serves every solve
 
 
+def test_logits_are_the_product_up_to_a_constant_per_column_which_the_solver_never_sees():
+    """Computed from K - 1 rows; the softmax, its Jacobian and the strong directions (orthogonal to
+    1) give the same numbers as with X G itself."""
+    p = problem(n=20)
+    G, K = p.kernel.G, 3
+    X = torch.randn(K, G.shape[0], generator=torch.Generator().manual_seed(0), dtype=F64)
+    Z, XG = ss.logits(p.kernel, X), X @ G
+    shift = XG - Z
+    assert (shift - shift[-1]).abs().max() < 1e-12 and shift[-1].abs().min() > 1e-3   # one constant a column
+    A, P = random_state(G, K, 0.3)
+    assert (torch.softmax(Z, 0) - torch.softmax(XG, 0)).abs().max() < 1e-13
+    assert (ss.softmax_jac(P, Z) - ss.softmax_jac(P, XG)).abs().max() < 1e-13
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_blocked_product_is_the_product(rows):
+    """G read in blocks of whole rows (here 13 rows a block, N = 70: 5 blocks and a remainder of 5)."""
+    G = torch.rand(70, 70, generator=torch.Generator().manual_seed(0), dtype=F64)
+    X = torch.randn(rows, 70, generator=torch.Generator().manual_seed(1), dtype=F64)
+    got = th.blocked_product(X, G, block_bytes=13 * 70 * 8)
+    assert (got - X @ G).abs().max() < 1e-13
+
+
+def test_step_length_aims_the_next_first_correction_at_half_its_limit():
+    """The predictor errs by O(h^2): a first correction d at length h predicts (h'/h)^2 d at h'."""
+    branch = ss._Branch(None, torch.zeros(3, 10), None, path_tol=1e-6, max_correction=0.02)
+    for h, first in ((0.05, 0.003), (0.2, 0.004), (0.1, 0.002)):
+        grown = branch.next_length(h, ss._Attempt(None, 0.0, ok=True, theta=0.01, first=first))
+        predicted = first * (grown / h) ** 2
+        assert predicted == pytest.approx(0.5 * branch.correction_limit(grown)) or grown == 2 * h
+        assert h <= grown <= 2 * h
+    too_far = ss._Attempt(None, 0.0, ok=False, iterations=1, first=0.05)      # failed: 0.05 > 0.02
+    shorter = branch.next_length(0.2, too_far)
+    assert 0.02 <= shorter <= 0.1
+    assert 0.05 * (shorter / 0.2) ** 2 == pytest.approx(0.5 * branch.correction_limit(shorter))
+    slow = ss._Attempt(None, 0.0, ok=True, theta=0.5, first=1e-6)            # contracted slowly
+    assert branch.next_length(0.2, slow) == pytest.approx(0.1)
+
+
 def test_subnormals_are_flushed_inside_the_block_only():
     tiny = torch.tensor([1e-40], dtype=torch.float32)       # subnormal in float32
     with ss.subnormals_flushed():
@@ -173,11 +212,21 @@ def brute_force_branch(G, T, beta, beta0, h=0.02, max_steps=20000):
     raise AssertionError("brute-force tracker did not reach the target")
 
 
-def path_solve(p, T, tol=1e-11, basis_seed=0):
+def path_solve(p, T, tol=1e-10, basis_seed=0, from_bound=True):
+    """The path as the command follows it: from the uniqueness bound (`from_bound`, given the
+    smallest eigenvalue of G's symmetric part), else from the contraction beta0. tol: 1e-10, the
+    command's; at HAIRPIN's beta = 556 the float64 rounding floor of max|Y - F(Y)| is about 1e-11
+    (the landing's Newton stalls at max|H| ~ 1e-13), so a tighter one passes or fails with the steps."""
     G, K = p.kernel.G, p.setting.k
     solver = ss.JacobianSolver(p.kernel, ss.newton_basis(G, K, seed=basis_seed), strong=1.0, krylov_dtype=F64)
     beta = 1.0 / (p.setting.N * p.setting.lbd)
-    return ss.follow_weight_decay_path(p.kernel, T, beta, solver, tol=tol, gen=th.generator(0))
+    return ss.follow_weight_decay_path(p.kernel, T, beta, solver, tol=tol, gen=th.generator(0),
+                                       min_eig_sym=p.diagnostics["min_eig_sym"] if from_bound else None)
+
+
+def contraction_beta(p) -> float:
+    """beta0 = 1/(2 |G|_2): where the fixed-point map is a contraction."""
+    return 0.5 / ss.operator_norm(p.kernel, p.kernel.G.shape[0], th.generator(0))
 
 
 def test_path_start_is_in_the_contraction_regime():
@@ -202,18 +251,32 @@ def test_path_start_is_in_the_contraction_regime():
 def test_path_lands_on_the_branch_a_brute_force_tracker_follows_through_its_folds(setting):
     """The preconditioner's basis (its random start) changes the inexact solves and so the steps
     taken; every such run must stay on the branch (at HAIRPIN two of these four walked it backwards
-    before steps were checked against the first correction's size)."""
+    before steps were checked against the first correction's size). The tracker starts at beta0,
+    where the map is a contraction; the solver at the uniqueness bound, 10-20 times later: the
+    same branch, since below the bound the fixed point is unique (`unique_below`)."""
     p = problem(**setting)
     T = path_solve(p, p.T0).P
-    beta = 1.0 / (p.setting.N * p.setting.lbd)
-    ref, folds = None, None
+    beta, beta0 = 1.0 / (p.setting.N * p.setting.lbd), contraction_beta(p)
+    ref, folds = brute_force_branch(p.kernel.G, T, beta, beta0)
     for basis_seed in range(4 if setting is HAIRPIN else 1):
         got = path_solve(p, T, basis_seed=basis_seed)
-        assert got.converged and got.residual <= 1e-11, got.note
-        if ref is None:
-            ref, folds = brute_force_branch(p.kernel.G, T, beta, got.beta_start)
+        assert got.converged and got.residual <= 1e-10, got.note
+        assert got.beta_start == pytest.approx(0.9 * 2 / -p.diagnostics["min_eig_sym"])
+        assert got.beta_start > 10 * beta0
         assert folds >= 1 and got.folds == folds        # the branch really turns back, and as often
         assert (got.P - ref).abs().max() < 1e-8
+
+
+def test_path_from_the_contraction_lands_where_the_path_from_the_bound_does():
+    """The fallback start (no eigenvalue given, or Newton failing at the bound) finds the same
+    fixed point, folds included."""
+    p = problem(**FOLDS)
+    T = path_solve(p, p.T0).P
+    from_bound, from_beta0 = path_solve(p, T), path_solve(p, T, from_bound=False)
+    assert from_beta0.beta_start == pytest.approx(contraction_beta(p))
+    assert from_bound.converged and from_beta0.converged
+    assert from_bound.folds == from_beta0.folds >= 1
+    assert (from_bound.P - from_beta0.P).abs().max() < 1e-9
 
 
 def test_path_result_depends_on_the_targets_only():
