@@ -165,7 +165,7 @@ def test_subnormals_are_flushed_inside_the_block_only():
 def brute_force_branch(G, T, beta, beta0, h=0.02, max_steps=20000):
     """The same branch, tracked naively: pseudo-arclength in (B, log beta) with a fixed small step,
     the full Jacobian by autograd and dense solves, Newton correctors to 1e-13. Returns the final
-    Y and the number of folds (turns of the path in beta)."""
+    Y and the betas of the folds (where the path turns back in beta)."""
     K, N = T.shape
     n = K * N
 
@@ -192,7 +192,7 @@ def brute_force_branch(G, T, beta, beta0, h=0.02, max_steps=20000):
     fix_mu = torch.zeros(n + 1, dtype=F64)
     fix_mu[n] = 1.0
     x = correct(x, fix_mu, mu0)
-    t_prev, folds = None, 0
+    t_prev, folds = None, []
     for _ in range(max_steps):
         J = jac(x)
         t = torch.linalg.svd(J).Vh[-1]                                  # null vector of H's Jacobian
@@ -207,7 +207,7 @@ def brute_force_branch(G, T, beta, beta0, h=0.02, max_steps=20000):
             B = x_end[:n].reshape(K, N)
             return torch.softmax(beta * (B @ G), dim=0), folds
         if t_prev is not None and (t[n] > 0) != (t_prev[n] > 0):
-            folds += 1
+            folds.append(math.exp(x_new[n].item()))
         x, t_prev = x_new, t
     raise AssertionError("brute-force tracker did not reach the target")
 
@@ -257,7 +257,9 @@ def test_path_lands_on_the_branch_a_brute_force_tracker_follows_through_its_fold
     p = problem(**setting)
     T = path_solve(p, p.T0).P
     beta, beta0 = 1.0 / (p.setting.N * p.setting.lbd), contraction_beta(p)
-    ref, folds = brute_force_branch(p.kernel.G, T, beta, beta0)
+    ref, fold_betas = brute_force_branch(p.kernel.G, T, beta, beta0)
+    folds = len(fold_betas)
+    assert min(fold_betas) > ss.unique_below(p.diagnostics["min_eig_sym"])    # none where it is unique
     for basis_seed in range(4 if setting is HAIRPIN else 1):
         got = path_solve(p, T, basis_seed=basis_seed)
         assert got.converged and got.residual <= 1e-10, got.note
