@@ -127,11 +127,13 @@ def test_logits_are_the_product_up_to_a_constant_per_column_which_the_solver_nev
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_blocked_product_is_the_product(rows):
-    """G read in blocks of whole rows (here 13 rows a block, N = 70: 5 blocks and a remainder of 5)."""
-    G = torch.rand(70, 70, generator=torch.Generator().manual_seed(0), dtype=F64)
-    X = torch.randn(rows, 70, generator=torch.Generator().manual_seed(1), dtype=F64)
-    got = th.blocked_product(X, G, block_bytes=13 * 70 * 8)
+@pytest.mark.parametrize("N", [70, 71])
+def test_blocked_product_is_the_product(rows, N):
+    """G read in blocks of at most 13 whole rows: N = 70 in 7 blocks of 10, N = 71 (prime) in 5
+    blocks of 13 and a remainder of 6."""
+    G = torch.rand(N, N, generator=torch.Generator().manual_seed(0), dtype=F64)
+    X = torch.randn(rows, N, generator=torch.Generator().manual_seed(1), dtype=F64)
+    got = th.blocked_product(X, G, block_bytes=13 * N * 8)
     assert (got - X @ G).abs().max() < 1e-13
 
 

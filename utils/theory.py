@@ -149,7 +149,9 @@ def blocked_product(X: torch.Tensor, G: torch.Tensor, block_bytes: int = 1 << 20
     cache (16 MB in float32 at N = 2000, beside the preconditioner's LU): with 3 rows this takes
     0.7-0.75 of its time at N = 1000-4000 (with 1 row it does not help)."""
     N = G.shape[0]
-    rows = max(1, block_bytes // (G.shape[1] * G.element_size()))
+    most = max(1, block_bytes // (G.shape[1] * G.element_size()))
+    # a block height that divides N when one is near: no separate product for the last rows
+    rows = next((r for r in range(most, most // 2, -1) if N % r == 0), most)
     blocks = N // rows
     if blocks < 2 or not G.is_contiguous():
         return X @ G
