@@ -319,3 +319,15 @@ def test_rounds_report_the_path_and_its_folds(tmp_path, capsys):
     rows = list(csv.DictReader(next(tmp_path.glob("*/records.csv")).open()))
     assert [int(r["folds"]) >= 1 for r in rows if r["round"] == "2"] == [True]
     assert all(r["converged"] == "True" for r in rows)
+
+
+@pytest.mark.slow
+def test_defaults_keep_their_fixed_points_through_the_folds():
+    """The option table's setting (N = 2000), rounds 1-3 (the path folds twice in rounds 2 and 3):
+    the accuracies and folds that docs/numerical_solving.md prints, every residual <= 1e-10; a
+    solver that loses the branch changes them (about 30 s)."""
+    p = th.build_problem(th.Setting(), "cpu", F64)
+    got = [r for r in th.run_rounds(p, solver="exact", approx=False, rounds=3) if r["round"]]
+    assert [(round(r["acc"]["clean"], 2), round(r["acc"]["noisy"], 2), r["folds"]) for r in got] == [
+        (76.43, 28.32, 0), (60.18, 42.87, 2), (54.26, 46.86, 2)]
+    assert all(r["residual"] <= 1e-10 for r in got)
