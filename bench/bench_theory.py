@@ -75,16 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_reference(folder: str):
-    """utils/theory.py of FOLDER with FOLDER's utils/softmax_solver.py as its solver, loaded beside
-    the current modules (the rest of utils, e.g. its options, is the current one)."""
-    modules = {}
-    for name in ("softmax_solver", "theory"):
-        spec = importlib.util.spec_from_file_location(f"reference_{name}", os.path.join(folder, "utils", f"{name}.py"))
-        modules[name] = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = modules[name]          # its dataclasses look their module up
-        spec.loader.exec_module(modules[name])
-    modules["theory"].ss = modules["softmax_solver"]
-    return modules["theory"]
+    """utils/theory.py of FOLDER, a copy of an older utils/ package, with that package's own
+    modules (its solver, its options): imported while `utils` names FOLDER's package, after which
+    the current package is restored (the reference keeps references to its own modules)."""
+    def ours():
+        return {name: module for name, module in sys.modules.items() if name.split(".")[0] == "utils"}
+
+    current = ours()
+    for name in current:
+        del sys.modules[name]
+    sys.path.insert(0, os.path.abspath(folder))
+    try:
+        return importlib.import_module("utils.theory")
+    finally:
+        sys.path.remove(os.path.abspath(folder))
+        for name in ours():
+            del sys.modules[name]
+        sys.modules.update(current)
 
 
 def main(argv=None) -> int:
