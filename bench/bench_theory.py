@@ -136,10 +136,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def round_line(name: str, r: dict) -> str:
+def round_line(name: str, r: dict, cpu: float) -> str:
     folds = "" if r["folds"] is None else f", {r['folds']} folds"
     kind = "Newton steps" if r["folds"] is None else "path steps"
-    return (f"{name:>9} {r['seconds']:6.2f} s, {r['work']:5d} G products "
+    return (f"{name:>9} {r['seconds']:6.2f} s (CPU {cpu:6.2f} s), {r['work']:5d} G products "
             f"({r['seconds'] / max(r['work'], 1) * 1e3:.2f} ms each, all included), "
             f"{r['iterations']} {kind}{folds}, residual {r['residual']:.2e}"
             + ("" if r["converged"] else "  NOT converged"))
@@ -156,27 +156,33 @@ def agreement(r: dict, ref: dict) -> str:
 
 def solve_in_turns(solvers: dict, rounds: int, t32: float) -> dict:
     """Each solver's rounds, round by round in turns (the order alternates, so that neither always
-    runs first after the other); prints every round and the totals, returns {name: seconds}."""
+    runs first after the other); prints every round, wall and CPU seconds (the CPU time leaves out
+    the time other jobs held the core), and the totals; returns {name: wall seconds}."""
     runs = {name: module.run_rounds(problem, solver="exact", approx=False, rounds=rounds)
             for name, (module, problem) in solvers.items()}
     for run in runs.values():
         next(run)                                       # round 0: the given labels
-    totals, worst = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
+    totals, cpus, worst = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
     for t in range(1, rounds + 1):
-        order = list(runs) if t % 2 else list(runs)[::-1]
-        got = {name: next(runs[name]) for name in order}
+        got, cpu = {}, {}
+        for name in (list(runs) if t % 2 else list(runs)[::-1]):
+            c0 = time.process_time()
+            got[name] = next(runs[name])
+            cpu[name] = time.process_time() - c0
         for i, name in enumerate(runs):
             totals[name] += got[name]["seconds"]
+            cpus[name] += cpu[name]
             worst[name] = max(worst[name], got[name]["residual"])
-            print(f"    {f'round {t:2d}:' if i == 0 else '':10}{round_line(name, got[name])}")
+            print(f"    {f'round {t:2d}:' if i == 0 else '':10}{round_line(name, got[name], cpu[name])}")
         if "reference" in got:
-            print(f"{'':14}ratio {got['reference']['seconds'] / got['current']['seconds']:.2f}; "
-                  + agreement(got["current"], got["reference"]))
+            print(f"{'':14}ratio {got['reference']['seconds'] / got['current']['seconds']:.2f} "
+                  f"(CPU {cpu['reference'] / cpu['current']:.2f}); " + agreement(got["current"], got["reference"]))
     for name in runs:
-        print(f"    {name}: {totals[name]:.1f} s for {rounds} rounds (= {totals[name] / t32:,.0f} float32 "
-              f"products' time), worst residual {worst[name]:.2e}")
+        print(f"    {name}: {totals[name]:.1f} s (CPU {cpus[name]:.1f} s) for {rounds} rounds (= "
+              f"{totals[name] / t32:,.0f} float32 products' time), worst residual {worst[name]:.2e}")
     if "reference" in totals:
-        print(f"    reference / current: {totals['reference'] / totals['current']:.2f}x")
+        print(f"    reference / current: {totals['reference'] / totals['current']:.2f}x "
+              f"(CPU {cpus['reference'] / cpus['current']:.2f}x)")
     return totals
 
 

@@ -33,14 +33,51 @@ def per_sample(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return (A * X[None]).sum(1)
 
 
-def logits(kernel, X: torch.Tensor) -> torch.Tensor:
-    """X G up to a constant in each column: (X_k - X_K) G in rows k < K, 0 in the last. Every use
-    of X G here is blind to such constants: the softmax, the softmax Jacobians ((diag(p) - p p^T) 1
-    = 0) and the preconditioner's strong directions (orthogonal to 1). A row fewer is a quarter
-    less work at K = 4 (a product with a few rows costs per row); G is read in blocks
-    (`Kernel.matmul`)."""
-    Z = kernel.matmul(X[:-1] - X[-1:], blocked=True)
+def logits(times_G, X: torch.Tensor) -> torch.Tensor:
+    """X G up to a constant in each column (times_G(D) = D G): (X_k - X_K) G in rows k < K, 0 in
+    the last. Every use of X G here is blind to such constants: the softmax, the softmax Jacobians
+    ((diag(p) - p p^T) 1 = 0) and the preconditioner's strong directions (orthogonal to 1). A row
+    fewer is a quarter less work at K = 4 (a product with a few rows costs per row)."""
+    Z = times_G(X[:-1] - X[-1:])
     return torch.cat([Z, Z.new_zeros(1, Z.shape[1])])
+
+
+def kernel_logits(kernel, X: torch.Tensor) -> torch.Tensor:
+    """`logits` with the products of a `utils.theory.Kernel`, G read in blocks."""
+    return logits(partial(kernel.matmul, blocked=True), X)
+
+
+def blocked_product(X: torch.Tensor, G: torch.Tensor, block_bytes: int = 1 << 20) -> torch.Tensor:
+    """X G, G (rows contiguous: a matrix or its leading columns) read in blocks of whole rows of
+    about `block_bytes` (1 MB: a core's L2 cache here), each used by every row of X while it is in
+    cache; the blocks' products are summed. MKL's product with a few rows reads all of G once per
+    row, from memory when G does not stay in cache (16 MB in float32 at N = 2000, beside the
+    preconditioner's LU): with 3 rows this takes 0.7-0.75 of its time at N = 1000-4000 (with 1 row
+    it does not help)."""
+    N = G.shape[0]
+    most = max(1, block_bytes // (G.shape[1] * G.element_size()))
+    # a block height that divides N when one is near: no separate product for the last rows
+    rows = next((r for r in range(most, most // 2, -1) if N % r == 0), most)
+    blocks = N // rows
+    if blocks < 2 or X.shape[0] < 2 or G.stride(1) != 1 or G.is_cuda:
+        return X @ G
+    head = blocks * rows
+    parts = X[:, :head].reshape(X.shape[0], blocks, rows).transpose(0, 1)       # blocks x rows(X) x rows
+    out = torch.bmm(parts, G[:head].unflatten(0, (blocks, rows))).sum(0)
+    return out if head == N else out + X[:, head:] @ G[head:]
+
+
+def split_directions(P: torch.Tensor, nl: float, strong: float, max_rank: int | None):
+    """Each sample's softmax Jacobian diag(p) - p p^T = V diag(w) V^T (w: N x K, V: N x K x K), with
+    w far below nl (1e-12 nl) set to 0, and which directions are strong: w > strong nl, at most
+    max_rank of them (the largest w), which bounds the preconditioner's LU."""
+    Pt = P.T
+    w, V = torch.linalg.eigh(torch.diag_embed(Pt) - Pt[:, :, None] * Pt[:, None, :])
+    w = torch.where(w > 1e-12 * nl, w, torch.zeros_like(w))
+    is_strong = w > strong * nl
+    if max_rank is not None and int(is_strong.sum()) > max_rank:
+        is_strong &= w >= w.flatten().topk(max_rank).values[-1]
+    return w, V, is_strong
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,22 +145,18 @@ class JacobianPreconditioner:
     coupling through G - sigma I - U C U^T, of size about beta w |G - sigma I| < strong |...|.
     """
 
-    def __init__(self, GT: torch.Tensor, basis: Basis, P: torch.Tensor, nl: float, strong: float = math.inf,
-                 matmul=None, max_rank: int | None = None):
-        """GT: G^T, contiguous, in the precision of the preconditioner (its rows are gathered);
-        matmul(X) = X G, or X G up to a constant per column (`logits`), in that precision (default:
-        X G from GT). max_rank: at most this many strong directions (the largest w), which bounds
-        the LU's cost."""
+    def __init__(self, G: torch.Tensor, basis: Basis, P: torch.Tensor, nl: float, strong: float = math.inf,
+                 product=None, max_rank: int | None = None):
+        """G in the precision of the preconditioner (its columns are gathered). product(X, cols):
+        X G[:, :cols], or that up to a constant per column (`logits`), in that precision (default:
+        X @ G[:, :cols]); the columns it needs end with the last strong sample's, so an order of
+        the samples with the strong ones first makes it a product with part of G. max_rank: see
+        `split_directions`."""
         K, N = P.shape
-        dtype = GT.dtype
+        dtype = G.dtype
         U, C, sigma = basis.U.to(P), basis.C.to(P), basis.sigma
         m = U.shape[1]
-        Pt = P.T
-        w, V = torch.linalg.eigh(torch.diag_embed(Pt) - Pt[:, :, None] * Pt[:, None, :])   # N x K, N x K x K
-        w = torch.where(w > 1e-12 * nl, w, torch.zeros_like(w))          # far below nl: no effect
-        is_strong = w > strong * nl
-        if max_rank is not None and int(is_strong.sum()) > max_rank:
-            is_strong &= w >= w.flatten().topk(max_rank).values[-1]
+        w, V, is_strong = split_directions(P, nl, strong, max_rank)          # N x K, N x K x K
         weak = torch.where(is_strong, torch.zeros_like(w), w)
         d_inv = 1.0 / (nl + sigma * weak)                                   # D_j = nl I + sigma M_weak,j
         Dinv = (V * d_inv[:, None, :]) @ V.transpose(1, 2)                  # N x K x K
@@ -139,13 +172,14 @@ class JacobianPreconditioner:
         core[:km, :km] = torch.einsum("jkl,jb,ja->kalb", W, cvec, U).reshape(km, km)
         core[:km, :km].diagonal().add_(1.0)
         core[:km, km:] = (l[:, :, None] * U[js][:, None, :]).reshape(r, km).T
-        G_rows = GT.index_select(0, js)                                      # r x N: columns js of G
+        G_cols = G.index_select(1, js)                                       # N x r: columns js of G
         Z = torch.einsum("ikl,ib->iklb", W, cvec).reshape(N, K * km)
-        core[km:, :km] = torch.einsum("sk,sklb->slb", l, (G_rows @ Z).reshape(r, K, K, m)).reshape(r, km)
-        core[km:, km:] = G_rows.index_select(1, js) * (l @ l.T)
+        core[km:, :km] = torch.einsum("sk,sklb->slb", l, (G_cols.T @ Z).reshape(r, K, K, m)).reshape(r, km)
+        core[km:, km:] = G_cols.index_select(0, js).T * (l @ l.T)           # G[js_t, js_s] at (s, t)
         core[km:, km:].diagonal().add_(nl)
         self.lu = torch.linalg.lu_factor(core)
-        self.matmul = matmul if matmul is not None else (lambda X: X @ GT.T)
+        self.product = product if product is not None else (lambda X, cols: X @ G[:, :cols])
+        self.cols = int(js.max()) + 1 if r else 0
         self.Dinv, self.W = Dinv.permute(1, 2, 0).contiguous(), W.permute(1, 2, 0).contiguous()   # `per_sample`
         self.U, self.cvec, self.l, self.js = U, cvec, l, js
         self.shape, self.m, self.rank, self.dtype = (K, N), m, r, dtype
@@ -154,7 +188,8 @@ class JacobianPreconditioner:
         K, N = self.shape
         R = rhs.reshape(K, N).to(self.dtype)
         DR = per_sample(self.Dinv, R)                                          # D^-1 R
-        b = torch.cat([(DR @ self.U).reshape(-1), (self.l * self.matmul(DR).T[self.js]).sum(1)])
+        DG = self.product(DR, self.cols).T[self.js] if self.rank else DR.new_zeros(0, K)   # (DR G) at js
+        b = torch.cat([(DR @ self.U).reshape(-1), (self.l * DG).sum(1)])
         sol = torch.linalg.lu_solve(*self.lu, b[:, None]).squeeze(1)
         Q = sol[: K * self.m].reshape(K, self.m)
         u = sol[K * self.m:]
@@ -227,41 +262,65 @@ def gmres(matvec, b: torch.Tensor, precond, rtol: float, maxit: int) -> tuple[to
 class JacobianSolver:
     """Solves  nl X + M_P(X G) = R  by GMRES with a `JacobianPreconditioner` that is kept while it
     serves (the Jacobian changes little from one step to the next) and rebuilt at the current point
-    when GMRES needs more than `rebuild_after` iterations. Counts its work."""
+    when GMRES needs more than `rebuild_after` iterations. Counts its work.
+
+    For a dense G each build also reorders the samples, those with a strong direction first, and G
+    with them (one float32 copy, which every Krylov product reads): the preconditioner's product is
+    then with G's leading columns only (7/10 of G at the defaults). The solves run in that order."""
 
     def __init__(self, kernel, basis: Basis, strong: float, krylov_dtype=torch.float32,
                  rebuild_after: int = 15, max_krylov: int = 60, max_rank: int = 3000):
         self.kernel, self.basis, self.strong = kernel, basis, strong
         self.low = kernel.lowp(krylov_dtype)
-        self.GT = self.low.G.T.contiguous()
         self.dtype, self.rebuild_after = krylov_dtype, rebuild_after
         self.max_krylov, self.max_rank = max_krylov, max_rank
-        self.pre = None
+        self.pre = self.order = self.position = self.G = None
         self.builds = self.krylov = self.largest_rank = 0
+
+    def build(self, P: torch.Tensor, nl: float) -> None:
+        N = P.shape[1]
+        if self.low.thin():                  # products through the thin factor: no reordering
+            order, self.G = torch.arange(N, device=P.device), self.low.G
+        else:
+            strong = split_directions(P, nl, self.strong, self.max_rank)[2].any(1)
+            order = torch.cat([strong.nonzero()[:, 0], (~strong).nonzero()[:, 0]])
+            self.G = self.low.G.index_select(0, order).index_select(1, order)
+        self.order, self.position = order, torch.argsort(order)
+        basis = Basis(self.basis.U[order], self.basis.C, self.basis.sigma)
+        self.pre = JacobianPreconditioner(self.G, basis, P[:, order], nl, self.strong, self.logits,
+                                          self.max_rank)
+        self.builds += 1
+        self.largest_rank = max(self.largest_rank, self.pre.rank)
+
+    def logits(self, X: torch.Tensor, cols: int | None = None) -> torch.Tensor:
+        """`logits` of X (in the build's order), with G's first `cols` columns (default: all)."""
+        if self.low.thin():
+            Z = kernel_logits(self.low, X)
+            return Z if cols is None else Z[:, :cols]
+        self.low.products[0] += 1
+        G = self.G if cols is None else self.G[:, :cols]
+        return logits(partial(blocked_product, G=G), X)
 
     def solve(self, P: torch.Tensor, nl: float, R: torch.Tensor, rtol: float) -> tuple[torch.Tensor, float]:
         K, N = P.shape
-        Pl = P.to(self.dtype)
         rtol = max(rtol, 2e-6 if self.dtype == torch.float32 else 1e-13)
-
-        def matvec(x):
-            X = x.reshape(K, N)
-            return (nl * X + softmax_jac(Pl, logits(self.low, X))).reshape(-1)
-
-        b = R.reshape(-1).to(self.dtype)
         for fresh in (self.pre is None, True):
             if fresh:
-                self.pre = JacobianPreconditioner(self.GT, self.basis, P, nl, self.strong, partial(logits, self.low),
-                                                  self.max_rank)
-                self.builds += 1
-                self.largest_rank = max(self.largest_rank, self.pre.rank)
-            x, its, rel = gmres(matvec, b, self.pre, rtol, self.max_krylov)
+                self.build(P, nl)
+            Pl = P.to(self.dtype)[:, self.order]
+
+            def matvec(x):
+                X = x.reshape(K, N)
+                return (nl * X + softmax_jac(Pl, self.logits(X))).reshape(-1)
+
+            x, its, rel = gmres(matvec, R.to(self.dtype)[:, self.order].reshape(-1), self.pre, rtol,
+                                self.max_krylov)
             self.krylov += its
             if its > self.rebuild_after or rel > rtol:
                 self.pre = None          # stale: the next solve (or the retry below) builds anew
             if rel <= rtol or fresh:
                 break
-        return x.reshape(K, N).to(R.dtype), rel
+        return x.reshape(K, N)[:, self.position].to(R.dtype), rel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +330,7 @@ class JacobianSolver:
 def equation(kernel, T: torch.Tensor, B: torch.Tensor, beta: float):
     """(H, P, BG): H(B) = B + softmax(beta B G) - T, P = softmax(beta B G) (Y = P solves (1) when
     H = 0) and the product B G (up to a constant per column: `logits`), which the path reuses."""
-    BG = logits(kernel, B)
+    BG = kernel_logits(kernel, B)
     P = torch.softmax(beta * BG, dim=0)
     return B + P - T, P, BG
 
@@ -279,7 +338,7 @@ def equation(kernel, T: torch.Tensor, B: torch.Tensor, beta: float):
 def y_residual(kernel, T: torch.Tensor, P: torch.Tensor, beta: float) -> float:
     """max |Y - softmax(beta (T - Y) G)| at Y = P: the number every solver reports. (max|H| is not
     it: H's error is amplified by up to beta |G| / 4 on the way to Y.)"""
-    return (P - torch.softmax(beta * logits(kernel, T - P), dim=0)).abs().max().item()
+    return (P - torch.softmax(beta * kernel_logits(kernel, T - P), dim=0)).abs().max().item()
 
 
 @dataclass
@@ -391,7 +450,7 @@ class _Branch:
 
     def first_tangent(self, B, mu, P):
         """The tangent's B-part v (for mu-part 1) at a point of the branch: J_B v = -dH/dmu."""
-        return self.jsolve(P, mu, -self.dmu_term(logits(self.kernel, B), P, mu), 1e-3)
+        return self.jsolve(P, mu, -self.dmu_term(kernel_logits(self.kernel, B), P, mu), 1e-3)
 
     def next_tangent(self, at: _Attempt):
         """The same at a corrected step's end; in arclength mode its last bordered solve is it."""

@@ -125,14 +125,13 @@ class Kernel:
         return self.factor is not None and self.factor.shape[0] < self.N // 2
 
     def matmul(self, X: torch.Tensor, blocked: bool = False) -> torch.Tensor:
-        """X G. `blocked`: a dense G on the CPU is read in blocks of rows (`blocked_product`), faster
-        but rounded differently from X @ G (the faithful Adam keeps the original's product)."""
+        """X G. `blocked`: a dense G on the CPU is read in blocks of rows (`softmax_solver.
+        blocked_product`), faster but rounded differently from X @ G (the faithful Adam keeps the
+        original's product)."""
         self.products[0] += 1
         if self.thin():
             return (X @ self.factor.T) @ self.factor
-        if blocked and X.shape[0] > 1 and self.G.device.type == "cpu":
-            return blocked_product(X, self.G)
-        return X @ self.G
+        return ss.blocked_product(X, self.G) if blocked else X @ self.G
 
     def lowp(self, dtype) -> "Kernel":
         """A copy in a lower precision for the inner Krylov solves (memory traffic halves)."""
@@ -140,25 +139,6 @@ class Kernel:
             factor = None if self.factor is None else self.factor.to(dtype)
             self._low[dtype] = Kernel(self.G.to(dtype), factor, self.description, self.products)
         return self._low[dtype]
-
-
-def blocked_product(X: torch.Tensor, G: torch.Tensor, block_bytes: int = 1 << 20) -> torch.Tensor:
-    """X G, G (contiguous) read in blocks of whole rows of about `block_bytes` (1 MB: a core's L2
-    cache here), each used by every row of X while it is in cache; the blocks' products are summed.
-    MKL's product with a few rows reads all of G once per row, from memory when G does not stay in
-    cache (16 MB in float32 at N = 2000, beside the preconditioner's LU): with 3 rows this takes
-    0.7-0.75 of its time at N = 1000-4000 (with 1 row it does not help)."""
-    N = G.shape[0]
-    most = max(1, block_bytes // (G.shape[1] * G.element_size()))
-    # a block height that divides N when one is near: no separate product for the last rows
-    rows = next((r for r in range(most, most // 2, -1) if N % r == 0), most)
-    blocks = N // rows
-    if blocks < 2 or not G.is_contiguous():
-        return X @ G
-    head = blocks * rows
-    parts = X[:, :head].reshape(X.shape[0], blocks, rows).transpose(0, 1)       # blocks x rows(X) x rows
-    out = torch.bmm(parts, G[:head].view(blocks, rows, -1)).sum(0)
-    return out if head == N else out + X[:, head:] @ G[head:]
 
 
 def original_gram(k, n, c, d, epsilon, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
