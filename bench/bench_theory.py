@@ -66,9 +66,11 @@ def product_seconds(G: torch.Tensor, K: int) -> tuple[float, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_problem_options(p, gram="original", rounds=10)
-    p.add_argument("--adam-steps", type=int, default=500, help="steps of the original's Adam (round 1; 0: skip)")
+    p.add_argument("--adam-steps", type=int, default=500,
+                   help="steps of the original's Adam (round 1; 0: skip)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: as numerical_solving.py runs the exact solver; 0: torch's default)")
+                   help="torch CPU threads (1: as numerical_solving.py runs the exact solver; 0: torch's "
+                        "default)")
     p.add_argument("--reference", metavar="FOLDER",
                    help="a copy of an older utils/ package whose solver solves the same rounds alongside")
     return p
@@ -176,7 +178,8 @@ def solve_in_turns(solvers: dict, rounds: int, t32: float) -> dict:
             print(f"    {f'round {t:2d}:' if i == 0 else '':10}{round_line(name, got[name], cpu[name])}")
         if "reference" in got:
             print(f"{'':14}ratio {got['reference']['seconds'] / got['current']['seconds']:.2f} "
-                  f"(CPU {cpu['reference'] / cpu['current']:.2f}); " + agreement(got["current"], got["reference"]))
+                  f"(CPU {cpu['reference'] / cpu['current']:.2f}); "
+                  + agreement(got["current"], got["reference"]))
     for name in runs:
         print(f"    {name}: {totals[name]:.1f} s (CPU {cpus[name]:.1f} s) for {rounds} rounds (= "
               f"{totals[name] / t32:,.0f} float32 products' time), worst residual {worst[name]:.2e}")

@@ -172,15 +172,20 @@ class JacobianPreconditioner:
         core[:km, :km] = torch.einsum("jkl,jb,ja->kalb", W, cvec, U).reshape(km, km)
         core[:km, :km].diagonal().add_(1.0)
         core[:km, km:] = (l[:, :, None] * U[js][:, None, :]).reshape(r, km).T
-        G_cols = G.index_select(1, js)                                       # N x r: columns js of G
+        # G's columns at the strong samples, each once (a sample has up to K - 1 strong directions)
+        samples, of = torch.unique(js, return_inverse=True)                   # js = samples[of]
+        G_cols = G.index_select(1, samples)
         Z = torch.einsum("ikl,ib->iklb", W, cvec).reshape(N, K * km)
-        core[km:, :km] = torch.einsum("sk,sklb->slb", l, (G_cols.T @ Z).reshape(r, K, K, m)).reshape(r, km)
-        core[km:, km:] = G_cols.index_select(0, js).T * (l @ l.T)           # G[js_t, js_s] at (s, t)
+        GZ = (G_cols.T @ Z).index_select(0, of).reshape(r, K, K, m)
+        core[km:, :km] = torch.einsum("sk,sklb->slb", l, GZ).reshape(r, km)
+        G_ss = G_cols.index_select(0, samples).index_select(0, of).index_select(1, of)
+        core[km:, km:] = G_ss.T * (l @ l.T)                                  # G[js_t, js_s] at (s, t)
         core[km:, km:].diagonal().add_(nl)
         self.lu = torch.linalg.lu_factor(core)
         self.product = product if product is not None else (lambda X, cols: X @ G[:, :cols])
         self.cols = int(js.max()) + 1 if r else 0
-        self.Dinv, self.W = Dinv.permute(1, 2, 0).contiguous(), W.permute(1, 2, 0).contiguous()   # `per_sample`
+        # K x K x N, as `per_sample` reads them
+        self.Dinv, self.W = Dinv.permute(1, 2, 0).contiguous(), W.permute(1, 2, 0).contiguous()
         self.U, self.cvec, self.l, self.js = U, cvec, l, js
         self.shape, self.m, self.rank, self.dtype = (K, N), m, r, dtype
 
