@@ -26,7 +26,7 @@ Load averages are printed at the start and the end: other jobs on the machine sl
     python bench/bench_theory.py --adam-steps 0 --reference /tmp/theory_before
 """
 import argparse
-import importlib.util
+import importlib
 import os
 import sys
 import time
