@@ -124,11 +124,14 @@ class Kernel:
     def thin(self) -> bool:
         return self.factor is not None and self.factor.shape[0] < self.N // 2
 
-    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+    def matmul(self, X: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+        """X G. `blocked`: a dense G on the CPU is read in blocks of rows (`softmax_solver.
+        blocked_product`), faster but rounded differently from X @ G (the faithful Adam keeps the
+        original's product)."""
         self.products[0] += 1
         if self.thin():
             return (X @ self.factor.T) @ self.factor
-        return X @ self.G
+        return ss.blocked_product(X, self.G) if blocked else X @ self.G
 
     def lowp(self, dtype) -> "Kernel":
         """A copy in a lower precision for the inner Krylov solves (memory traffic halves)."""
@@ -382,12 +385,13 @@ def jacobian_solvers(kernel: Kernel, K: int, seed: int) -> dict:
 
 def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, solvers: dict, *, gram: bool,
                         B0: torch.Tensor | None, tol: float, max_newton: int, gen: torch.Generator,
-                        log=None) -> tuple[Solve, torch.Tensor]:
+                        min_eig_sym: float | None = None, log=None) -> tuple[Solve, torch.Tensor]:
     """Solve (1) to max|Y - F(Y)| <= tol. Returns (Solve, B) with B = T - Y, the next round's warm
     start. A Gram matrix G has exactly one fixed point, so Newton from the warm start (or from
     B = 0, uniform outputs, in round 1) is tried first; when it fails (round 1 at stiff lambda),
     and always when G is not a Gram matrix, the fixed point is the one on the weight-decay path
-    (`softmax_solver.follow_weight_decay_path`), whatever the rounds before it found."""
+    (`softmax_solver.follow_weight_decay_path`, which starts where the fixed point is unique by
+    `min_eig_sym`, the smallest eigenvalue of G's symmetric part), whatever the rounds before found."""
     K, N = T.shape
     beta = 1.0 / (N * lbd)
     before = kernel.products[0]
@@ -399,7 +403,7 @@ def softmax_fixed_point(kernel: Kernel, T: torch.Tensor, lbd: float, solvers: di
                 work = kernel.products[0] - before
                 return Solve(out.P, out.residual, out.iterations, True, "", work), out.B
         path = ss.follow_weight_decay_path(kernel, T, beta, solvers["path"], tol=tol, gen=gen,
-                                           max_newton=max_newton, log=log)
+                                           min_eig_sym=min_eig_sym, max_newton=max_newton, log=log)
     ok, res = path.converged, path.residual          # the landing stopped on max|Y - F(Y)| <= tol
     note = path.note if ok else f"did NOT reach the tolerance: residual {res:.2e} > {tol:.0e}; {path.note}"
     return Solve(path.P, res, path.steps, ok, note, kernel.products[0] - before, path.folds), path.B
@@ -609,10 +613,10 @@ def run_rounds(problem: Problem, *, solver: str, approx: bool, rounds: int, max_
         else:
             if jacobian is None:            # built once, they serve every round
                 jacobian = jacobian_solvers(kernel, s.k, sub_seeds(s.seed)["gram"])
-                gram = (problem.diagnostics or gram_diagnostics(kernel.G))["gram"]
-            sol, B = softmax_fixed_point(kernel, T, s.lbd, jacobian, gram=gram, B0=B, tol=tol,
+                diag = problem.diagnostics or gram_diagnostics(kernel.G)
+            sol, B = softmax_fixed_point(kernel, T, s.lbd, jacobian, gram=diag["gram"], B0=B, tol=tol,
                                          max_newton=max_newton, gen=generator(sub_seeds(s.seed)["gram"]),
-                                         log=log)
+                                         min_eig_sym=diag["min_eig_sym"], log=log)
         if kernel.G.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
