@@ -190,11 +190,15 @@ def grid_claims(records: list, margin: float = DEFAULT_CLAIMS_MARGIN) -> list:
     return mark_rule_dependent(entries)
 
 
+# The fields an entry adds to its cell's settings: what it claims, then what one rule found.
+CLAIM_FIELDS = ("claim", "comparison")
+RESULT_FIELDS = ("rule", "n", "mean", "ci", "verdict", "beats", "margin", "best_step", "best_chosen_on",
+                 "last_is_best", "rule_dependent")
+
+
 def claim_identity(entry: dict) -> tuple:
-    """What an entry is about, whatever its rule: its cell, claim and comparison."""
-    return tuple(sorted((k, repr(v)) for k, v in entry.items()
-                        if k not in ("rule", "n", "mean", "ci", "verdict", "beats", "best_step",
-                                     "best_chosen_on", "last_is_best", "rule_dependent")))
+    """What an entry is about, whatever its rule: its cell, claim and comparison (and C2's margin)."""
+    return tuple(sorted((k, repr(v)) for k, v in entry.items() if k not in RESULT_FIELDS or k == "margin"))
 
 
 def mark_rule_dependent(entries: list) -> list:

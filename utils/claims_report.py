@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.claims import (CONFIDENCE, CONTRADICTED, HOLDS, MIN_SEEDS, UNRESOLVED, grid_claims,
-                          most_seeds_per_cell)
+from utils.claims import (CLAIM_FIELDS, CONFIDENCE, CONTRADICTED, HOLDS, MIN_SEEDS, RESULT_FIELDS, UNRESOLVED,
+                          grid_claims, most_seeds_per_cell)
 from utils.io import atomic_write_text
 from utils.report import format_eta, markdown_table, pyplot, save_figure
 
@@ -31,8 +31,7 @@ RULE_TEXT = {"test": "best-by-test epoch (the paper's)", "val": "best-by-validat
 RULE_COLOURS = {"test": "tab:blue", "val": "tab:green", "last": "tab:orange"}
 
 
-_NOT_SETTINGS = ("dataset", "eta", "claim", "comparison", "rule", "n", "mean", "ci", "verdict", "beats",
-                 "margin", "best_step", "best_chosen_on", "last_is_best", "rule_dependent")
+_NOT_SETTINGS = ("dataset", "eta", *CLAIM_FIELDS, *RESULT_FIELDS)
 
 
 def _setting_text(name: str, value) -> str:
